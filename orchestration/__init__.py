@@ -1,0 +1,1 @@
+"""The core of hanyeong: the CLI root today; spec, checkpoints, recipes and the Ray runner next."""

@@ -1,0 +1,5 @@
+"""Error types of the whole project, re-exported from the bottom layer (see tokenizer/errors.py)."""
+
+from tokenizer.errors import ConfigError, DataError, HanyeongError
+
+__all__ = ["HanyeongError", "ConfigError", "DataError"]

@@ -1,0 +1,16 @@
+"""The project's error types: one base, narrow subclasses; the CLI prints them as one line."""
+
+# They live in `tokenizer` because it is the bottom of the dependency graph
+# (orchestration -> tokenizer): every package can raise them without import cycles.
+
+
+class HanyeongError(Exception):
+    """A user-facing failure: the message is the whole story, no traceback needed."""
+
+
+class ConfigError(HanyeongError):
+    """A setting is invalid; the message names it."""
+
+
+class DataError(HanyeongError):
+    """Input data cannot be used (missing, empty, unreadable, wrong format)."""

@@ -1,0 +1,258 @@
+"""Train the Korean/English byte-level BPE: read, sample, mark morphemes, learn merges, assemble.
+
+Two engines learn the merges: `hf` (tokenizers' BpeTrainer, fed text whose Kiwi boundaries are
+marked) and `kiwi` (kiwipiepy's own morpheme-aware bpe_trainer). Both end in the same assembled
+tokenizer: the hanyeong special block, the same pre-tokenizer, rank-ordered merges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tokenizer.corpus import FileReport, TextFields, read_corpus
+from tokenizer.errors import ConfigError, DataError
+from tokenizer.morphemes import MorphemeCache, MorphemeMarker, count_runs, parse_categories
+from tokenizer.sampling import SampleConfig, draw_sample
+from tokenizer.specials import SPECIAL_BLOCK, special_tokens, tokenizer_config
+
+ENGINES = ("hf", "kiwi")
+# Measured on ../shared/data (benchmarks/tokenizer.py): cutting verb/adjective stems from their
+# ending chains meets the Korean goal; also cutting particles (J) costs ~9% Korean compression.
+DEFAULT_MORPHEMES = ("E",)
+# Measured: 0.75 / 0.80 / 0.85 give Korean -15.4 / -15.8 / -16.1% and English +0.3 / +1.4 / +2.3%
+# against EXAONE 3.5; 0.80 leaves a margin on both goals.
+DEFAULT_KO_SHARE = 0.8
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hanyeong"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the trained vocabulary."""
+
+    vocab_size: int = 102_400
+    """Ids in the vocabulary, special block included."""
+    engine: str = "hf"
+    """'hf' (tokenizers BpeTrainer + injected Kiwi boundaries) or 'kiwi' (kiwipiepy bpe_trainer)."""
+    morphemes: tuple[str, ...] = DEFAULT_MORPHEMES
+    """Kiwi tag prefixes cut from their neighbours before counting; () trains plain BBPE."""
+    digits: str = "1"
+    """'1': every digit its own token (EXAONE); '3': up to three digits (Llama 3)."""
+    min_frequency: int = 2
+    """A pair seen fewer times is never merged."""
+    special_block: int = SPECIAL_BLOCK
+    """Ids reserved at the start for special tokens."""
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(ko_share=DEFAULT_KO_SHARE))
+    text_fields: tuple[str, ...] = ("text",)
+    """Record fields holding text (dotted paths) for jsonl/json/csv/parquet inputs."""
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.digits not in ("1", "3"):
+            raise ConfigError(f"digits must be '1' or '3', got {self.digits!r}")
+        minimum = self.special_block + 256
+        if self.vocab_size < minimum:
+            raise ConfigError(f"vocab_size must be at least {minimum} (special block + 256 bytes)")
+        if self.engine == "kiwi":
+            kiwi_options = {"J", "E", "VCP", "XSV", "XSA"}
+            if not set(self.morphemes) <= kiwi_options:
+                raise ConfigError(f"engine 'kiwi' can only cut {sorted(kiwi_options)}, got {list(self.morphemes)}")
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    report: dict
+
+
+class _Clock:
+    """Wall time per named phase, for the report."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round(now - self._start, 2)
+        self._start = now
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
+
+
+def _warn_about_balance(stats, sample_config: SampleConfig) -> None:
+    if sample_config.ko_share is not None and not stats.share_applied:
+        print("note: --ko-share not applied: the corpus has only one side (Korean or not)", file=sys.stderr)
+    left_out = sum(stats.not_sampled.values())
+    if not sample_config.max_bytes and left_out > sum(stats.train.values()):
+        print(
+            f"note: balancing to Korean share {sample_config.ko_share} left out {left_out / 1e6:,.1f} MB, "
+            "more than it kept; --natural-mix keeps everything",
+            file=sys.stderr,
+        )
+
+
+def read_documents(inputs: list[str], fields: TextFields, workers: int, progress: bool):
+    documents: list[str] = []
+    files: list[FileReport] = []
+    for docs, report in read_corpus(inputs, fields, workers=workers, progress=progress):
+        documents.extend(docs)
+        files.append(report)
+        if report.error:
+            print(f"skipped {report.path}: {report.error}", file=sys.stderr)
+    if not documents:
+        raise DataError("no readable text in the inputs (see the skipped files above)")
+    return documents, files
+
+
+def learn_vocab_hf(texts: list[str], config: TrainConfig, marker, progress: bool) -> dict[str, int]:
+    """tokenizers' BpeTrainer; morpheme boundaries arrive as marks the training pre-tokenizer cuts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from tokenizer.pipeline import pre_tokenizer, training_pre_tokenizer
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = training_pre_tokenizer(config.digits) if marker else pre_tokenizer(config.digits)
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size,
+        min_frequency=config.min_frequency,
+        special_tokens=special_tokens(config.special_block),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    stream = (marker.mark(t) for t in texts) if marker else texts
+    tokenizer.train_from_iterator(stream, trainer, length=len(texts))
+    return tokenizer.get_vocab(with_added_tokens=True)
+
+
+def learn_vocab_kiwi(texts: list[str], config: TrainConfig, workers: int, progress: bool) -> dict[str, int]:
+    """kiwipiepy's bpe_trainer, which runs Kiwi on every sentence itself (slow, for comparison)."""
+    from kiwipiepy import Kiwi
+    from kiwipiepy.bpe_trainer import train_bpe_tokenizer
+
+    cuts = set(config.morphemes)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kiwi.json"
+        train_bpe_tokenizer(
+            str(path),
+            texts,
+            vocab_size=config.vocab_size - config.special_block,
+            min_pair_frequency=config.min_frequency,
+            pretokenize_j="J" in cuts,
+            pretokenize_e="E" in cuts,
+            pretokenize_vcp="VCP" in cuts,
+            pretokenize_xsv=bool(cuts & {"XSV", "XSA"}),
+            kiwi=Kiwi(num_workers=workers) if cuts else None,
+            max_digit_length=int(config.digits),
+            num_workers=workers,
+            show_progress=progress,
+        )
+        learned = json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"]
+    # Shift kiwi's ids (bytes first, then merges in order) past the special block.
+    specials = special_tokens(config.special_block)
+    vocab = {token: i for i, token in enumerate(specials)}
+    for token, i in sorted(learned.items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    return vocab
+
+
+def _mark_morphemes(texts: list[str], config: TrainConfig, cache_dir: Path | None, workers: int, progress: bool):
+    import kiwipiepy
+
+    cache_path = cache_dir / f"kiwi-{kiwipiepy.__version__}-runs.parquet" if cache_dir else None
+    cache = MorphemeCache(cache_path)
+    runs = count_runs(texts)
+    analysed = cache.analyse(runs, workers=workers, progress=progress)
+    cache.save()
+    marker = MorphemeMarker(cache, parse_categories(config.morphemes))
+    stats = {
+        "distinct_runs": len(runs),
+        "run_occurrences": sum(runs.values()),
+        "analysed_now": analysed,
+        "from_cache": len(runs) - analysed,
+        "runs_with_cuts": sum(1 for r in runs if r in marker.marked),
+    }
+    return marker, stats
+
+
+def train_tokenizer(
+    inputs: list[str],
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    workers: int = 1,
+    progress: bool = False,
+    cache_dir: Path | None = None,
+    compare: list[str] = (),
+) -> TrainResult:
+    """Train on `inputs` (files or folders) and write tokenizer.json, tokenizer_config.json, reports."""
+    from tokenizer.bbpe import BBPETokenizer
+    from tokenizer.pipeline import assemble
+    from tokenizer.report import compression_report, write_report
+
+    config = config or TrainConfig()
+    out_dir = Path(out_dir)
+    clock = _Clock()
+    documents, files = read_documents(inputs, TextFields.parse(config.text_fields), workers, progress)
+    clock.lap("read")
+    sample = draw_sample(documents, config.sample)
+    del documents
+    if not sample.train:
+        raise DataError("nothing left to train on after sampling (check --ko-share and --max-bytes)")
+    _warn_about_balance(sample.stats, config.sample)
+    clock.lap("sample")
+
+    morpheme_stats = None
+    if config.engine == "hf":
+        marker = None
+        if config.morphemes:
+            marker, morpheme_stats = _mark_morphemes(sample.train, config, cache_dir, workers, progress)
+            clock.lap("morphemes")
+        vocab = learn_vocab_hf(sample.train, config, marker, progress)
+    else:
+        vocab = learn_vocab_kiwi(sample.train, config, workers, progress)
+    clock.lap("merges")
+
+    if len(vocab) < config.vocab_size:
+        merges = len(vocab) - config.special_block - 256
+        raise DataError(
+            f"the corpus supports only {merges:,} merges, a vocabulary of {len(vocab):,} of the "
+            f"{config.vocab_size:,} requested; lower --vocab-size to {len(vocab)} or give more text"
+        )
+    specials = special_tokens(config.special_block)
+    tokenizer = BBPETokenizer(assemble(vocab, specials, config.digits), tokenizer_config())
+    clock.lap("assemble")
+
+    report = {
+        "config": asdict(config),
+        "vocab_size": tokenizer.vocab_size,
+        "merges": tokenizer.vocab_size - config.special_block - 256,
+        "files": [f.to_dict() for f in files],
+        "files_skipped": sum(1 for f in files if f.error and not f.documents),
+        "records_skipped": sum(f.skipped_records for f in files),
+        "sample": sample.stats.to_dict(),
+        "morphemes": morpheme_stats,
+    }
+    texts = [(f"held-out {lang}", lang, docs) for lang, docs in sorted(sample.heldout.items()) if lang != "other"]
+    report["compression"] = compression_report(tokenizer, texts, compare=compare, workers=workers)
+    clock.lap("report")
+    report["seconds"] = clock.phases
+    report["peak_rss_mb"] = _peak_rss_mb()
+
+    tokenizer.save(out_dir)
+    write_report(out_dir, report)
+    return TrainResult(out_dir, report)
