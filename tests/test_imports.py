@@ -1,0 +1,29 @@
+"""Import boundaries: the CLI starts without heavy frameworks, and Kiwi only loads for training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+HEAVY = ("torch", "ray", "mlx", "kiwipiepy", "tokenizers", "pyarrow", "transformers", "matplotlib")
+
+
+def loaded_after(code: str) -> set[str]:
+    probe = f"{code}\nimport sys\nprint(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
+    return set(out.stdout.split())
+
+
+def test_cli_import_pulls_in_no_heavy_framework():
+    assert not loaded_after("import orchestration.cli") & set(HEAVY)
+
+
+def test_hanyeong_help_pulls_in_no_heavy_framework():
+    code = "import sys; sys.argv = ['hanyeong', '--help']\nfrom orchestration.cli import app\ntry:\n    app()\nexcept SystemExit:\n    pass"
+    assert not loaded_after(code) & set(HEAVY)
+
+
+def test_tokenizer_use_does_not_need_kiwi():
+    assert "kiwipiepy" not in loaded_after("import tokenizer, tokenizer.bbpe, tokenizer.export, tokenizer.peers")

@@ -1,0 +1,85 @@
+"""Sampling: deterministic, order-independent, and holding the Korean share and byte budget."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenizer.errors import ConfigError
+from tokenizer.language import detect_language
+from tokenizer.sampling import SampleConfig, byte_targets, draw_sample
+
+
+def test_detect_language():
+    assert detect_language("오늘 날씨가 좋네요") == "ko"
+    assert detect_language("The weather is nice today") == "en"
+    assert detect_language("AI 모델을 학습합니다") == "ko"  # a few English terms stay Korean
+    assert detect_language("12345 !!!") == "other"
+
+
+@given(
+    ko=st.integers(0, 10**9),
+    rest=st.integers(0, 10**9),
+    share=st.none() | st.floats(0, 1),
+    budget=st.none() | st.integers(1, 10**9),
+)
+def test_byte_targets_respect_availability_share_and_budget(ko, rest, share, budget):
+    t = byte_targets({"ko": ko, "rest": rest}, share, budget)
+    assert t["ko"] <= ko and t["rest"] <= rest
+    if budget:
+        assert t["ko"] + t["rest"] <= budget
+    total = t["ko"] + t["rest"]
+    if share is not None and ko and rest and total > 1000:
+        assert abs(t["ko"] / total - share) < 1e-3
+        # ...and it is the largest such sample: one side is exhausted or the budget is spent.
+        assert ko - t["ko"] <= 2 or rest - t["rest"] <= 2 or (budget and total >= budget - 2)
+
+
+def corpus(n=400):
+    rng = random.Random(1)
+    ko = [f"한국어 문서 {i} " + "가나다" * rng.randint(1, 30) for i in range(n)]
+    en = [f"english document {i} " + "abc " * rng.randint(1, 30) for i in range(n // 2)]
+    return ko + en + ko[:50]  # 50 exact duplicates
+
+
+def test_sample_is_deterministic_and_independent_of_document_order():
+    docs = corpus()
+    config = SampleConfig(ko_share=0.6, seed=3)
+    a = draw_sample(docs, config)
+    shuffled = docs[:]
+    random.Random(0).shuffle(shuffled)
+    b = draw_sample(shuffled, config)
+    assert sorted(a.train) == sorted(b.train)
+    assert draw_sample(docs, SampleConfig(ko_share=0.6, seed=4)).train != a.train
+
+
+def test_share_dedup_and_holdout_are_reported():
+    sample = draw_sample(corpus(), SampleConfig(ko_share=0.6, holdout_fraction=0.05))
+    stats = sample.stats
+    assert stats.duplicates["ko"] == 50
+    assert abs(stats.ko_share - 0.6) < 0.02
+    assert set(sample.heldout) <= {"ko", "en"} and sample.heldout
+    # Nothing lost silently: every unique document is trained on, held out or left out by balance.
+    unique = sum(stats.read_docs.values()) - sum(stats.duplicates.values())
+    held = sum(len(v) for v in sample.heldout.values())
+    assert len(sample.train) + held + sum(stats.not_sampled_docs.values()) == unique
+    assert not set(sample.train) & {d for v in sample.heldout.values() for d in v}
+
+
+def test_budget_caps_training_bytes():
+    sample = draw_sample(corpus(), SampleConfig(max_bytes=5000))
+    assert sum(sample.stats.train.values()) <= 5000 + 200  # one document may cross the line
+
+
+def test_one_sided_corpus_keeps_its_own_mix():
+    sample = draw_sample([f"한국어만 {i}" for i in range(100)], SampleConfig(ko_share=0.8))
+    assert len(sample.train) > 90 and not sample.stats.share_applied
+
+
+@pytest.mark.parametrize("kwargs", [{"ko_share": 1.5}, {"max_bytes": 0}, {"holdout_fraction": 1.0}])
+def test_bad_settings_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        SampleConfig(**kwargs)
