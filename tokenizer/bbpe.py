@@ -84,7 +84,8 @@ class BBPETokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         for text in texts:
             check_encodable(text)
-        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+        # encode_batch_fast skips character offsets, which ids do not need (~5% faster).
+        return [e.ids for e in self.hf.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)

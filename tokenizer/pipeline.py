@@ -69,7 +69,9 @@ def assemble(vocab: dict[str, int], specials: list[str], digits: str = "1") -> T
     Special tokens must already be in `vocab` with the lowest ids.
     """
     bpe_vocab = {t: i for t, i in vocab.items() if t not in set(specials)}
-    tokenizer = Tokenizer(models.BPE(vocab, rank_merges(bpe_vocab), fuse_unk=False))
+    # ignore_merges: a pre-token that is itself in the vocabulary is that one token, as tiktoken
+    # does; BPE would build the same token (checked against the tiktoken export) but slower.
+    tokenizer = Tokenizer(models.BPE(vocab, rank_merges(bpe_vocab), fuse_unk=False, ignore_merges=True))
     tokenizer.pre_tokenizer = pre_tokenizer(digits)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(specials)
