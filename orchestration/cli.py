@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from orchestration.model_cli import app as model_app
 from tokenizer.cli import app as tokenizer_app
 from tokenizer.errors import HanyeongError
 
@@ -15,6 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(model_app, name="model")
 
 
 def main() -> None:

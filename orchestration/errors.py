@@ -1,5 +1,5 @@
 """Error types of the whole project, re-exported from the bottom layer (see tokenizer/errors.py)."""
 
-from tokenizer.errors import ConfigError, DataError, HanyeongError
+from tokenizer.errors import CheckpointError, ConfigError, DataError, HanyeongError
 
-__all__ = ["HanyeongError", "ConfigError", "DataError"]
+__all__ = ["HanyeongError", "ConfigError", "DataError", "CheckpointError"]

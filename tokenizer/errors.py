@@ -14,3 +14,7 @@ class ConfigError(HanyeongError):
 
 class DataError(HanyeongError):
     """Input data cannot be used (missing, empty, unreadable, wrong format)."""
+
+
+class CheckpointError(HanyeongError):
+    """A checkpoint directory is missing, incomplete, truncated or of another format."""

@@ -1,0 +1,110 @@
+"""The checkpoint directory: written whole or not at all, refused when damaged, never unpickled."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from orchestration import checkpoint
+from orchestration.errors import CheckpointError
+from orchestration.presets import PRESETS
+
+SPEC = PRESETS["tiny"].replace(vocab_size=300)
+
+
+def random_weights(spec, seed=0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal(s).astype(np.float32) for n, s in checkpoint.parameter_names(spec).items()}
+
+
+def write(path, weights, spec=SPEC):
+    with checkpoint.writing(path, spec) as tmp:
+        save_file(weights, str(tmp / checkpoint.MODEL_FILE))
+
+
+def test_written_checkpoint_verifies(tmp_path):
+    write(tmp_path / "ckpt", random_weights(SPEC))
+    index = checkpoint.verify(tmp_path / "ckpt", checksums=True)
+    assert set(index["files"]) == {"spec.json", "model.safetensors"}
+    assert checkpoint.load_spec(tmp_path / "ckpt") == SPEC
+    assert not list(tmp_path.glob(".*"))  # no temporary directory left behind
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    write(ckpt, random_weights(SPEC, seed=1))
+    before = (ckpt / checkpoint.MODEL_FILE).read_bytes()
+    with pytest.raises(RuntimeError):
+        with checkpoint.writing(ckpt, SPEC) as tmp:
+            (tmp / checkpoint.MODEL_FILE).write_bytes(b"half a file")
+            raise RuntimeError("killed mid-write")
+    assert (ckpt / checkpoint.MODEL_FILE).read_bytes() == before
+    checkpoint.verify(ckpt, checksums=True)
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_truncated_file_is_refused_by_name(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    write(ckpt, random_weights(SPEC))
+    data = (ckpt / checkpoint.MODEL_FILE).read_bytes()
+    (ckpt / checkpoint.MODEL_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
+        checkpoint.verify(ckpt)
+
+
+def test_altered_file_fails_the_checksum(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    write(ckpt, random_weights(SPEC))
+    data = bytearray((ckpt / checkpoint.MODEL_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (ckpt / checkpoint.MODEL_FILE).write_bytes(bytes(data))
+    checkpoint.verify(ckpt)  # same size: only the checksum sees it
+    with pytest.raises(CheckpointError, match="checksum"):
+        checkpoint.verify(ckpt, checksums=True)
+
+
+@pytest.mark.parametrize("problem", ["no directory", "no index", "other format"])
+def test_not_a_checkpoint(tmp_path, problem):
+    ckpt = tmp_path / "ckpt"
+    if problem != "no directory":
+        write(ckpt, random_weights(SPEC))
+        if problem == "no index":
+            (ckpt / checkpoint.INDEX_FILE).unlink()
+        else:
+            (ckpt / checkpoint.INDEX_FILE).write_text(json.dumps({"format": "pickle", "version": 9, "files": {}}))
+    with pytest.raises(CheckpointError, match=str(ckpt)):
+        checkpoint.verify(ckpt)
+
+
+def test_check_tensors_names_the_mismatch():
+    shapes = {n: s for n, s in checkpoint.parameter_names(SPEC).items()}
+    checkpoint.check_tensors(SPEC, shapes, "ckpt")
+    wrong = {**shapes, "model.norm.weight": (7,)}
+    with pytest.raises(CheckpointError, match=r"model.norm.weight has shape \(7,\)"):
+        checkpoint.check_tensors(SPEC, wrong, "ckpt")
+    missing = {n: s for n, s in shapes.items() if "layers.1." not in n}
+    with pytest.raises(CheckpointError, match="missing model.layers.1"):
+        checkpoint.check_tensors(SPEC, missing, "ckpt")
+
+
+def test_tied_spec_has_no_lm_head_untied_has_one():
+    assert "lm_head.weight" not in checkpoint.parameter_names(SPEC)
+    assert checkpoint.parameter_names(SPEC.replace(tie_embeddings=False))["lm_head.weight"] == (300, SPEC.d_model)
+
+
+def test_inspect_cli_reports_a_damaged_checkpoint_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    ckpt = tmp_path / "ckpt"
+    write(ckpt, random_weights(SPEC))
+    (ckpt / checkpoint.MODEL_FILE).write_bytes(b"x")
+    out = subprocess.run([sys.executable, "-m", "orchestration.cli", "model", "inspect", str(ckpt)],
+                         capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error:") and "truncated" in out.stderr

@@ -1,0 +1,64 @@
+"""Learning-rate schedules and optimizer settings shared by both backends."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from orchestration.errors import ConfigError
+from orchestration.optim import OptimConfig, decays, lr_at
+
+configs = st.builds(
+    lambda total, warm_share, schedule, ratio, decay: OptimConfig(
+        lr=1e-3, total_steps=total, warmup_steps=int(total * warm_share), schedule=schedule,
+        min_lr_ratio=ratio, decay_fraction=decay,
+    ),
+    st.integers(1, 2000), st.floats(0, 0.5), st.sampled_from(["cosine", "wsd", "constant"]),
+    st.floats(0, 1), st.floats(0.01, 1),
+)
+
+
+@given(configs)
+def test_schedule_stays_between_floor_and_peak_and_ends_at_floor(config):
+    lrs = [lr_at(config, s) for s in range(config.total_steps + 5)]
+    floor = config.lr * config.min_lr_ratio
+    assert all(0 < lr <= config.lr * (1 + 1e-12) for lr in lrs if lr > 0)
+    if config.schedule != "constant":
+        assert lrs[-1] == pytest.approx(floor)  # after the schedule it stays at its end value
+    warm = lrs[: config.warmup_steps]
+    assert warm == sorted(warm)  # warmup rises
+
+
+@given(configs)
+def test_after_warmup_the_schedule_never_rises(config):
+    lrs = [lr_at(config, s) for s in range(config.warmup_steps, config.total_steps + 1)]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(lrs, lrs[1:]))
+
+
+def test_wsd_is_flat_then_decays_over_its_last_fraction():
+    config = OptimConfig(lr=1.0, total_steps=100, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    assert [lr_at(config, s) for s in (10, 50, 80)] == [1.0, 1.0, 1.0]
+    assert lr_at(config, 90) == pytest.approx(0.5)
+    assert lr_at(config, 100) == 0.0
+
+
+def test_no_weight_decay_on_norms_and_embeddings_by_default():
+    config = OptimConfig()
+    assert decays("model.layers.0.self_attn.q_proj.weight", config)
+    assert not decays("model.layers.0.input_layernorm.weight", config)
+    assert not decays("model.norm.weight", config)
+    assert not decays("model.embed_tokens.weight", config)
+    assert decays("model.embed_tokens.weight", OptimConfig(decay_norms_and_embeddings=True))
+
+
+@pytest.mark.parametrize("change", [{"schedule": "linear"}, {"lr": 0}, {"warmup_steps": 2000}, {"betas": (0.9, 1.0)},
+                                    {"grad_accum_steps": 0}, {"min_lr_ratio": 2}])  # fmt: skip
+def test_bad_setting_is_refused(change):
+    with pytest.raises(ConfigError):
+        OptimConfig(**change)
+
+
+def test_round_trips_through_a_dict():
+    config = OptimConfig(schedule="wsd", betas=(0.9, 0.98))
+    assert OptimConfig.from_dict({**config.to_dict(), "betas": list(config.betas)}) == config
