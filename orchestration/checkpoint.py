@@ -158,7 +158,10 @@ def read_trainer_state(path: str | Path) -> dict:
     file = Path(path) / TRAINER_STATE_FILE
     if not file.is_file():
         raise CheckpointError(f"{path}: no {TRAINER_STATE_FILE}: a weights-only checkpoint cannot resume training")
-    return json.loads(file.read_text(encoding="utf-8"))
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file}: damaged ({err})") from None
 
 
 def write_trainer_state(directory: Path, state: dict) -> None:
@@ -169,7 +172,9 @@ def check_tensors(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], where: st
     """Refuse weights whose names or shapes are not those the spec implies, naming the first few."""
     expected = parameter_names(spec)
     missing = sorted(set(expected) - set(shapes))
-    extra = sorted(set(shapes) - set(expected) - {"lm_head.weight"} if spec.tie_embeddings else set(shapes) - set(expected))
+    # a tied checkpoint written by a tool that saves the head anyway is accepted (it equals the embedding)
+    allowed = {"lm_head.weight"} if spec.tie_embeddings else set()
+    extra = sorted(set(shapes) - set(expected) - allowed)
     wrong = sorted(n for n in set(expected) & set(shapes) if tuple(shapes[n]) != expected[n])
     problems = []
     if missing:

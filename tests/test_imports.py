@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -27,3 +28,16 @@ def test_hanyeong_help_pulls_in_no_heavy_framework():
 
 def test_tokenizer_use_does_not_need_kiwi():
     assert "kiwipiepy" not in loaded_after("import tokenizer, tokenizer.bbpe, tokenizer.export, tokenizer.peers")
+
+
+def test_each_backend_imports_only_its_own_framework():
+    torch_side = loaded_after("import cuda_model.backend")
+    assert "torch" in torch_side and "mlx" not in torch_side
+    if importlib.util.find_spec("mlx") is not None:
+        mlx_side = loaded_after("import mlx_model.backend")
+        assert "mlx" in mlx_side and "torch" not in mlx_side
+
+
+def test_spec_checkpoint_and_registry_need_no_framework():
+    loaded = loaded_after("import orchestration.backends, orchestration.checkpoint, orchestration.plan, orchestration.export_hf")
+    assert not loaded & {"torch", "mlx", "ray", "transformers"}

@@ -1,0 +1,256 @@
+"""The PyTorch backend (`get_backend("torch")`): CUDA when there is a GPU, else the CPU.
+
+Numpy in, numpy out; the model object is a `cuda_model.model.Model`. Checkpoints are the shared
+format of orchestration/checkpoint.py, read and written with safetensors only (never pickle):
+fp32 weights under Hugging Face Llama names, fp32 AdamW moments under optimizer_key(name, moment).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from cuda_model import step as steps
+from cuda_model.losses import Tensors, get_loss, token_logprobs
+from cuda_model.model import Model
+from orchestration.batch import Batch
+from orchestration.checkpoint import (
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    SPEC_FILE,
+    check_tensors,
+    read_trainer_state,  # fmt: skip
+    verify,
+    write_trainer_state,
+    writing,
+)
+from orchestration.errors import CheckpointError, ConfigError, DataError
+from orchestration.optim import OptimConfig
+from orchestration.spec import ModelSpec
+
+ENV_DEVICE = "HANYEONG_TORCH_DEVICE"  # e.g. "cpu" to keep off a GPU; default: cuda if available
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file on the CPU; a damaged file is a CheckpointError naming it."""
+    try:
+        return load_file(file, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: cannot read the tensors ({err})") from None
+
+
+def tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes from the header only, to refuse a wrong file before reading gigabytes."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: cannot read the tensors ({err})") from None
+
+
+def encode_rng(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def decode_rng(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """logits (B, V) fp32 -> next ids (B,): argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep = (
+        sorted_p.cumsum(dim=-1) - sorted_p < top_p
+    )  # smallest prefix reaching top_p (never empty)
+    choice = torch.multinomial(sorted_p * keep, 1, generator=generator)  # multinomial renormalises
+    return order.gather(-1, choice)[:, 0]
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, device: str | None = None):
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device or os.environ.get(ENV_DEVICE) or default)
+
+    # ---- models and checkpoints -----------------------------------------------------------------
+
+    def new_model(self, spec: ModelSpec) -> Model:
+        with self.device:  # allocate (and run nn.Linear's throwaway init) on the target device
+            model = Model(spec)
+        return model.to(self.device)  # RoPE tables are built on the CPU; move them too
+
+    def init(self, spec: ModelSpec, seed: int = 0) -> Model:
+        """A model with seeded weights: the same seed gives the same weights on any device."""
+        model = self.new_model(spec)
+        model.init_weights(seed)
+        return model
+
+    def load(self, path: str | Path) -> Model:
+        """The model of a checkpoint: verified whole, names and shapes checked against spec.json."""
+        path = Path(path)
+        verify(path)
+        spec = ModelSpec.load(path / SPEC_FILE)
+        file = path / MODEL_FILE
+        check_tensors(spec, tensor_shapes(file), str(file))
+        tensors = read_tensors(file)
+        if spec.tie_embeddings:
+            tensors.pop("lm_head.weight", None)  # tied: the head is the embedding
+        model = self.new_model(spec)
+        model.load_state_dict(tensors, strict=True)
+        return model
+
+    def save(self, model: Model, path: str | Path, state: steps.TrainState | None = None) -> None:
+        """Write a checkpoint atomically: fp32 weights, plus AdamW moments and counters when given."""
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+        with writing(path, model.spec) as tmp:
+            save_file(
+                weights, tmp / MODEL_FILE, metadata={"format": "pt"}
+            )  # "pt": transformers loads it
+            if state is not None:
+                save_file(
+                    steps.optimizer_tensors(state), tmp / OPTIMIZER_FILE, metadata={"format": "pt"}
+                )
+                write_trainer_state(tmp, self.trainer_state(state))
+
+    def trainer_state(self, state: steps.TrainState) -> dict:
+        rng = {"torch": encode_rng(torch.get_rng_state())}
+        if self.device.type == "cuda":
+            rng["torch_cuda"] = encode_rng(torch.cuda.get_rng_state(self.device))
+        return {"step": state.step, "tokens_seen": state.tokens_seen, "optim": state.optim.to_dict(),
+                "data_cursor": state.data_cursor, "seed": state.seed, "backend": self.name, "rng": rng}  # fmt: skip
+
+    # ---- inference ------------------------------------------------------------------------------
+
+    def put(self, array: np.ndarray | None, dtype: type) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(np.asarray(array, dtype)).to(self.device)
+
+    def tensors(self, batch: Batch) -> Tensors:
+        """A Batch as tensors on the device: ids int64, loss_mask float32."""
+
+        put = self.put
+        return {"inputs": put(batch.inputs, np.int64), "targets": put(batch.targets, np.int64),
+                "loss_mask": put(batch.loss_mask, np.float32), "segment_ids": put(batch.segment_ids, np.int64)}  # fmt: skip
+
+    @torch.no_grad()
+    def logits(
+        self, model: Model, tokens: np.ndarray, segment_ids: np.ndarray | None = None
+    ) -> np.ndarray:
+        """int [B, T] -> float32 [B, T, vocab]."""
+        model.eval()
+        with steps.precision(self.device):
+            out = model(self.put(tokens, np.int64), self.put(segment_ids, np.int64))
+        return out.float().cpu().numpy()
+
+    @torch.no_grad()
+    def logprobs(self, model: Model, batch: Batch) -> np.ndarray:
+        """float32 [B, T]: log-probability of each target token (loss_mask not applied)."""
+        model.eval()
+        t = self.tensors(batch)
+        with steps.precision(self.device):
+            out = token_logprobs(model(t["inputs"], t["segment_ids"]), t["targets"])
+        return out.float().cpu().numpy()
+
+    @torch.no_grad()
+    def eval_loss(self, model: Model, batch: Batch, loss: str = "causal_lm") -> float:
+        """Mean loss per counted target token, no gradient."""
+        model.eval()
+        with steps.precision(self.device):
+            summed, n = get_loss(loss)(model, self.tensors(batch))
+        return summed.item() / max(n.item(), 1.0)
+
+    @torch.no_grad()
+    def generate(self, model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 stop_ids: Sequence[int] = ()) -> list[list[int]]:  # fmt: skip
+        """New tokens per prompt (a stop id ends a row and is included), batched with a KV cache."""
+        if not prompts or max_new_tokens <= 0:
+            return [[] for _ in prompts]
+        if any(len(p) == 0 for p in prompts):
+            raise DataError("generate: every prompt needs at least one token")
+        B, L = len(prompts), max(len(p) for p in prompts)
+        if L + max_new_tokens > model.spec.max_seq_len:
+            raise ConfigError(f"generate: {L} prompt + {max_new_tokens} new tokens exceed spec.max_seq_len "
+                              f"({model.spec.max_seq_len})")  # fmt: skip
+        # Left-pad: padding is document 0 and the prompt document 1, so no prompt sees padding and
+        # each starts at RoPE position 0, exactly as if it were generated alone.
+        tokens, segments = np.zeros((B, L), np.int64), np.zeros((B, L), np.int64)
+        for i, p in enumerate(prompts):
+            tokens[i, L - len(p) :], segments[i, L - len(p) :] = p, 1
+        model.eval()
+        cache = model.new_cache(B, L + max_new_tokens)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        x, seg = (
+            torch.from_numpy(tokens).to(self.device),
+            torch.from_numpy(segments).to(self.device),
+        )
+        stop, out, done = set(stop_ids), [[] for _ in range(B)], [False] * B
+        for _ in range(max_new_tokens):
+            with steps.precision(self.device):
+                h = model.model(x, seg, cache)[
+                    :, -1
+                ]  # (B, d_model): only the last position's logits
+                logits = F.linear(h, model.head_weight()).float()
+            next_ids = sample(logits, temperature, top_p, generator)
+            for i, t in enumerate(next_ids.tolist()):
+                if not done[i]:
+                    out[i].append(t)
+                    done[i] = t in stop
+            if all(done):
+                break
+            x, seg = next_ids[:, None], None  # continue each row's document
+        return out
+
+    # ---- training -------------------------------------------------------------------------------
+
+    def init_train_state(self, model: Model, optim: OptimConfig, seed: int = 0,
+                         compile: bool | None = None, fused: bool | None = None) -> steps.TrainState:  # fmt: skip
+        """AdamW and counters at step 0; compile/fused default to HANYEONG_TORCH_COMPILE/_FUSED_ADAMW."""
+        torch.manual_seed(seed)  # for anything random in training (none yet: no dropout)
+        return steps.init_train_state(model, optim, seed, compile=compile, fused=fused)
+
+    def load_train_state(self, path: str | Path, compile: bool | None = None,
+                         fused: bool | None = None) -> steps.TrainState:  # fmt: skip
+        """Model, AdamW moments, counters and RNG of a training checkpoint, ready to continue."""
+        path = Path(path)
+        model = self.load(path)
+        meta = read_trainer_state(path)
+        if not (path / OPTIMIZER_FILE).is_file():
+            raise CheckpointError(f"{path}: no {OPTIMIZER_FILE}: cannot resume the optimizer")
+        state = steps.init_train_state(model, OptimConfig.from_dict(meta["optim"]), meta.get("seed", 0),
+                                       compile=compile, fused=fused)  # fmt: skip
+        state.step, state.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
+        state.data_cursor = meta.get("data_cursor")
+        steps.load_optimizer_tensors(
+            state, read_tensors(path / OPTIMIZER_FILE), str(path / OPTIMIZER_FILE)
+        )
+        rng = meta.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(decode_rng(rng["torch"]))
+        if "torch_cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(decode_rng(rng["torch_cuda"]), self.device)
+        return state
+
+    def train_step(
+        self, state: steps.TrainState, batch: Batch, loss: str = "causal_lm"
+    ) -> dict[str, float]:
+        """One optimizer step on a global batch; returns loss, grad_norm, lr, tokens, counted_tokens."""
+        return steps.train_step(state, self.tensors(batch), loss)
+
+
+BACKEND = TorchBackend()

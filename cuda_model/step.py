@@ -1,0 +1,180 @@
+"""One optimizer step: micro-batches, backward, clip, AdamW, with the shared LR schedule.
+
+The global batch is split along B into `optim.grad_accum_steps` micro-batches; their summed losses
+are backpropagated as they are and the accumulated gradients divided once by the number of counted
+targets of the whole global batch, so any split gives the update of one big batch. bf16 autocast on
+CUDA (fp32 master weights and moments), plain fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cuda_model import losses
+from cuda_model.losses import LossFn, Tensors, get_loss
+from cuda_model.model import Model
+from orchestration.checkpoint import ADAM_MOMENTS, optimizer_key
+from orchestration.errors import CheckpointError, DataError
+from orchestration.optim import OptimConfig, decays, lr_at
+
+ENV_COMPILE = "HANYEONG_TORCH_COMPILE"  # "1": torch.compile the loss (forward) function
+ENV_FUSED = "HANYEONG_FUSED_ADAMW"  # "1"/"0": fused AdamW kernel (default: on CUDA only)
+
+
+def env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    return default if value == "" else value not in ("0", "false", "no", "off")
+
+
+def precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (tensor cores); nothing on the CPU, where bf16 is slower and less exact."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue: the model, AdamW around it, and the counters."""
+
+    model: Model
+    optimizer: torch.optim.AdamW
+    optim: OptimConfig
+    seed: int = 0
+    step: int = 0
+    """Optimizer steps taken; the LR of the next one is lr_at(optim, step)."""
+    tokens_seen: int = 0
+    """Input tokens trained on (B·T summed over steps)."""
+    data_cursor: Any = None
+    """Where the data loader is; it fills this, JSON-serialisable."""
+    compile: bool = False
+    losses: dict[str, LossFn] = field(default_factory=dict)  # by name, compiled when `compile`
+
+
+def build_optimizer(model: Model, optim: OptimConfig, fused: bool) -> torch.optim.AdamW:
+    """AdamW with two groups: decayed matrices, undecayed norms and embeddings (optim.decays)."""
+    named = list(model.named_parameters())  # checkpoint names: model.embed_tokens.weight, ...
+    groups = [
+        {"params": [p for n, p in named if decays(n, optim)], "weight_decay": optim.weight_decay},
+        {"params": [p for n, p in named if not decays(n, optim)], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    kernel = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr_at(optim, 0), betas=optim.betas, eps=optim.eps, **kernel)
+
+
+def init_train_state(
+    model: Model,
+    optim: OptimConfig,
+    seed: int = 0,
+    compile: bool | None = None,
+    fused: bool | None = None,
+) -> TrainState:
+    """Step 0 around `model`; compile/fused default to the env vars, fused AdamW on CUDA only."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    compile = env_flag(ENV_COMPILE, False) if compile is None else compile
+    fused = env_flag(ENV_FUSED, on_cuda) if fused is None else fused
+    if compile:
+        losses.COMPILE_HEAD_KERNEL = True  # the fused head + loss's softmax kernel too
+    return TrainState(
+        model, build_optimizer(model, optim, fused), optim, seed=seed, compile=compile
+    )
+
+
+def loss_function(state: TrainState, name: str) -> LossFn:
+    if name not in state.losses:
+        fn = get_loss(name)
+        state.losses[name] = torch.compile(fn) if state.compile else fn
+    return state.losses[name]
+
+
+def split(batch: Tensors, n: int) -> list[Tensors]:
+    """n micro-batches along B (sizes differ by at most one when n does not divide B)."""
+    B = batch["inputs"].shape[0]
+    if B < n:
+        raise DataError(
+            f"a batch of {B} rows cannot be split into grad_accum_steps={n} micro-batches"
+        )
+    parts = {k: (None if v is None else torch.tensor_split(v, n)) for k, v in batch.items()}
+    return [{k: (None if v is None else v[i]) for k, v in parts.items()} for i in range(n)]
+
+
+def forward_backward(
+    state: TrainState, batch: Tensors, loss: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate d(sum loss)/dw over the micro-batches; return summed loss and count (detached)."""
+    fn, device = loss_function(state, loss), batch["inputs"].device
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for micro in split(batch, state.optim.grad_accum_steps):
+        with precision(device):
+            summed, n = fn(state.model, micro)
+        summed.backward()  # outside autocast, as PyTorch recommends
+        total, count = total + summed.detach().float(), count + n.detach().float()
+    return total, count
+
+
+def train_step(state: TrainState, batch: Tensors, loss: str = "causal_lm") -> dict[str, float]:
+    """One optimizer step on a global batch of tensors; returns loss, grad_norm, lr, tokens."""
+    state.model.train()
+    total, count = forward_backward(state, batch, loss)
+    params = [p for p in state.model.parameters() if p.grad is not None]
+    # mean over the global batch's counted targets; an all-masked batch gives zero gradients
+    torch._foreach_div_([p.grad for p in params], count.clamp(min=1.0))
+    # grad_clip 0 turns clipping off; the norm is still computed and logged
+    max_norm = state.optim.grad_clip or float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    lr = lr_at(state.optim, state.step)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    tokens = batch["inputs"].numel()
+    state.step += 1
+    state.tokens_seen += tokens
+    n = count.item()
+    return {"loss": total.item() / max(n, 1.0), "grad_norm": grad_norm.item(), "lr": lr,
+            "tokens": float(tokens), "counted_tokens": n}  # fmt: skip
+
+
+# ---- optimizer state in the checkpoint's framework-neutral layout ------------------------------
+
+
+def optimizer_tensors(state: TrainState) -> dict[str, torch.Tensor]:
+    """AdamW moments as fp32 CPU tensors under optimizer_key(name, moment); zeros before step 1."""
+    out = {}
+    for name, p in state.model.named_parameters():
+        moments = state.optimizer.state.get(p, {})
+        for moment in ADAM_MOMENTS:
+            value = moments.get(moment)
+            value = torch.zeros_like(p) if value is None else value
+            out[optimizer_key(name, moment)] = value.detach().float().cpu().contiguous()
+    return out
+
+
+def load_optimizer_tensors(state: TrainState, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Put saved moments into the AdamW of `state` (whose step counter is already set)."""
+    named = dict(state.model.named_parameters())
+    expected = {optimizer_key(n, m) for n in named for m in ADAM_MOMENTS}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise CheckpointError(f"{where}: optimizer moments do not match the model: "
+                              f"missing {missing[:3]}, unexpected {extra[:3]}")  # fmt: skip
+    if state.step == 0:
+        return  # AdamW creates zero moments on its first step
+    saved = state.optimizer.state_dict()  # params are indexed in group order
+    index = {
+        id(p): i for i, p in enumerate(p for g in state.optimizer.param_groups for p in g["params"])
+    }
+    for name, p in named.items():
+        moments = {m: tensors[optimizer_key(name, m)].to(p.dtype) for m in ADAM_MOMENTS}
+        if tuple(moments["exp_avg"].shape) != tuple(p.shape):
+            raise CheckpointError(
+                f"{where}: {name} moments have shape {tuple(moments['exp_avg'].shape)}"
+            )
+        saved["state"][index[id(p)]] = {"step": torch.tensor(float(state.step)), **moments}
+    state.optimizer.load_state_dict(saved)  # moves moments (and the fused step) to the param device

@@ -1,0 +1,82 @@
+"""`hanyeong model export-hf`: transformers loads the export as LlamaForCausalLM, same logits, same greedy text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from orchestration.backends import get_backend
+from orchestration.errors import CheckpointError
+from orchestration.export_hf import export_hf
+from orchestration.presets import PRESETS
+from tests.conftest import REPO
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+SPECS = {
+    "tied, grouped kv": PRESETS["tiny"].replace(vocab_size=3000),
+    "untied, llama3 rope scaling": PRESETS["tiny"].replace(
+        vocab_size=3000, tie_embeddings=False, n_kv_heads=4, rope_theta=500_000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64},
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(SPECS))
+def exported(request, tmp_path_factory, small_tokenizer_dir):
+    backend = get_backend("torch")
+    spec = SPECS[request.param]
+    model = backend.init(spec, seed=7)
+    root = tmp_path_factory.mktemp("export")
+    backend.save(model, root / "ckpt")
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", "model", "export-hf", str(root / "ckpt"), str(root / "hf"),
+         "--tokenizer", str(small_tokenizer_dir)],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return backend, model, root / "hf"
+
+
+def test_transformers_gives_the_same_logits(exported):
+    backend, model, directory = exported
+    hf = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    tokens = np.random.default_rng(0).integers(0, 3000, size=(2, 48))
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(tokens)).logits.numpy()
+    ours = backend.logits(model, tokens)
+    assert np.abs(ours - expected).max() <= 1e-4
+
+
+def test_transformers_gives_the_same_greedy_continuation(exported):
+    backend, model, directory = exported
+    hf = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    prompt = [1, 300, 301, 302, 303]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)  # fmt: skip
+    expected = out[0, len(prompt):].tolist()
+    assert backend.generate(model, [prompt], max_new_tokens=12)[0] == expected
+
+
+def test_export_carries_a_working_tokenizer_and_chat_template(exported):
+    _, _, directory = exported
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "안녕하세요"}], tokenize=False, add_generation_prompt=True)
+    assert text == "[|system|][|endofturn|]\n[|user|]안녕하세요\n[|assistant|]"
+    assert tokenizer.decode(tokenizer.encode("한영 모델", add_special_tokens=False)) == "한영 모델"
+    config = json.loads((directory / "config.json").read_text())
+    assert config["vocab_size"] == len(tokenizer)
+
+
+def test_tokenizer_of_another_size_is_refused(tmp_path, small_tokenizer_dir):
+    backend = get_backend("torch")
+    backend.save(backend.init(PRESETS["tiny"].replace(vocab_size=4000)), tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="vocab_size"):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf", small_tokenizer_dir)
+    assert not (tmp_path / "hf").exists()
