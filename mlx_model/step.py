@@ -1,0 +1,209 @@
+"""One optimizer step: micro-batches, value_and_grad, clip, AdamW, with the shared LR schedule.
+
+The global batch is split along B into `optim.grad_accum_steps` micro-batches; the gradients of
+their summed losses are added up and divided once by the number of counted targets of the whole
+global batch, so any split gives the update of one big batch. The whole step (every micro-batch,
+clipping and the AdamW update) is one `mx.compile`d function over the model and moment arrays.
+
+AdamW is written out rather than taken from `mlx.optimizers`: it is torch.optim.AdamW's update
+step for step (lerp'd first moment, bias corrections from the step count, eps added after the
+bias-corrected sqrt, decoupled decay p *= 1 - lr·wd), so moments saved by either backend mean the
+same thing and a run moves between them mid-training.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from mlx_model.losses import Arrays, get_loss
+from mlx_model.model import Model
+from orchestration.batch import Batch
+from orchestration.checkpoint import ADAM_MOMENTS, optimizer_key
+from orchestration.errors import CheckpointError, DataError
+from orchestration.optim import OptimConfig, decays, lr_at
+
+ENV_COMPILE = "HANYEONG_MLX_COMPILE"  # "0": run the step eagerly (debugging); default compiled
+
+
+class AdamW:
+    """torch.optim.AdamW over a model's parameters, keyed by checkpoint name.
+
+    state["exp_avg"][name] = m, state["exp_avg_sq"][name] = v, fp32 (B, ...) like the parameter.
+    """
+
+    def __init__(self, model: Model, optim: OptimConfig):
+        self.optim = optim
+        params = tree_flatten(model.trainable_parameters())
+        self.decayed = {name: decays(name, optim) for name, _ in params}
+        self.state: dict[str, dict[str, mx.array]] = {
+            moment: {name: mx.zeros(p.shape, mx.float32) for name, p in params}
+            for moment in ADAM_MOMENTS
+        }
+
+    def hyper(self, step: int) -> mx.array:
+        """[lr, lr/bias_correction1, sqrt(bias_correction2), 1 - lr·wd] for optimizer step `step`
+        (0-based), in float64 then fp32, as torch computes its Python scalars; an array, so the
+        compiled step is not retraced when they change."""
+        b1, b2 = self.optim.betas
+        t = step + 1  # torch increments its step count before the update
+        lr = lr_at(self.optim, step)
+        return mx.array(
+            [lr, lr / (1 - b1**t), math.sqrt(1 - b2**t), 1 - lr * self.optim.weight_decay],
+            mx.float32,
+        )
+
+    def update(self, model: Model, grads: dict[str, mx.array], hyper: mx.array) -> None:
+        """Apply one AdamW step with (already clipped) flat gradients."""
+        (b1, b2), eps = self.optim.betas, self.optim.eps
+        step_size, bc2_sqrt, decay = hyper[1], hyper[2], hyper[3]
+        m_all, v_all = self.state["exp_avg"], self.state["exp_avg_sq"]
+        new = []
+        for name, p in tree_flatten(model.trainable_parameters()):
+            g = grads[name]
+            if self.decayed[name]:
+                p = p * decay
+            m = m_all[name] + (1 - b1) * (g - m_all[name])  # torch: exp_avg.lerp_(grad, 1 - beta1)
+            v = b2 * v_all[name] + (1 - b2) * g * g
+            p = p - step_size * m / (mx.sqrt(v) / bc2_sqrt + eps)
+            m_all[name], v_all[name] = m, v  # in place: the compiled step's outputs are these dicts
+            new.append((name, p))
+        model.update(tree_unflatten(new))
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue: the model, AdamW around it, and the counters."""
+
+    model: Model
+    optimizer: AdamW
+    optim: OptimConfig
+    seed: int = 0
+    step: int = 0
+    """Optimizer steps taken; the LR of the next one is lr_at(optim, step)."""
+    tokens_seen: int = 0
+    """Input tokens trained on (B·T summed over steps)."""
+    data_cursor: Any = None
+    """Where the data loader is; it fills this, JSON-serialisable."""
+    compile: bool = True
+    steps: dict[str, Any] = field(default_factory=dict)  # loss name -> (compiled) step function
+
+
+def env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    return default if value == "" else value not in ("0", "false", "no", "off")
+
+
+def init_train_state(
+    model: Model, optim: OptimConfig, seed: int = 0, compile: bool | None = None
+) -> TrainState:
+    """Step 0 around `model`: zero moments; compile defaults to HANYEONG_MLX_COMPILE (on)."""
+    compile = env_flag(ENV_COMPILE, True) if compile is None else compile
+    return TrainState(model, AdamW(model, optim), optim, seed=seed, compile=compile)
+
+
+def arrays(batch: Batch) -> Arrays:
+    """A Batch as mx arrays: ids int32, loss_mask float32; absent masks are absent keys."""
+    out = {"inputs": mx.array(batch.inputs, mx.int32), "targets": mx.array(batch.targets, mx.int32)}
+    if batch.loss_mask is not None:
+        out["loss_mask"] = mx.array(batch.loss_mask, mx.float32)
+    if batch.segment_ids is not None:
+        out["segment_ids"] = mx.array(batch.segment_ids, mx.int32)
+    return out
+
+
+def split(batch: Batch, n: int) -> list[Arrays]:
+    """n micro-batches along B (sizes differ by at most one, first ones larger: torch.tensor_split)."""
+    B = batch.inputs.shape[0]
+    if B < n:
+        raise DataError(
+            f"a batch of {B} rows cannot be split into grad_accum_steps={n} micro-batches"
+        )
+    bounds = np.cumsum([0] + [B // n + (i < B % n) for i in range(n)])
+    return [arrays(Batch(*(None if a is None else a[lo:hi] for a in
+                           (batch.inputs, batch.targets, batch.loss_mask, batch.segment_ids))))
+            for lo, hi in itertools.pairwise(bounds)]  # fmt: skip
+
+
+def clip(grads: dict[str, mx.array], max_norm: float) -> tuple[dict[str, mx.array], mx.array]:
+    """Scale grads to global L2 norm <= max_norm (0: leave them), as torch's clip_grad_norm_.
+
+    Returns the clipped grads and the norm before clipping."""
+    norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for g in grads.values()))
+    if max_norm <= 0:
+        return grads, norm
+    coef = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+    return {k: g * coef for k, g in grads.items()}, norm
+
+
+def build_step(state: TrainState, loss: str):
+    """(micro-batches, hyper) -> (summed loss, counted targets, grad norm); updates model, moments."""
+    model, optimizer, fn = state.model, state.optimizer, get_loss(loss)
+    loss_and_grad = nn.value_and_grad(model, fn)
+
+    def step(micros: list[Arrays], hyper: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        total, count, grads = mx.array(0.0), mx.array(0.0), None
+        for micro in micros:
+            (summed, n), g = loss_and_grad(model, micro)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            total, count = total + summed, count + n
+        # mean over the global batch's counted targets; an all-masked batch gives zero gradients
+        flat = {k: g / mx.maximum(count, 1.0) for k, g in tree_flatten(grads)}
+        flat, norm = clip(flat, state.optim.grad_clip)
+        optimizer.update(model, flat, hyper)
+        return total, count, norm
+
+    if not state.compile:
+        return step
+    captured = [model.state, optimizer.state]
+    return mx.compile(step, inputs=captured, outputs=captured)
+
+
+def train_step(state: TrainState, batch: Batch, loss: str = "causal_lm") -> dict[str, float]:
+    """One optimizer step on a global Batch; returns loss, grad_norm, lr, tokens, counted_tokens."""
+    if loss not in state.steps:
+        state.steps[loss] = build_step(state, loss)
+    hyper = state.optimizer.hyper(state.step)
+    total, count, norm = state.steps[loss](split(batch, state.optim.grad_accum_steps), hyper)
+    mx.eval(total, count, norm, state.model.parameters(), state.optimizer.state)
+    tokens = int(batch.inputs.size)
+    lr = lr_at(state.optim, state.step)
+    state.step += 1
+    state.tokens_seen += tokens
+    n = count.item()
+    return {"loss": total.item() / max(n, 1.0), "grad_norm": norm.item(), "lr": lr,
+            "tokens": float(tokens), "counted_tokens": n}  # fmt: skip
+
+
+# ---- optimizer state in the checkpoint's framework-neutral layout ------------------------------
+
+
+def optimizer_tensors(state: TrainState) -> dict[str, mx.array]:
+    """AdamW moments as fp32 arrays under optimizer_key(name, moment) (zeros before step 1)."""
+    return {optimizer_key(name, moment): value.astype(mx.float32)
+            for moment, values in state.optimizer.state.items() for name, value in values.items()}  # fmt: skip
+
+
+def load_optimizer_tensors(state: TrainState, tensors: dict[str, mx.array], where: str) -> None:
+    """Put saved moments into the AdamW of `state` (whose step counter is already set)."""
+    current = state.optimizer.state
+    expected = {optimizer_key(n, m) for m in ADAM_MOMENTS for n in current[m]}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise CheckpointError(f"{where}: optimizer moments do not match the model: "
+                              f"missing {missing[:3]}, unexpected {extra[:3]}")  # fmt: skip
+    for moment in ADAM_MOMENTS:
+        for name, old in current[moment].items():
+            value = tensors[optimizer_key(name, moment)]
+            if tuple(value.shape) != tuple(old.shape):
+                raise CheckpointError(f"{where}: {name} moments have shape {tuple(value.shape)}")
+            current[moment][name] = value.astype(mx.float32)
+    mx.eval(current)

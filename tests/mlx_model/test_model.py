@@ -1,0 +1,230 @@
+"""The MLX model: the shared laws, checkpoint names, fast kernels against naive code, KV cache,
+document mask, accumulation, init."""
+
+# ruff: noqa: E402  (the imports below follow the importorskip that guards them)
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")  # skip the module, before any mlx import, where mlx is missing
+
+from mlx.utils import tree_flatten
+
+from mlx_model.model import RoPE
+from orchestration.batch import Batch
+from orchestration.checkpoint import parameter_names
+from orchestration.optim import OptimConfig
+from orchestration.spec import RopeScaling
+from tests.check_model import check_model, random_tokens
+from tests.mlx_model.conftest import tiny
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+def test_check_model(backend, tmp_path, tied, n_kv_heads):
+    check_model(backend, tiny(tie_embeddings=tied, n_kv_heads=n_kv_heads), tmp_path)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameters_are_the_checkpoint_layout(backend, tied):
+    spec = tiny(tie_embeddings=tied)
+    params = [(k, tuple(v.shape)) for k, v in tree_flatten(backend.init(spec).parameters())]
+    assert params == list(parameter_names(spec).items())  # same names, same order, no RoPE tables
+    assert sum(np.prod(s) for _, s in params) == spec.parameter_count()
+
+
+def test_init_is_seeded(backend):
+    spec = tiny()
+    a, b, c = (dict(tree_flatten(backend.init(spec, seed=s).parameters())) for s in (3, 3, 4))
+    for name, x in a.items():
+        assert mx.array_equal(x, b[name]), name
+        if name.endswith("norm.weight"):
+            assert mx.array_equal(x, mx.ones_like(x))
+        else:
+            assert not mx.array_equal(x, c[name]), name
+    o_proj = np.array(a["model.layers.0.self_attn.o_proj.weight"])
+    assert o_proj.std() == pytest.approx(0.02 / np.sqrt(2 * spec.n_layers), rel=0.1)
+
+
+def naive_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """The Hugging Face rotate-half formula in float64: x (B, H, T, hd), positions (B, T)."""
+    angles = positions[:, None, :, None] * inv_freq  # (B, 1, T, hd/2)
+    emb = np.concatenate([angles, angles], axis=-1)
+    x1, x2 = np.split(x, 2, axis=-1)
+    return x * np.cos(emb) + np.concatenate([-x2, x1], axis=-1) * np.sin(emb)
+
+
+@pytest.mark.parametrize(
+    "scaling", [None, RopeScaling(original_max_position_embeddings=16)], ids=["plain", "llama3"]
+)
+def test_rope_kernel_and_positions_path_equal_the_formula(scaling):
+    spec = tiny(rope_scaling=scaling, rope_theta=500_000.0)
+    rope, inv_freq = RoPE(spec), spec.rope_inv_freq()
+    x = np.random.default_rng(0).standard_normal((2, 3, 9, spec.head_dim)).astype(np.float32)
+    offsets = np.array([0, 7])
+    positions = offsets[:, None] + np.arange(9)  # (B, T)
+    expected = naive_rope(x.astype(np.float64), positions, inv_freq)
+    fast = rope(mx.array(x), mx.array(offsets, mx.int32))  # mx.fast.rope with per-row offsets
+    by_hand = rope(mx.array(x), mx.array(positions, mx.int32))  # the (B, T) positions path
+    np.testing.assert_allclose(np.array(fast), expected, atol=2e-6)
+    np.testing.assert_allclose(np.array(by_hand), expected, atol=2e-6)
+
+
+def naive_greedy(backend, model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding recomputing the full logits each step: what the KV cache must reproduce."""
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(backend.logits(model, np.array([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt) :]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_kv_cache_generation_equals_recomputing(backend, tied):
+    model = backend.init(tiny(tie_embeddings=tied), seed=1)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]  # ragged: left padding must be invisible
+    got = backend.generate(model, prompts, max_new_tokens=6)
+    assert got == [naive_greedy(backend, model, p, 6) for p in prompts]
+    assert got == [backend.generate(model, [p], max_new_tokens=6)[0] for p in prompts]
+
+
+def test_kv_cache_logits_equal_full_forward(backend):
+    spec = tiny()
+    model = backend.init(spec, seed=2)
+    tokens = mx.array(random_tokens(spec, (2, 10)), mx.int32)
+    full = model(tokens)
+    cache = model.new_cache(2, 10)
+    parts = [
+        model(tokens[:, :4], None, cache),
+        model(tokens[:, 4:5], None, cache),
+        model(tokens[:, 5:], None, cache),
+    ]
+    np.testing.assert_allclose(
+        np.array(mx.concatenate(parts, axis=1)), np.array(full), atol=1e-5, rtol=0
+    )
+
+
+def test_generation_stops_and_samples_reproducibly(backend):
+    model = backend.init(tiny(), seed=1)
+    greedy = backend.generate(model, [[1, 2, 3]], max_new_tokens=8)[0]
+    stopped = backend.generate(model, [[1, 2, 3]], max_new_tokens=8, stop_ids=[greedy[2]])[0]
+    assert stopped == greedy[: greedy.index(greedy[2]) + 1]  # the stop id ends the row, included
+    kwargs = dict(max_new_tokens=8, temperature=1.0, top_p=0.9)
+    assert backend.generate(model, [[1, 2, 3]], seed=7, **kwargs) == backend.generate(
+        model, [[1, 2, 3]], seed=7, **kwargs
+    )
+    nucleus = backend.generate(
+        model, [[1, 2, 3]], seed=7, max_new_tokens=8, temperature=1.0, top_p=1e-6
+    )
+    assert nucleus == [greedy]  # a vanishing nucleus keeps only the most likely token
+
+
+def test_document_mask_keeps_packed_documents_apart(backend):
+    spec = tiny()
+    model = backend.init(spec, seed=3)
+    lengths = [5, 1, 8, 3]
+    docs = [random_tokens(spec, (1, n), seed=i) for i, n in enumerate(lengths)]
+    packed = np.concatenate(docs, axis=1)
+    segments = np.concatenate([np.full((1, n), i) for i, n in enumerate(lengths)], axis=1)
+    together = backend.logits(model, packed, segment_ids=segments)[0]
+    alone = np.concatenate([backend.logits(model, d)[0] for d in docs])
+    np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
+    # without the mask the later documents see the earlier ones
+    assert not np.allclose(backend.logits(model, packed)[0], alone, atol=1e-3)
+
+
+def test_too_long_sequence_is_refused(backend):
+    spec = tiny(max_seq_len=16)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        backend.logits(backend.init(spec), random_tokens(spec, (1, 17)))
+
+
+def weights(model) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
+def test_accumulating_two_micro_batches_equals_one_batch(backend, compile):
+    spec = tiny()
+    rng = np.random.default_rng(0)
+    mask = (rng.random((5, 17)) < 0.7).astype(
+        np.float32
+    )  # uneven counts per row: normalise by the global count
+    segments = np.repeat([[0] * 9 + [1] * 8], 5, axis=0)
+    batch = Batch.from_tokens(
+        random_tokens(spec, (5, 17), seed=4), loss_mask=mask, segment_ids=segments
+    )
+    results = []
+    for accum in (1, 2):  # 5 rows: micro-batches of 3 and 2
+        model = backend.init(spec, seed=0)
+        state = backend.init_train_state(
+            model, OptimConfig(lr=1e-2, total_steps=4, grad_accum_steps=accum), compile=compile
+        )
+        metrics = [backend.train_step(state, batch, loss="sft") for _ in range(2)]
+        results.append((metrics, weights(model)))
+    (m1, w1), (m2, w2) = results
+    for a, b in zip(m1, m2):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["counted_tokens"] == b["counted_tokens"] == mask[:, 1:].sum()
+    for name in w1:
+        np.testing.assert_allclose(w1[name], w2[name], atol=1e-5, err_msg=name)
+
+
+def test_sft_counts_only_masked_targets(backend):
+    spec = tiny()
+    model = backend.init(spec, seed=0)
+    tokens = random_tokens(spec, (2, 9))
+    mask = np.zeros((2, 9), np.float32)
+    mask[:, 5:] = 1
+    full = backend.logprobs(model, Batch.from_tokens(tokens))  # (B, T) log p(target)
+    sft = backend.eval_loss(model, Batch.from_tokens(tokens, loss_mask=mask), loss="sft")
+    assert sft == pytest.approx(-full[:, 4:].mean(), rel=1e-5)
+    with pytest.raises(Exception, match="loss_mask"):
+        backend.eval_loss(model, Batch.from_tokens(tokens), loss="sft")
+    with pytest.raises(Exception, match="known: causal_lm, sft"):
+        backend.eval_loss(model, Batch.from_tokens(tokens), loss="nope")
+
+
+def test_training_checkpoint_resumes_exactly(backend, tmp_path):
+    spec = tiny(tie_embeddings=False)
+    batches = [Batch.from_tokens(random_tokens(spec, (2, 17), seed=i)) for i in range(4)]
+    optim = OptimConfig(lr=1e-2, warmup_steps=1, total_steps=4)
+    state = backend.init_train_state(backend.init(spec), optim)
+    straight = [backend.train_step(state, b)["loss"] for b in batches]
+    state = backend.init_train_state(backend.init(spec), optim)
+    resumed = [backend.train_step(state, b)["loss"] for b in batches[:2]]
+    state.data_cursor = {"shard": 3, "row": 17}
+    backend.save(state.model, tmp_path / "ckpt", state)
+    state = backend.load_train_state(tmp_path / "ckpt")
+    assert (state.step, state.tokens_seen, state.data_cursor) == (
+        2,
+        2 * 2 * 16,
+        {"shard": 3, "row": 17},
+    )
+    resumed += [backend.train_step(state, b)["loss"] for b in batches[2:]]
+    np.testing.assert_allclose(resumed, straight, rtol=1e-6)
+
+
+def test_load_refuses_weights_that_do_not_fit_the_spec(backend, tmp_path):
+    from mlx_model.backend import METADATA
+    from orchestration.checkpoint import writing
+    from orchestration.errors import CheckpointError
+
+    model = backend.init(tiny())
+    with writing(tmp_path / "ckpt", tiny(d_ff=128)) as tmp:  # a spec.json that says otherwise
+        weights = dict(tree_flatten(model.parameters()))
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata=METADATA)
+    with pytest.raises(
+        CheckpointError,
+        match=r"mlp.down_proj.weight has shape \(64, 192\), the spec says \(64, 128\)",
+    ):
+        backend.load(tmp_path / "ckpt")
+
+
+def test_get_backend_finds_this_one():
+    from mlx_model.backend import BACKEND
+    from orchestration.backends import get_backend
+
+    assert get_backend("mlx") is BACKEND and BACKEND.name == "mlx"
