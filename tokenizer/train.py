@@ -47,7 +47,8 @@ class TrainConfig:
     morphemes: tuple[str, ...] = DEFAULT_MORPHEMES
     """Kiwi tag prefixes cut from their neighbours before counting; () trains plain BBPE."""
     digits: str = "1"
-    """'1': every digit its own token (EXAONE); '3': up to three digits (Llama 3)."""
+    """'1': every digit its own token (EXAONE); '3': up to three digits (Llama 3). Measured: '3'
+    compresses ~1-4% better but splits 6% of numbers across place-value groups (123|4); '1' never does."""
     min_frequency: int = 2
     """A pair seen fewer times is never merged."""
     special_block: int = SPECIAL_BLOCK
