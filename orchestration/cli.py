@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from orchestration.data_cli import app as data_app
 from orchestration.model_cli import app as model_app
 from tokenizer.cli import app as tokenizer_app
 from tokenizer.errors import HanyeongError
@@ -17,6 +18,7 @@ app = typer.Typer(
 )
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

@@ -1,0 +1,558 @@
+"""The training data loader: a weighted mixture of prepared datasets, packed into fixed-length rows.
+
+A stage reads a mixture (issue #5): sources with token weights, plus replay of an earlier stage's
+data at a fraction (the long-context stage). Documents (BOS, tokens..., EOS, as prepared) are
+concatenated into one stream and cut into rows of seq_len + 1 tokens; a document cut at a row's end
+continues at the start of the next row, so nothing is dropped or repeated. `segment_ids` number the
+documents inside each row, so attention never crosses them. A source whose shards carry a `loss_mask`
+column (chat data, orchestration/data/chat.py: 1 on assistant tokens) has it carried, token by token,
+into `Batch.loss_mask`, combined with the padding mask; a source without one counts every token.
+
+The order is a pure function of the seed and two counters, so the cursor is a handful of integers:
+- which source the d-th document comes from: block d // DRAW_BLOCK of a counter-based RNG
+  (Philox keyed by seed and block number), drawn with probability weight / mean document length,
+  so that each source's share of *tokens* converges to its weight;
+- which document that is: the source's k-th draw is position k % n of a seeded permutation of its
+  n documents for epoch k // n (Philox keyed by seed, source and epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from orchestration.batch import Batch
+from orchestration.errors import CheckpointError, ConfigError, DataError
+from orchestration.spec import _build
+
+DATASET_FORMAT, DATASET_VERSION = "hanyeong-dataset", 1
+CURSOR_FORMAT, CURSOR_VERSION = "hanyeong-data-cursor", 1
+DRAW_BLOCK = 1024  # source draws per RNG block; part of the order, so never change it silently
+PAD_ID = 0  # tokenizer/specials.py: [PAD] is id 0
+
+
+# ---- config: [stages.data] and its [[sources]] / [[replay]] tables -----------------------------
+
+
+@dataclass(frozen=True)
+class SourceWeight:
+    """One entry of a mixture: a source of a prepared dataset and its share of tokens."""
+
+    dataset: str
+    """Directory of a prepared dataset (it holds manifest.json); relative to the loader's root."""
+    source: str = "*"
+    """A source of that dataset, or '*' for all of them, each in proportion to its tokens."""
+    weight: float = 1.0
+    """Relative share of tokens; the entries' weights are normalised to sum to 1 (less replay)."""
+
+    def __post_init__(self) -> None:
+        _check_names(self)
+        if not _is_number(self.weight) or not 0 < self.weight < math.inf:
+            raise ConfigError(f"weight must be a positive number, got {self.weight!r}")
+
+
+@dataclass(frozen=True)
+class ReplaySource:
+    """Replay of an earlier stage's data at a fixed fraction of all tokens (long-context stage)."""
+
+    dataset: str
+    """Directory of the earlier stage's prepared dataset."""
+    fraction: float
+    """Share of all tokens drawn from it, in (0, 1); the sources share what is left."""
+    source: str = "*"
+    """A source of that dataset, or '*' for all of them, each in proportion to its tokens."""
+
+    def __post_init__(self) -> None:
+        _check_names(self)
+        if not _is_number(self.fraction) or not 0 < self.fraction < 1:
+            raise ConfigError(f"fraction must be a number in (0, 1), got {self.fraction!r}")
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    """What a stage reads: weighted sources, optional replay, and how documents are packed."""
+
+    sources: tuple[SourceWeight, ...]
+    """The mixture's entries ([[sources]] tables); at least one."""
+    replay: tuple[ReplaySource, ...] = ()
+    """Earlier stages' data replayed at a fraction ([[replay]] tables); fractions sum below 1."""
+    split_documents: bool = True
+    """Continue a document cut at a row's end in the next row (pretraining). False: start each
+    document on a fresh row and pad the rest with [PAD] (loss_mask 0), as SFT wants; a document
+    longer than a row still fills whole rows."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", _entries(SourceWeight, self.sources, "mixture.sources"))
+        object.__setattr__(self, "replay", _entries(ReplaySource, self.replay, "mixture.replay"))
+        if not self.sources:
+            raise ConfigError("mixture.sources: needs at least one entry")
+        total = sum(r.fraction for r in self.replay)
+        if total >= 1:
+            raise ConfigError(f"mixture.replay: fractions sum to {total:g}; they must sum below 1")
+        if not isinstance(self.split_documents, bool):
+            raise ConfigError(
+                f"mixture.split_documents must be true or false, got {self.split_documents!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "mixture") -> MixtureConfig:
+        """From a TOML/JSON table; unknown keys, wrong types and bad values are a ConfigError."""
+        try:
+            return _build(cls, data, where)
+        except ConfigError as err:  # checks inside say "mixture..."; name the caller's key path
+            message = str(err)
+            if message.startswith("mixture") and not message.startswith(where):
+                message = where + message[len("mixture") :]
+            raise ConfigError(message) from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def build(
+        self, seq_len: int, batch_rows: int, seed: int = 0, root: str | Path | None = None
+    ) -> MixtureLoader:
+        return MixtureLoader(self, seq_len, batch_rows, seed, root=root)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_names(entry) -> None:
+    if not isinstance(entry.dataset, str) or not entry.dataset:
+        raise ConfigError(f"dataset must be a directory path, got {entry.dataset!r}")
+    if not isinstance(entry.source, str) or not entry.source:
+        raise ConfigError(f"source must be a source name or '*', got {entry.source!r}")
+
+
+def _entries(cls, items, where: str) -> tuple:
+    if isinstance(items, (str, bytes, dict)) or not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{where} must be a list of tables, got {type(items).__name__}")
+    out = []
+    for i, item in enumerate(items):
+        path = f"{where}[{i}]"
+        try:
+            out.append(item if isinstance(item, cls) else _build(cls, item, path))
+        except ConfigError as err:  # __post_init__ messages start with the field name
+            raise ConfigError(str(err) if str(err).startswith(path) else f"{path}.{err}") from None
+    return tuple(out)
+
+
+# ---- datasets: manifests checked first, then shards read whole into numpy ---------------------
+
+
+@dataclass
+class Source:
+    """One source of the mixture, in memory: its documents as one flat token array."""
+
+    key: str
+    """'<dataset directory name>/<source>': the name in the cursor and in the RNG keys."""
+    tokens: np.ndarray = field(repr=False)
+    """int32 [total tokens]: every document, BOS ... EOS, back to back."""
+    offsets: np.ndarray = field(repr=False)
+    """int64 [documents + 1]: document i is tokens[offsets[i]:offsets[i + 1]]."""
+    weight: float
+    """Normalised share of the mixture's tokens."""
+    masks: np.ndarray | None = field(default=None, repr=False)
+    """int8 [total tokens] aligned with `tokens`: the shards' loss_mask column; None = no column."""
+
+    @property
+    def documents(self) -> int:
+        return len(self.offsets) - 1
+
+
+def resolve(mixture: MixtureConfig, root: str | Path | None = None) -> tuple[dict, dict]:
+    """Check the mixture against the manifests: {(dataset dir, source): token share}, tokenizer."""
+    root, weights, tokenizers = Path(root or "."), {}, {}
+    kept = 1 - sum(r.fraction for r in mixture.replay)  # what replay leaves to the sources
+    total = sum(e.weight for e in mixture.sources)
+    entries = [(f"mixture.sources[{i}]", e, e.weight * kept / total)
+               for i, e in enumerate(mixture.sources)]  # fmt: skip
+    entries += [(f"mixture.replay[{i}]", e, e.fraction) for i, e in enumerate(mixture.replay)]
+    for where, entry, share in entries:
+        directory = (root / entry.dataset).resolve()
+        manifest = read_manifest(directory, f"{where}.dataset")
+        tokenizers[directory], known = manifest.get("tokenizer", {}), manifest["sources"]
+        if entry.source != "*" and entry.source not in known:
+            known_names = ", ".join(sorted(known)) or "none"
+            raise ConfigError(f"{where}.source: no source {entry.source!r} in {directory}; "
+                              f"known: {known_names}")  # fmt: skip
+        names = sorted(known) if entry.source == "*" else [entry.source]
+        try:
+            tokens = {name: int(known[name]["tokens"]) for name in names}
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{directory}/manifest.json: no token count ({err!r})") from None
+        if sum(tokens.values()) == 0:
+            raise DataError(f"{directory}/manifest.json: {', '.join(names)}: no tokens")
+        for name in names:  # '*': each source in proportion to its tokens; duplicates add up
+            part = share * tokens[name] / sum(tokens.values())
+            weights[directory, name] = weights.get((directory, name), 0.0) + part
+    _check_same_tokenizer(tokenizers)
+    seen = {}
+    for directory, _ in weights:
+        if seen.setdefault(directory.name, directory) != directory:
+            raise ConfigError(f"mixture: datasets {seen[directory.name]} and {directory} share a "
+                              "directory name, which the cursor keys use; rename one")  # fmt: skip
+    return {k: w for k, w in weights.items() if w > 0}, next(iter(tokenizers.values()))
+
+
+def _key(directory: Path, source: str) -> str:
+    return f"{directory.name}/{source}"
+
+
+def read_manifest(directory: Path, where: str) -> dict:
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(f"{where}: no prepared dataset at {directory} (no manifest.json)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: unreadable manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
+        raise DataError(f"{path}: not a {DATASET_FORMAT} manifest")
+    if manifest.get("version") != DATASET_VERSION:
+        version = manifest.get("version")
+        raise DataError(f"{path}: dataset version {version!r}; this loader reads {DATASET_VERSION}")
+    if not isinstance(manifest.get("sources"), dict):
+        raise DataError(f"{path}: no 'sources' table")
+    return manifest
+
+
+def _check_same_tokenizer(tokenizers: dict[Path, dict]) -> None:
+    seen = {}
+    for directory, tokenizer in tokenizers.items():
+        ids = tuple(tokenizer.get(k) for k in ("vocab_size", "bos_id", "eos_id"))
+        seen.setdefault(ids, directory)
+    if len(seen) > 1:
+        listed = "; ".join(f"{d}: vocab_size, bos_id, eos_id = {ids}" for ids, d in seen.items())
+        raise ConfigError(f"mixture: datasets were tokenized differently ({listed})")
+
+
+def load_source(
+    directory: Path, name: str, tokenizer: dict
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Read every shard of a source: int32 tokens [N], int64 document offsets [docs + 1], and the
+    int8 loss_mask [N] when the shards have that column (all of them or none), else None.
+
+    A source of one shard read as one chunk stays a zero-copy view of the Arrow buffer; otherwise
+    chunks are copied one by one into an array sized from the manifest, so memory peaks at the
+    tokens plus one shard, not twice the tokens.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = read_manifest(directory, "dataset")["sources"][name].get("shards", [])
+    try:
+        tokens = np.empty(sum(int(shard["tokens"]) for shard in shards), np.int32)
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{directory}/manifest.json: {name}: bad shard entry ({err!r})") from None
+    offsets, start = [np.zeros(1, np.int64)], 0
+    masked = _has_loss_mask(directory, shards)
+    masks = np.empty(len(tokens), np.int8) if masked else None
+    for shard in shards:
+        path = directory / shard["path"]
+        try:
+            columns = ["input_ids", "loss_mask"] if masked else ["input_ids"]
+            table = pq.read_table(path, columns=columns)
+            column = table.column("input_ids")
+        except (OSError, KeyError, ValueError) as err:
+            raise DataError(f"{path}: cannot read the input_ids column ({err})") from None
+        if column.null_count or str(getattr(column.type, "value_type", "")) != "int32":
+            raise DataError(f"{path}: input_ids must be list<int32>, no nulls; got {column.type}")
+        chunks = []  # (offsets, values): zero-copy views of the Arrow buffers
+        for chunk in column.chunks:
+            bounds = chunk.offsets.to_numpy()
+            values = chunk.values.to_numpy(zero_copy_only=True)[bounds[0] : bounds[-1]]
+            chunks.append((bounds, values))
+        documents, count = sum(len(b) - 1 for b, _ in chunks), sum(len(v) for _, v in chunks)
+        if (documents, count) != (shard.get("documents", documents), shard["tokens"]):
+            raise DataError(f"{path}: {documents} documents, {count} tokens; the manifest says "
+                            f"{shard.get('documents')}, {shard['tokens']}")  # fmt: skip
+        if masked:
+            read_loss_mask(table.column("loss_mask"), chunks, masks[start : start + count], path)
+        if len(shards) == 1 and len(chunks) == 1:
+            tokens = chunks[0][1]
+        for bounds, values in chunks:
+            if values is not tokens:
+                tokens[start : start + len(values)] = values
+            offsets.append(bounds[1:].astype(np.int64) - bounds[0] + start)
+            start += len(values)
+    offsets = np.concatenate(offsets)
+    check_documents(tokens, offsets, tokenizer, f"{directory}: source {name!r}")
+    pa.default_memory_pool().release_unused()  # the shards' buffers, else kept by the allocator
+    return tokens, offsets, masks
+
+
+def _has_loss_mask(directory: Path, shards: list[dict]) -> bool:
+    """Whether the source's shards carry a loss_mask column; a mix of both is a DataError."""
+    import pyarrow.parquet as pq
+
+    found = set()
+    for shard in shards:
+        path = directory / shard["path"]
+        try:
+            found.add("loss_mask" in pq.read_schema(path).names)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: cannot read the shard ({err})") from None
+    if len(found) > 1:
+        raise DataError(f"{directory}: some shards have a loss_mask column and some do not")
+    return found == {True}
+
+
+def read_loss_mask(column, chunks: list, out: np.ndarray, path: Path) -> None:
+    """Copy a list<int8> loss_mask column into `out`, checking it lines up with input_ids' rows."""
+    if column.null_count or str(getattr(column.type, "value_type", "")) != "int8":
+        raise DataError(f"{path}: loss_mask must be list<int8>, no nulls; got {column.type}")
+    lengths = np.concatenate([np.diff(bounds) for bounds, _ in chunks] or [np.zeros(0, np.int64)])
+    mask_lengths, at = [], 0
+    for chunk in column.chunks:
+        bounds = chunk.offsets.to_numpy()
+        values = chunk.values.to_numpy(zero_copy_only=False)[bounds[0] : bounds[-1]]
+        if at + len(values) > len(out):
+            raise DataError(f"{path}: loss_mask has more values than input_ids")
+        out[at : at + len(values)] = values
+        mask_lengths.append(np.diff(bounds))
+        at += len(values)
+    mask_lengths = np.concatenate(mask_lengths or [np.zeros(0, np.int64)])
+    if not np.array_equal(lengths, mask_lengths):
+        raise DataError(f"{path}: loss_mask rows differ in length from input_ids rows")
+    if len(out) and (out.min() < 0 or out.max() > 1):
+        raise DataError(f"{path}: loss_mask values must be 0 or 1")
+
+
+def check_documents(tokens: np.ndarray, offsets: np.ndarray, tokenizer: dict, where: str) -> None:
+    """The contract, in a few vectorized passes: BOS ... EOS documents of in-vocabulary ids."""
+    if len(offsets) < 2:
+        raise DataError(f"{where}: no documents")
+    if np.diff(offsets).min() < 2:
+        raise DataError(f"{where}: a document has fewer than 2 tokens (BOS, EOS)")
+    vocab, bos, eos = (tokenizer.get(k) for k in ("vocab_size", "bos_id", "eos_id"))
+    if vocab is not None and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise DataError(f"{where}: token ids outside [0, {vocab})")
+    if bos is not None and not (tokens[offsets[:-1]] == bos).all():
+        raise DataError(f"{where}: a document does not start with BOS ({bos})")
+    if eos is not None and not (tokens[offsets[1:] - 1] == eos).all():
+        raise DataError(f"{where}: a document does not end with EOS ({eos})")
+
+
+# ---- order: counter-based draws, seeded permutations per epoch --------------------------------
+
+
+def philox(seed: int, *names) -> np.random.Generator:
+    """A generator keyed by (seed, names...): the same stream in every process and machine."""
+    digest = hashlib.blake2b("/".join(map(str, (seed, *names))).encode(), digest_size=16).digest()
+    return np.random.Generator(np.random.Philox(key=int.from_bytes(digest, "little")))
+
+
+def draw_sources(seed: int, block: int, cdf: np.ndarray) -> np.ndarray:
+    """Source index of draws [block * DRAW_BLOCK, (block + 1) * DRAW_BLOCK): int64 [DRAW_BLOCK]."""
+    u = philox(seed, "draws", block).random(DRAW_BLOCK)
+    return np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
+
+
+def permutation(seed: int, key: str, epoch: int, n: int) -> np.ndarray:
+    """The order of a source's n documents in `epoch`: int64 [n]."""
+    return np.zeros(1, np.int64) if n == 1 else philox(seed, "epoch", key, epoch).permutation(n)
+
+
+# ---- the loader ---------------------------------------------------------------------------------
+
+
+class MixtureLoader:
+    """Yields `Batch`es of `batch_rows` rows of `seq_len` tokens packed from a mixture, forever.
+
+    `seq_len` and `batch_rows` may change between batches (a sequence-length ramp): the next batch
+    cuts rows of the new length from the same stream position. `state()` is the cursor for
+    trainer_state.json's `data_cursor`; `load_state()` (or `state=`) resumes exactly there.
+    """
+
+    def __init__(self, mixture: MixtureConfig, seq_len: int, batch_rows: int, seed: int = 0,
+                 state: dict | None = None, root: str | Path | None = None) -> None:  # fmt: skip
+        for name, value in (("seq_len", seq_len), ("batch_rows", batch_rows), ("seed", seed)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (name != "seed"):
+                kind = "an integer >= 0" if name == "seed" else "a positive integer"
+                raise ConfigError(f"{name} must be {kind}, got {value!r}")
+        self.mixture, self.seq_len, self.batch_rows, self.seed = mixture, seq_len, batch_rows, seed
+        weights, tokenizer = resolve(mixture, root)
+        self.sources = []
+        # Sorted by key, not by path: the order must not depend on where the datasets are.
+        for (directory, name), weight in sorted(weights.items(), key=lambda kv: _key(*kv[0])):
+            tokens, offsets, masks = load_source(directory, name, tokenizer)
+            self.sources.append(Source(_key(directory, name), tokens, offsets, weight, masks))
+        self.masked = any(s.masks is not None for s in self.sources)
+        self.pad_id = int(tokenizer.get("pad_id", PAD_ID))
+        # Documents are drawn with probability ∝ weight / mean length, so token shares = weights.
+        p = np.array([s.weight * s.documents / s.offsets[-1] for s in self.sources])
+        self._cdf = np.cumsum(p / p.sum())
+        self._lengths = [np.diff(s.offsets) for s in self.sources]
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
+        self._tokens = 0
+        self._start(0, 0, np.zeros(len(self.sources), np.int64))
+        if state is not None:
+            self.load_state(state)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Normalised token share of each source, by cursor key."""
+        return {s.key: s.weight for s in self.sources}
+
+    @property
+    def tokens_delivered(self) -> int:
+        """Document tokens put into rows so far ([PAD] excluded)."""
+        return self._tokens
+
+    def __iter__(self) -> MixtureLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        return self.next_batch()
+
+    def next_batch(self) -> Batch:
+        """B = batch_rows rows: inputs, targets, segment_ids int32 [B, seq_len] (+ loss_mask).
+
+        loss_mask is None when every target counts (no padding, no masked source); else float32,
+        0 on padding and where a source's loss_mask column is 0.
+        """
+        rows, filled, starts, masks = self._fill(self.batch_rows, self.seq_len + 1)
+        pad = np.arange(rows.shape[1]) >= filled[:, None]  # [B, T + 1]
+        # Number the documents of each row from 0; a document continued from the row before is 0,
+        # and padding is a segment of its own after the last document.
+        segments = np.cumsum(starts, axis=1, dtype=np.int32) - starts[:, :1] + pad
+        loss_mask = None if self.mixture.split_documents else (~pad).astype(np.float32)
+        if masks is not None:
+            loss_mask = ((masks != 0) & ~pad).astype(np.float32)
+        return Batch.from_tokens(rows, loss_mask=loss_mask, segment_ids=segments)
+
+    # -- packing --
+
+    def _fill(self, n_rows: int, width: int) -> tuple[np.ndarray, ...]:
+        """Rows int32 [n_rows, width] cut from the stream, tokens per row [n_rows], a bool
+        [n_rows, width] that is true where a document starts, and the sources' loss_mask int8
+        [n_rows, width] (1 for sources without one; None when no source has one)."""
+        rows = np.full((n_rows, width), self.pad_id, np.int32)
+        masks = np.ones((n_rows, width), np.int8) if self.masked else None
+        starts = np.zeros((n_rows, width), bool)
+        filled = np.zeros(n_rows, np.int64)
+        split = self.mixture.split_documents
+        for r in range(n_rows):
+            column = 0
+            while column < width:  # one document piece per iteration, never one token
+                i = self._index
+                left, space = self._length[i] - self._offset, width - column
+                if left > space and not split and column > 0:
+                    break  # keep the document whole: pad this row, start it on the next
+                take, begin = min(left, space), self._begin[i] + self._offset
+                source = self.sources[self._source[i]]
+                rows[r, column : column + take] = source.tokens[begin : begin + take]
+                if masks is not None and source.masks is not None:
+                    masks[r, column : column + take] = source.masks[begin : begin + take]
+                starts[r, column] = self._offset == 0
+                column, self._offset = column + take, self._offset + take
+                if self._offset == self._length[i]:
+                    self._next_document()
+            filled[r] = column
+        self._tokens += int(filled.sum())
+        return rows, filled, starts, masks
+
+    def _next_document(self) -> None:
+        self._offset, self._index = 0, self._index + 1
+        if self._index == DRAW_BLOCK:
+            counts = self._counts + np.bincount(self._choices, minlength=len(self.sources))
+            self._start(self._block + 1, 0, counts)
+
+    def _start(self, block: int, index: int, counts: np.ndarray) -> None:
+        """Lay out draws `index`.. of block `block`, given each source's draws before `index`."""
+        self._choices = draw_sources(self.seed, block, self._cdf)
+        self._block, self._index, self._offset = block, index, 0
+        # Draws of each source before this block (under this mixture's draws): state() adds back.
+        self._counts = counts - np.bincount(self._choices[:index], minlength=len(self.sources))
+        documents = np.zeros(DRAW_BLOCK, np.int64)
+        begin, length = np.zeros(DRAW_BLOCK, np.int64), np.ones(DRAW_BLOCK, np.int64)
+        for s, source in enumerate(self.sources):
+            where = index + np.flatnonzero(self._choices[index:] == s)
+            k, done, n = int(counts[s]), 0, source.documents
+            while done < len(where):  # the source's next draws, one epoch's run at a time
+                epoch, position = divmod(k, n)
+                take = min(n - position, len(where) - done)
+                order = self._permutation(s, epoch)
+                documents[where[done : done + take]] = order[position : position + take]
+                done, k = done + take, k + take
+            begin[where] = source.offsets[documents[where]]
+            length[where] = self._lengths[s][documents[where]]
+            for old in [key for key in self._permutations if key[0] == s and key[1] < k // n]:
+                del self._permutations[old]
+        # Python lists: _fill reads them one document at a time, faster than numpy scalars.
+        self._source, self._begin = self._choices.tolist(), begin.tolist()
+        self._length = length.tolist()
+
+    def _permutation(self, s: int, epoch: int) -> np.ndarray:
+        if (s, epoch) not in self._permutations:
+            key, n = self.sources[s].key, self.sources[s].documents
+            self._permutations[s, epoch] = permutation(self.seed, key, epoch, n)
+        return self._permutations[s, epoch]
+
+    # -- the cursor --
+
+    def state(self) -> dict:
+        """The cursor, JSON-serialisable: draws so far, the offset inside the current document,
+        tokens delivered, and per source the epoch and position of its next document."""
+        before = np.bincount(self._choices[: self._index], minlength=len(self.sources))
+        sources = {}
+        for source, k in zip(self.sources, (self._counts + before).tolist()):
+            epoch, position = divmod(k, source.documents)
+            counters = {"epoch": epoch, "position": position, "documents": source.documents}
+            sources[source.key] = {**counters, "weight": source.weight}
+        return {"format": CURSOR_FORMAT, "version": CURSOR_VERSION, "seed": self.seed,
+                "documents_drawn": self._block * DRAW_BLOCK + self._index, "offset": self._offset,
+                "tokens_delivered": self._tokens, "sources": sources}  # fmt: skip
+
+    def load_state(self, state: dict) -> None:
+        """Resume at a cursor from `state()` of a loader with the same mixture and seed."""
+        try:
+            if (state["format"], state["version"]) != (CURSOR_FORMAT, CURSOR_VERSION):
+                raise CheckpointError(f"data cursor: {state['format']!r} v{state['version']}, "
+                                      f"expected {CURSOR_FORMAT!r} v{CURSOR_VERSION}")  # fmt: skip
+            counters = ("documents_drawn", "offset", "tokens_delivered")
+            drawn, offset, tokens = (int(state[k]) for k in counters)
+            seed, entries = state["seed"], dict(state["sources"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"data cursor: malformed ({err!r})") from None
+        if seed != self.seed:
+            raise CheckpointError(f"data cursor: made with seed {seed}, not {self.seed}")
+        keys = sorted(s.key for s in self.sources)
+        if sorted(entries) != keys:
+            raise CheckpointError(f"data cursor: made for sources {', '.join(sorted(entries))}; "
+                                  f"this mixture has {', '.join(keys)}")  # fmt: skip
+        counts = np.array([_draws(entries[s.key], s) for s in self.sources], np.int64)
+        if counts.sum() != drawn:
+            raise CheckpointError(f"data cursor: documents_drawn {drawn} is not the sources' sum")
+        self._start(*divmod(drawn, DRAW_BLOCK), counts)
+        if not 0 <= offset < self._length[self._index]:
+            raise CheckpointError(f"data cursor: offset {offset} is outside the current document")
+        self._offset, self._tokens = offset, tokens
+
+
+def _draws(entry: dict, source: Source) -> int:
+    """Draws of `source` so far, from its cursor entry {"epoch", "position", "documents"}."""
+    try:
+        epoch, position, documents = (int(entry[k]) for k in ("epoch", "position", "documents"))
+        weight = float(entry["weight"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"data cursor: source {source.key}: malformed ({err!r})") from None
+    if not math.isclose(weight, source.weight, rel_tol=1e-9):
+        # The current document and the draws ahead depend on the weights: a new mix, a new stage.
+        raise CheckpointError(
+            f"data cursor: source {source.key} had weight {weight:.6g}, now {source.weight:.6g}; "
+            "a changed mix starts without a cursor"
+        )
+    if documents != source.documents:
+        raise CheckpointError(f"data cursor: source {source.key} had {documents} documents, now "
+                              f"{source.documents}: the dataset changed under the run")  # fmt: skip
+    if not 0 <= position < documents or epoch < 0:
+        raise CheckpointError(f"data cursor: position {position} is outside source {source.key}")
+    return epoch * documents + position

@@ -1,0 +1,131 @@
+"""`DATASET/manifest.json`: what a dataset holds, how it was made, and how to tell it is unchanged.
+
+`inputs_hash` fingerprints everything a run reads (the resolved config, every input and benchmark
+file's bytes, the tokenizer): a re-run with the same fingerprint over intact shards is a no-op.
+`content_hash` fingerprints what it wrote (the tokenizer and every shard's SHA-256): two runs that
+produced identical shards have the same content hash. A dataset is built in a temporary folder beside
+its destination and renamed into place, so a crash never leaves a half dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from orchestration.errors import DataError
+
+FORMAT = "hanyeong-dataset"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(
+        json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    ).hexdigest()
+
+
+def inputs_hash(config: dict, files: list[str], tokenizer: dict) -> str:
+    """SHA-256 over the config, the bytes of every file read (inputs and benchmarks) and the tokenizer."""
+    from orchestration.data.shards import file_sha256
+
+    return _digest(
+        {
+            "version": VERSION,
+            "config": config,
+            "tokenizer": tokenizer["sha256"],
+            "files": [(f, file_sha256(f)) for f in sorted(set(files))],
+        }
+    )
+
+
+def content_hash(tokenizer: dict, sources: dict) -> str:
+    """SHA-256 over the tokenizer and each source's shard hashes, in order."""
+    return _digest(
+        {
+            "tokenizer": tokenizer["sha256"],
+            "sources": {
+                name: [s["sha256"] for s in src["shards"]] for name, src in sources.items()
+            },
+        }
+    )
+
+
+def read_manifest(dataset: str | Path) -> dict:
+    """The manifest of a dataset folder; DataError when it is missing or of another format."""
+    path = Path(dataset) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{dataset}: not a hanyeong dataset (no {MANIFEST})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: unreadable ({err})") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("version") != VERSION:
+        raise DataError(
+            f"{path}: version {manifest.get('version')!r}, this hanyeong reads {VERSION}"
+        )
+    return manifest
+
+
+def intact(dataset: Path, manifest: dict) -> bool:
+    """Every shard the manifest lists is there with its SHA-256."""
+    from orchestration.data.shards import file_sha256
+
+    for source in manifest["sources"].values():
+        for shard in source["shards"]:
+            path = dataset / shard["path"]
+            if (
+                not path.is_file()
+                or path.stat().st_size != shard["bytes"]
+                or file_sha256(path) != shard["sha256"]
+            ):
+                return False
+    return True
+
+
+def up_to_date(dataset: Path, fingerprint: str) -> dict | None:
+    """The existing manifest when `dataset` was built from the same inputs and is intact, else None."""
+    try:
+        manifest = read_manifest(dataset)
+    except DataError:
+        return None
+    if manifest.get("inputs_hash") == fingerprint and intact(dataset, manifest):
+        return manifest
+    return None
+
+
+def staging_dir(dataset: Path) -> Path:
+    """A fresh temporary folder beside `dataset` (same filesystem, so the final rename is atomic)."""
+    dataset.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dataset.with_name(f".{dataset.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def check_replaceable(dataset: Path) -> None:
+    """Refuse to overwrite a folder that holds something other than a hanyeong dataset."""
+    if dataset.exists() and (
+        not dataset.is_dir() or (any(dataset.iterdir()) and not (dataset / MANIFEST).is_file())
+    ):
+        raise DataError(
+            f"{dataset}: exists and is not a hanyeong dataset (no {MANIFEST}); refusing to replace it"
+        )
+
+
+def publish(tmp: Path, dataset: Path, manifest: dict) -> None:
+    """Write the manifest into `tmp`, then move `tmp` to `dataset`, replacing an older dataset."""
+    from tokenizer.bbpe import write_atomic
+
+    write_atomic(tmp / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+    check_replaceable(dataset)
+    old = dataset.with_name(f".{dataset.name}.old-{os.getpid()}")
+    if dataset.exists():
+        os.replace(dataset, old)
+    os.replace(tmp, dataset)
+    shutil.rmtree(old, ignore_errors=True)
