@@ -8,6 +8,7 @@ import typer
 
 from orchestration.data_cli import app as data_app
 from orchestration.model_cli import app as model_app
+from orchestration.pipeline_cli import app as pipeline_app
 from tokenizer.cli import app as tokenizer_app
 from tokenizer.errors import HanyeongError
 
@@ -19,6 +20,7 @@ app = typer.Typer(
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
+app.add_typer(pipeline_app, name="pipeline")
 
 
 def main() -> None:

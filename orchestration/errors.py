@@ -1,5 +1,5 @@
 """Error types of the whole project, re-exported from the bottom layer (see tokenizer/errors.py)."""
 
-from tokenizer.errors import CheckpointError, ConfigError, DataError, HanyeongError
+from tokenizer.errors import CheckpointError, ConfigError, DataError, HanyeongError, TrainingError
 
-__all__ = ["HanyeongError", "ConfigError", "DataError", "CheckpointError"]
+__all__ = ["HanyeongError", "ConfigError", "DataError", "CheckpointError", "TrainingError"]

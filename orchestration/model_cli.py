@@ -53,7 +53,8 @@ def presets() -> None:
 def plan(
     preset: str | None = typer.Option(None, help="Model preset to plan."),
     ckpt: Path | None = typer.Option(None, help="Or a checkpoint directory (its spec.json)."),
-    tokens: str = typer.Option(..., help="Training tokens: 9T, 6.5T, 252M, 1e12."),
+    recipe: Path | None = typer.Option(None, help="Or a recipe TOML: every stage with its own budget, shapes and spec."),
+    tokens: str | None = typer.Option(None, help="Training tokens: 9T, 6.5T, 252M, 1e12 (not with --recipe)."),
     seq_len: int | None = typer.Option(None, help="Sequence length (default: the spec's max_seq_len)."),
     gpus: int = typer.Option(PlanConfig.gpus, help="Devices; weights/grads/optimizer are sharded over them."),
     gpu: str = typer.Option(PlanConfig.gpu, help=f"Device kind: {', '.join(GPUS)}."),
@@ -62,18 +63,30 @@ def plan(
     activation_checkpointing: bool = typer.Option(False, help="Recompute activations in the backward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
 ) -> None:
-    """Parameters, training FLOPs (6·N·D), memory per device and wall-clock time of a run."""
+    """Parameters, training FLOPs (6·N·D), memory per device and wall-clock time of a run, or of
+    every stage of a recipe (--recipe)."""
     from orchestration import checkpoint
     from orchestration.errors import ConfigError
     from orchestration.plan import describe, parse_count
     from orchestration.plan import plan as make_plan
     from orchestration.presets import get_preset
 
-    if (preset is None) == (ckpt is None):
-        raise ConfigError("give one of --preset or --ckpt")
-    spec = get_preset(preset) if preset else checkpoint.load_spec(ckpt)
-    config = PlanConfig(tokens=parse_count(tokens), seq_len=seq_len, gpus=gpus, gpu=gpu, mfu=mfu,
+    if sum(x is not None for x in (preset, ckpt, recipe)) != 1:
+        raise ConfigError("give one of --preset, --ckpt or --recipe")
+    if recipe is None and tokens is None:
+        raise ConfigError("give --tokens (e.g. 9T) with --preset or --ckpt")
+    if recipe is not None and (tokens is not None or seq_len is not None):
+        raise ConfigError("--tokens and --seq-len go with --preset or --ckpt; a recipe has its own budgets")
+    config = PlanConfig(tokens=parse_count(tokens or 1), seq_len=seq_len, gpus=gpus, gpu=gpu, mfu=mfu,
                         micro_batch=micro_batch, activation_checkpointing=activation_checkpointing)  # fmt: skip
+    if recipe is not None:
+        from orchestration.recipe import load_recipe
+        from orchestration.recipe_plan import describe_recipe, plan_recipe
+
+        result = plan_recipe(load_recipe(recipe), config)
+        typer.echo(json.dumps(result, indent=2) if as_json else "\n".join(describe_recipe(result)))
+        return
+    spec = get_preset(preset) if preset else checkpoint.load_spec(ckpt)
     result = make_plan(spec, config)
     if as_json:
         typer.echo(json.dumps(result, indent=2))

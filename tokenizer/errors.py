@@ -18,3 +18,7 @@ class DataError(HanyeongError):
 
 class CheckpointError(HanyeongError):
     """A checkpoint directory is missing, incomplete, truncated or of another format."""
+
+
+class TrainingError(HanyeongError):
+    """Training cannot go on (a NaN or infinite loss); the message names the stage and step."""
