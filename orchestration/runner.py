@@ -16,11 +16,11 @@ import os
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 from orchestration import run_manifest as rm
 from orchestration.errors import ConfigError, HanyeongError
+from orchestration.ray_session import ray_session  # noqa: F401  (callers import it from here too)
 
 STAGE_RETRIES = 3  # a killed worker (OOM, preemption, SIGKILL) is retried this many times
 POLL_SECONDS = 0.5  # how often the driver looks at the task and its metrics
@@ -31,42 +31,6 @@ class StageFailed(HanyeongError):
 
 
 # ---- Ray --------------------------------------------------------------------------------------
-
-
-@contextmanager
-def ray_session(num_cpus: int | None = None, address: str | None = None, resources: dict | None = None):
-    """The Ray already initialized, the cluster at `address`, or a local Ray bound to 127.0.0.1
-    (no dashboard, `resources` declared), shut down afterwards. `prepare` reuses this session."""
-    import logging
-
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        yield sys.modules["ray"]
-        return
-    if address is None:
-        # Ray resolves the node address to the host's outward IP unless this is off (orchestration/data/shards.py)
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-    from ray._private import ray_constants
-
-    if address is None:
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        # Ray >= 2.59 turns token auth on for a new local cluster by itself (the token is
-        # ~/.ray/auth_token, made if missing; RAY_AUTH_MODE=disabled opts out) and logs a warning
-        # saying so on every start: kept on, and quiet.
-        notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
-        level = notice.level
-        notice.setLevel(logging.ERROR)
-        try:
-            ray.init(num_cpus=num_cpus, resources=resources or None, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)  # fmt: skip
-        finally:
-            notice.setLevel(level)
-    else:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def local_resources() -> dict:

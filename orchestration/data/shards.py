@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 from orchestration.data.config import ShardConfig
 from orchestration.data.documents import Document
 from orchestration.errors import DataError, HanyeongError
+from orchestration.ray_session import ray_session  # noqa: F401  (callers import it from here too)
 
 _TOKENIZERS: dict[str, object] = {}  # one loaded tokenizer per worker process
 
@@ -109,45 +109,6 @@ def _tokenize_task(*args) -> dict:
     # One CPU per task: the tokenizer must not start its own thread pool on top of Ray's workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     return tokenize_shard(*args)
-
-
-@contextmanager
-def ray_session(num_cpus: int | None = None, address: str | None = None):
-    """A Ray to submit to: the one already initialized, the cluster at `address`, or a local Ray
-    bound to 127.0.0.1 with `num_cpus` CPUs, no dashboard and workers at normal priority, shut
-    down afterwards."""
-    import sys
-
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        yield sys.modules["ray"]
-        return
-    if address is None:
-        # Ray resolves the node address to the host's outward IP unless this switch is off; it is read
-        # when ray is imported, so it is also flipped on ray's constants if ray was imported already.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import logging
-
-    import ray
-    from ray._private import ray_constants
-
-    if address is None:
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            # Ray runs workers at nice 15 by default; this Ray exists for this command's own work,
-            # so its tasks run at the command's priority (on a busy machine, nice 15 loses ~25%).
-            _system_config={"worker_niceness": 0},
-        )
-    else:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 class ShardWriter:
