@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hardware import cpu_name, machine_name  # benchmarks/hardware.py
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
@@ -43,21 +45,11 @@ SHARD_TOKENS = 8_000_000
 SOURCES = {"web": (0.65, 500, 1.0), "code": (0.25, 1500, 0.8), "chat": (0.10, 60, 0.7)}
 
 
-def machine_name() -> str:
-    """The kind of machine, not its (random, container) host name, as benchmarks/tokenizer.py."""
-    return (
-        os.environ.get("HANYEONG_MACHINE")
-        or f"{platform.system().lower()}-{platform.machine()}-{os.cpu_count()}cpu"
-    )
-
-
 def machine() -> dict:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    found = re.search(r"model name\s*:\s*(.+)", text)
     import pyarrow
 
     return {
-        "cpu": found.group(1) if found else platform.machine(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "os": platform.platform(),
         "python": platform.python_version(),

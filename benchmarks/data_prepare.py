@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hardware import cpu_name, machine_name  # benchmarks/hardware.py
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("HANYEONG_SHARED", REPO.parent / "shared"))
@@ -54,11 +56,7 @@ TOKENIZE_ROUNDS = 4
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
-        cpu = found.group(1) if found else cpu
+    cpu = cpu_name()
     kb = int(re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text()).group(1))
     import numpy
     import ray
@@ -449,10 +447,7 @@ def main() -> None:
         raise SystemExit(f"needs {DATA} (the shared corpora)")
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    host = (
-        os.environ.get("HANYEONG_MACHINE")
-        or f"{platform.system().lower()}-{platform.machine()}-{os.cpu_count()}cpu"
-    )
+    host = machine_name()
     json_path = RESULTS / f"data-{host}.json"
     results = json.loads(json_path.read_text()) if json_path.exists() else {}
     results.update({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "parts": chosen})

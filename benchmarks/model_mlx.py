@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -35,6 +34,8 @@ from orchestration.optim import OptimConfig  # noqa: E402
 from orchestration.presets import PRESETS  # noqa: E402
 from orchestration.spec import ModelSpec  # noqa: E402
 
+from hardware import cpu_name, machine_name  # benchmarks/hardware.py
+
 # name -> (spec, rows, tokens per row)
 SHAPES: dict[str, tuple[ModelSpec, int, int]] = {
     # Linux CPU (reference BLAS): small enough for a few seconds per step on 2 cores
@@ -46,11 +47,7 @@ SHAPES: dict[str, tuple[ModelSpec, int, int]] = {
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
-        cpu = found.group(1) if found else cpu
+    cpu = cpu_name()
     import mlx_lm
 
     return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version(),
@@ -177,10 +174,7 @@ def main() -> None:
                "command": " ".join(["python benchmarks/model_mlx.py", *sys.argv[1:]])}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     # Named by the kind of machine, not its (random, container) host name.
-    host = (
-        os.environ.get("HANYEONG_MACHINE")
-        or f"{platform.system().lower()}-{platform.machine()}-{os.cpu_count()}cpu"
-    )
+    host = machine_name()
     suffix = "" if args.shape == "cpu" else f"-{args.shape}"
     (RESULTS / f"model-mlx-{host}{suffix}.json").write_text(json.dumps(results, indent=1) + "\n")
     (RESULTS / f"model-mlx-{host}{suffix}.md").write_text(write_markdown(results))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -26,6 +25,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from hardware import cpu_name  # benchmarks/hardware.py
+from hardware import machine_name as base_machine_name
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,17 +40,10 @@ PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12
 
 def machine_name(gpu: str | None = None) -> str:
     """Named by the kind of machine, not its (random, container) host name, as benchmarks/tokenizer.py."""
-    name = (
-        os.environ.get("HANYEONG_MACHINE")
-        or f"{platform.system().lower()}-{platform.machine()}-{os.cpu_count()}cpu"
-    )
+    name = base_machine_name()
     return name + ("-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") if gpu else "")
 
 
-def cpu_model_name() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    found = re.search(r"model name\s*:\s*(.+)", text)
-    return found.group(1) if found else platform.processor() or platform.machine()
 
 
 def proc_status(field: str) -> float:
@@ -330,13 +325,13 @@ def main() -> None:
     if args.part == "cpu":
         results["cpu"] = bench_cpu(args.rounds, args.rows, args.seq_len or 512)
         results["cpu"]["note"] = args.note
-        results["machine"] = f"{cpu_model_name()}, {os.cpu_count()} cores"
+        results["machine"] = f"{cpu_name()}, {os.cpu_count()} cores"
         save(results, args.out, machine_name())
     else:
         runs = bench_gpu(args.configs.split(";"), args.seq_len or 4096, args.steps, args.warmup)
         gpu = next((r["gpu"] for r in runs if "gpu" in r), "unknown GPU")
         results["gpu"] = {"runs": runs, "note": args.note}
-        results["machine"] = f"{gpu}; {cpu_model_name()}, {os.cpu_count()} cores"
+        results["machine"] = f"{gpu}; {cpu_name()}, {os.cpu_count()} cores"
         save(results, args.out, machine_name(gpu))
 
 

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -33,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hardware import cpu_name, machine_name  # benchmarks/hardware.py
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
@@ -40,18 +41,11 @@ WORK = Path(os.environ.get("HANYEONG_BENCH_WORK", tempfile.gettempdir())) / "han
 GOAL = 0.10  # orchestration overhead under 10% of the quickstart's wall time
 
 
-def machine_name() -> str:
-    """The kind of machine, not its (random, container) host name, as benchmarks/tokenizer.py."""
-    return os.environ.get("HANYEONG_MACHINE") or f"{platform.system().lower()}-{platform.machine()}-{os.cpu_count()}cpu"
-
-
 def machine() -> dict:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    found = re.search(r"model name\s*:\s*(.+)", text)
     import ray
     import torch
 
-    return {"cpu": found.group(1) if found else platform.machine(), "cores": os.cpu_count(), "os": platform.platform(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "os": platform.platform(),
             "python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__}  # fmt: skip
 
 

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hardware import cpu_name, machine_name  # benchmarks/hardware.py
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("HANYEONG_SHARED", REPO.parent / "shared"))
@@ -57,11 +59,7 @@ GOAL_KO, GOAL_EN = -0.15, 0.03  # vs EXAONE 3.5: Korean at least 15% fewer token
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
-        cpu = found.group(1) if found else cpu
+    cpu = cpu_name()
     memory = ""
     meminfo = Path("/proc/meminfo")
     if meminfo.exists():
@@ -401,7 +399,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     # Named by the kind of machine, not its (random, container) host name.
-    host = os.environ.get("HANYEONG_MACHINE") or f"{platform.system().lower()}-{platform.machine()}-{os.cpu_count()}cpu"
+    host = machine_name()
     json_path = RESULTS / f"tokenizer-{host}.json"
     results = json.loads(json_path.read_text()) if json_path.exists() else {}
     results.update({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "parts": chosen})
