@@ -143,18 +143,10 @@ class Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; any problem is one ConfigError naming the file and key."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    from orchestration.tables import read_toml
 
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such recipe file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    data = read_toml(path, "recipe")
     try:
         return Recipe.from_dict(data, base=path.resolve().parent)
     except ConfigError as err:

@@ -13,6 +13,7 @@ import re
 import types
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from orchestration.errors import ConfigError
 
@@ -87,3 +88,19 @@ def plain(value):
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+def read_toml(path: str | Path, what: str = "config") -> dict:
+    """The tables of a TOML file; a missing or malformed file is one ConfigError naming it."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what} file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None

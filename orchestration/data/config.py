@@ -247,18 +247,10 @@ def load_config(path: str | Path | None) -> PrepareConfig:
     """Read a prepare.toml (None: the defaults); relative paths in it become absolute."""
     if path is None:
         return PrepareConfig()
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    from orchestration.tables import read_toml
 
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    data = read_toml(path, "config")
     try:
         config = PrepareConfig.from_dict(data)
     except ConfigError as err:
