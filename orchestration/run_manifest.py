@@ -134,6 +134,8 @@ def reset_stage(run_dir: Path, record: StageRecord, keep: bool) -> str | None:
     stale is resumed. Returns the folder it was moved to, if any."""
     folder = run_dir / record.dir
     moved = None
+    if not keep and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()  # a stage that never started: nothing to keep, nothing to announce
     if not keep and folder.exists():
         stale = folder.with_name(folder.name + ".stale")
         shutil.rmtree(stale, ignore_errors=True)
