@@ -39,7 +39,8 @@ class Backend(Protocol):
         """The model of a checkpoint directory (weights only; see load_train_state)."""
 
     def save(self, model: Any, path: str | Path, state: Any | None = None) -> None:
-        """Write a checkpoint atomically: weights, plus optimizer and trainer state when given."""
+        """Write a checkpoint atomically: weights, plus optimizer and trainer state when given.
+        On a parallel state every rank calls it; rank 0 writes, and all return once it is written."""
 
     def logits(self, model: Any, tokens: np.ndarray) -> np.ndarray:
         """int [B, T] -> float32 [B, T, vocab]."""
@@ -55,15 +56,24 @@ class Backend(Protocol):
                  stop_ids: Sequence[int] = ()) -> list[list[int]]:
         """New tokens for each prompt (KV cache): greedy at temperature 0, else nucleus sampling."""
 
-    def init_train_state(self, model: Any, optim: OptimConfig, seed: int = 0) -> Any:
-        """Optimizer and counters around `model`, at step 0."""
+    def init_train_state(self, model: Any, optim: OptimConfig, seed: int = 0,
+                         parallel: str | None = None) -> Any:
+        """Optimizer and counters around `model`, at step 0. `parallel` ('ddp', or 'fsdp' on torch):
+        one rank of the data-parallel group the process belongs to (see `world`)."""
 
-    def load_train_state(self, path: str | Path) -> Any:
-        """Model, optimizer and counters of a training checkpoint, ready to continue."""
+    def load_train_state(self, path: str | Path, parallel: str | None = None) -> Any:
+        """Model, optimizer and counters of a training checkpoint, ready to continue (every rank
+        of a group loads the same checkpoint)."""
+
+    def world(self) -> tuple[int, int]:
+        """(rank, size) of the data-parallel group this process is in; (0, 1) alone."""
 
     def train_step(self, state: Any, batch: Batch, loss: str = "causal_lm") -> dict[str, float]:
         """One optimizer step on a global batch (split into optim.grad_accum_steps micro-batches).
 
+        On a parallel state `batch` is this rank's rows of the global batch
+        (orchestration/parallel.rank_rows); gradients are summed over the ranks so the update is
+        that of the whole batch, and the metrics are the global batch's.
         Returns at least loss, grad_norm, lr and tokens.
         """
 

@@ -29,6 +29,9 @@ from orchestration.spec import ModelSpec
 from orchestration.stage_config import STARTS, StageConfig
 from orchestration.tables import build_table
 
+# [[stage]] keys that say how a stage runs, not what it computes
+NOT_IN_IDENTITY = ("checkpoint_every_tokens", "workers", "parallelism", "resources")
+
 __all__ = ["DatasetConfig", "Recipe", "RunConfig", "StageConfig", "TokenizerConfig", "load_recipe"]
 
 
@@ -62,8 +65,9 @@ class Recipe:
     def stage_identities(self) -> list[str]:
         """sha256 per stage of its resolved config and the identity of what it starts from.
 
-        The config: the [[stage]] table (checkpoint_every_tokens left out: where checkpoints fall
-        does not change the result), its index, the run seed, the tokenizer settings and the
+        The config: the [[stage]] table (less NOT_IN_IDENTITY: where checkpoints fall and how many
+        workers share each step do not change the result, so a stage resumes with another worker
+        count), its index, the run seed, the tokenizer settings and the
         settings of the datasets it reads. Its input: the previous stage's identity ('previous'),
         the sha256 of a start checkpoint's checkpoint.json, or for 'init' the run's preset,
         init_checkpoint (its checkpoint.json hash) and vocab_size. A change anywhere reaches every
@@ -71,7 +75,7 @@ class Recipe:
         """
         identities: list[str] = []
         for i, stage in enumerate(self.stage):
-            table = {k: v for k, v in stage.to_dict().items() if k != "checkpoint_every_tokens"}
+            table = {k: v for k, v in stage.to_dict().items() if k not in NOT_IN_IDENTITY}
             names = sorted({e.dataset for e in (*stage.data.sources, *stage.data.replay)})
             config = {"index": i, "stage": table, "seed": self.run.seed,
                       "tokenizer": self.run.tokenizer.to_dict(),

@@ -40,6 +40,9 @@ def check_stages(recipe: Recipe) -> None:
             and recipe.run.init_checkpoint is None
         ):
             raise ConfigError(f"stage[{i}].start = 'init' needs run.preset or run.init_checkpoint")
+        if recipe.run.backend == "mlx" and (stage.parallelism == "fsdp" or stage.resources.gpus):
+            raise ConfigError(f"stage[{i}]: parallelism = 'fsdp' and resources.gpus are for the torch "
+                              "backend; MLX stages run data-parallel, one rank per Mac")  # fmt: skip
 
 
 def check_datasets(recipe: Recipe) -> None:

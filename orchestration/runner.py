@@ -20,6 +20,7 @@ from pathlib import Path
 
 from orchestration import run_manifest as rm
 from orchestration.errors import ConfigError, HanyeongError
+from orchestration.parallel import resolve_parallelism
 from orchestration.ray_session import ray_session  # noqa: F401  (callers import it from here too)
 
 STAGE_RETRIES = 3  # a killed worker (OOM, preemption, SIGKILL) is retried this many times
@@ -48,27 +49,39 @@ def resolve_backend(name: str, cluster: dict) -> str:
     return "mlx" if cluster.get("apple_silicon", 0) > 0 else "torch"
 
 
-def task_options(backend: str, resources: dict, cluster: dict, node_cpus: int, where: str) -> dict:
-    """Ray options of a stage task: GPUs for torch on a GPU cluster, `apple_silicon` for MLX, every
-    CPU of a node for torch on CPUs (Ray sets OMP_NUM_THREADS to the task's CPUs)."""
+def worker_resources(backend: str, resources: dict, cluster: dict, node_cpus: int, workers: int = 1) -> dict:
+    """Ray resources of one worker of a stage: a GPU for torch on a GPU cluster, `apple_silicon`
+    for MLX, else CPUs: a node's worth, shared out when several workers split the cluster (Ray
+    sets OMP_NUM_THREADS to a task's CPUs)."""
     gpus = resources.get("gpus")
     if backend == "mlx":
-        options = {"num_cpus": 1, "resources": {"apple_silicon": 1}}
-        need = {"apple_silicon": 1}
+        need = {"CPU": 1, "apple_silicon": 1}
     elif gpus or (gpus is None and cluster.get("GPU", 0) > 0):
-        gpus = gpus or 1
-        options = {"num_cpus": 1, "num_gpus": gpus}
-        need = {"GPU": gpus}
+        need = {"CPU": 1, "GPU": gpus or 1}
     else:
-        options = {"num_cpus": max(1, node_cpus)}
-        need = {"CPU": options["num_cpus"]}
+        need = {"CPU": max(1, min(node_cpus, int(cluster.get("CPU", 1)) // workers))}
     if "cpus" in resources:
-        options["num_cpus"] = resources["cpus"]
-    missing = {k: v for k, v in need.items() if cluster.get(k, 0) < v}
+        need["CPU"] = resources["cpus"]
+    return need
+
+
+def task_options(backend: str, resources: dict, cluster: dict, node_cpus: int, where: str, workers: int = 1) -> dict:
+    """Ray options of a stage's task: the worker's resources for one worker; for several, the task
+    only coordinates them (orchestration/workers_*.py) and asks for nothing itself. ConfigError when
+    the cluster lacks what the workers need in all."""
+    need = worker_resources(backend, resources, cluster, node_cpus, workers)
+    missing = {k: v * workers for k, v in need.items() if k != "CPU" and cluster.get(k, 0) < v * workers}
     if missing:
         have = ", ".join(f"{k} {cluster.get(k, 0):g}" for k in missing)
         hint = " (a Mac joins with `ray start --resources='{\"apple_silicon\": 1}'`)" if backend == "mlx" else ""
         raise ConfigError(f"{where}: needs {missing} on backend {backend}, the Ray cluster has {have}{hint}")
+    if workers > 1:
+        return {"num_cpus": 0}
+    options = {"num_cpus": need.pop("CPU")}
+    if "GPU" in need:
+        options["num_gpus"] = need.pop("GPU")
+    if need:
+        options["resources"] = need
     return options
 
 
@@ -83,6 +96,22 @@ def _stage_task(config: dict) -> dict:
     from orchestration.stage import run_stage
 
     result = run_stage(config)
+    return {**result, "worker": {"started": started, "finished": time.time()}}
+
+
+def _workers_task(config: dict, workers: int, parallel: str, resources: dict) -> dict:
+    """Runs in the Ray worker that coordinates a multi-worker stage: Ray Train's TorchTrainer for
+    torch, a placement group of MLX ranks joined by mx.distributed's ring for MLX. The ranks note
+    their attempts in attempts.jsonl themselves."""
+    started = time.time()
+    if config["backend"] == "mlx":
+        from orchestration.workers_mlx import run_mlx_workers
+
+        result = run_mlx_workers(config, workers, resources, retries=STAGE_RETRIES)
+    else:
+        from orchestration.workers_torch import run_torch_workers
+
+        result = run_torch_workers(config, workers, parallel, resources, retries=STAGE_RETRIES)
     return {**result, "worker": {"started": started, "finished": time.time()}}
 
 
@@ -166,23 +195,33 @@ def run_stages(recipe, manifest: rm.RunManifest, run_dir: Path, first: int, ray,
     manifest.save(run_dir)
     node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
     task = ray.remote(max_retries=STAGE_RETRIES, retry_exceptions=False)(_stage_task)
+    workers_task = ray.remote(max_retries=STAGE_RETRIES, retry_exceptions=False)(_workers_task)
+    specs = recipe.stage_specs()
     recipe_dict = recipe.to_dict()
     datasets = {name: d["path"] for name, d in manifest.datasets.items()}
     for i in range(first, len(records)):
         record, stage = records[i], recipe.stages[i]
         where = f"stage {i + 1}/{len(records)} {record.name!r}"
-        resources = recipe_dict["stage"][i].get("resources", {})  # not in StageConfig yet: none asked
-        options = task_options(manifest.backend, resources, cluster, node_cpus, where)
+        resources = stage.resources.to_dict()
+        options = task_options(manifest.backend, resources, cluster, node_cpus, where, stage.workers)
         stage_dir = run_dir / record.dir
         init_from = str(run_dir / records[i - 1].checkpoint) if stage.start == "previous" else None
         config = {"recipe": recipe_dict, "index": i, "stage_dir": str(stage_dir), "init_from": init_from,
                   "tokenizer": manifest.tokenizer["path"], "datasets": datasets, "backend": manifest.backend,
                   "progress": False}  # fmt: skip
-        echo(f"{where}: {'resuming' if record.status != 'pending' else 'starting'} on {manifest.backend} "
+        on = manifest.backend
+        if stage.workers > 1:
+            parallel = resolve_parallelism(stage.parallelism, manifest.backend, specs[i].parameter_count(), where)
+            need = worker_resources(manifest.backend, resources, cluster, node_cpus, stage.workers)
+            on = f"{stage.workers} {manifest.backend} workers ({parallel}, {need} each)"
+            submit = _Submit(workers_task.options(**options), stage.workers, parallel, need)
+        else:
+            submit = _Submit(task.options(**options))
+        echo(f"{where}: {'resuming' if record.status != 'pending' else 'starting'} on {on} "
              f"({record.token_budget:,} tokens)")  # fmt: skip
         record.status, record.error = "running", None
         manifest.save(run_dir)
-        result = _run_one(ray, task.options(**options), config, record, stage_dir, progress, where, manifest, run_dir)
+        result = _run_one(ray, submit, config, record, stage_dir, progress, where, manifest, run_dir)
         timings["dispatch"] = timings.get("dispatch", 0.0) + _dispatch_seconds(result, stage_dir)
         timings["stages"] = timings.get("stages", 0.0) + result["driver_seconds"]
         record.status, record.checkpoint = "done", _relative(result["checkpoint"], run_dir)
@@ -194,6 +233,16 @@ def run_stages(recipe, manifest: rm.RunManifest, run_dir: Path, first: int, ray,
         resumed = f", resumed from step {record.resumed_from_step}" if record.resumed_from_step else ""
         echo(f"{where}: done, {record.tokens:,} tokens in {result['driver_seconds']:.1f} s, loss "
              f"{_loss(record.first_loss)} -> {_loss(record.last_loss)}{resumed}; {record.checkpoint}")  # fmt: skip
+
+
+class _Submit:
+    """A stage's Ray task and the launch arguments that follow its config."""
+
+    def __init__(self, task, *args):
+        self.task, self.args = task, args
+
+    def remote(self, config: dict):
+        return self.task.remote(config, *self.args)
 
 
 def _run_one(ray, task, config: dict, record: rm.StageRecord, stage_dir: Path, progress: bool, where: str,
@@ -231,11 +280,12 @@ def _run_one(ray, task, config: dict, record: rm.StageRecord, stage_dir: Path, p
 
 
 def _attempts(stage_dir: Path) -> list[dict]:
+    """The stage's attempts: one line per start of a single worker, or of rank 0 of a group."""
     try:
         lines = (stage_dir / "attempts.jsonl").read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         return []
-    return [json.loads(line) for line in lines if line.strip()]
+    return [a for a in map(json.loads, filter(str.strip, lines)) if a.get("rank", 0) == 0]
 
 
 def _dispatch_seconds(result: dict, stage_dir: Path) -> float:

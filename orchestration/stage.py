@@ -11,6 +11,9 @@ Plain dicts in and out, so Ray can carry them:
             datasets    {dataset name: prepared dataset directory}
             backend     'torch' or 'mlx' (resolved)
             progress    show a progress bar on stderr
+            workers     data-parallel ranks (default 1); with more, this call is one rank of a
+                        group the launcher set up (orchestration/workers_torch.py, workers_mlx.py)
+            parallel    'ddp' or 'fsdp' when workers > 1 (orchestration/parallel.py)
     result  checkpoint, tokens, steps, seconds, first_loss, last_loss, resumed_from_step
 
 The loop is `backend.train_step` per batch; the rest are callbacks (orchestration/stage_callbacks.py):
@@ -18,6 +21,9 @@ ramps set each step's shape, the metrics log appends a line per step, the checkp
 STAGE_DIR/checkpoint (weights, AdamW, trainer_state.json whose data_cursor is the loader's cursor).
 RESUME: when STAGE_DIR/checkpoint holds a training state, run_stage continues from it: the same
 weights, moments, step and data cursor, so the final weights equal an uninterrupted run's.
+DATA PARALLEL: every rank draws the same global batch and trains on its rows
+(orchestration/parallel.rank_rows); the backend sums gradients over the ranks, so the update is the
+single worker's. Every rank calls the checkpoint save (FSDP gathers); rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -34,12 +40,13 @@ from typing import Any
 
 from orchestration import checkpoint
 from orchestration.errors import CheckpointError, ConfigError, DataError, TrainingError
+from orchestration.parallel import rank_rows
 from orchestration.stage_callbacks import Callback, Checkpointer, MetricsLog, ProgressBar, Ramps
 
 CHECKPOINT, METRICS, STAGE_FILE = "checkpoint", "metrics.jsonl", "stage.json"
 KEYS = {"recipe": dict, "index": int, "stage_dir": str, "init_from": (str, type(None)), "tokenizer": str,
-        "datasets": dict, "backend": str, "progress": bool}  # fmt: skip
-OPTIONAL = {"init_from": None, "progress": False}
+        "datasets": dict, "backend": str, "progress": bool, "workers": int, "parallel": (str, type(None))}  # fmt: skip
+OPTIONAL = {"init_from": None, "progress": False, "workers": 1, "parallel": None}
 
 
 @dataclass
@@ -54,6 +61,13 @@ class StageRun:
     loader: Any  # MixtureLoader
     directory: Path
     records: list[dict] = field(default_factory=list)  # this call's metrics lines
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes metrics, stage.json and the progress bar."""
+        return self.rank == 0
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -77,25 +91,28 @@ def run_stage(config: dict) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     identity = recipe.stage_identities()[index]
     backend = get_backend(request["backend"])
+    rank, world, parallel = join_group(backend, request["workers"], request["parallel"], index)
     loader = build_loader(stage, request["datasets"], seed=recipe.run.seed + index)
-    run = StageRun(stage.name, index, stage, backend, None, loader, directory)
-    log = MetricsLog(directory / METRICS)
+    run = StageRun(stage.name, index, stage, backend, None, loader, directory, rank=rank, world=world)
+    log = MetricsLog(directory / METRICS, write=run.main)
+    options = {"parallel": parallel} if parallel else {}  # single-worker backends need not know the key
     resumed = None
     if checkpoint.has_training_state(run.checkpoint_dir):
         check_identity(directory, identity)
-        run.state = backend.load_train_state(run.checkpoint_dir)
+        run.state = backend.load_train_state(run.checkpoint_dir, **options)
         resumed = resume(run, log)
     else:
-        write_identity(directory, stage.name, index, identity)
-        model = start_model(backend, recipe, index, request["init_from"], directory)
-        run.state = backend.init_train_state(model, stage.optim, seed=recipe.run.seed + index)
+        if run.main:
+            write_identity(directory, stage.name, index, identity)
+        model = start_model(backend, recipe, index, request["init_from"], directory, run.main)
+        run.state = backend.init_train_state(model, stage.optim, seed=recipe.run.seed + index, **options)
         log.reset()
     check_vocabulary(run, request["tokenizer"])
     callbacks = [
         Ramps(),
         log,
         Checkpointer(stage.checkpoint_every_tokens),
-        ProgressBar(request["progress"]),
+        ProgressBar(request["progress"] and run.main),
     ]
     train(run, callbacks)
     lines = log.read()
@@ -112,8 +129,8 @@ def train(run: StageRun, callbacks: list[Callback]) -> None:
         for callback in callbacks:
             callback.before_step(run)
         start = time.perf_counter()
-        batch = run.loader.next_batch()
-        metrics = run.backend.train_step(run.state, batch, loss=run.stage.loss)
+        batch = run.loader.next_batch()  # the global batch: its shape is the step's
+        metrics = run.backend.train_step(run.state, rank_rows(batch, run.rank, run.world), loss=run.stage.loss)
         seconds = time.perf_counter() - start
         if not math.isfinite(metrics["loss"]):
             raise TrainingError(diverged(run, metrics["loss"]))
@@ -140,6 +157,22 @@ def diverged(run: StageRun, loss: float) -> str:
 
 
 # ---- setting up ---------------------------------------------------------------------------------
+
+
+def join_group(backend, workers: int, parallel: str | None, index: int) -> tuple[int, int, str | None]:
+    """(rank, world, parallel) of this call: (0, 1, None) alone; with workers > 1 the group the
+    launcher initialised, which must have exactly `workers` ranks."""
+    if workers < 1:
+        raise ConfigError(f"run_stage: workers must be >= 1, got {workers}")
+    if workers == 1:
+        return 0, 1, None
+    if parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"run_stage: parallel must be 'ddp' or 'fsdp' with {workers} workers, got {parallel!r}")
+    rank, world = backend.world()
+    if world != workers:
+        raise ConfigError(f"stage[{index}]: {workers} workers asked, but this process is in a {backend.name} "
+                          f"group of {world}; launch it through the runner (orchestration/workers_*.py)")  # fmt: skip
+    return rank, world, parallel
 
 
 def read_request(config: dict) -> dict:
@@ -176,7 +209,7 @@ def build_loader(stage, directories: dict, seed: int):
     return MixtureLoader(mixture, seq_len, rows, seed)
 
 
-def start_model(backend, recipe, index: int, init_from: str | None, directory: Path):
+def start_model(backend, recipe, index: int, init_from: str | None, directory: Path, main: bool = True):
     """The weights stage `index` starts from, with its rope_theta / max_seq_len overrides."""
     from orchestration.recipe_checks import apply_overrides
 
@@ -194,8 +227,22 @@ def start_model(backend, recipe, index: int, init_from: str | None, directory: P
     saved = checkpoint.load_spec(source)
     spec = apply_overrides(saved, stage, where)
     if spec != saved:
-        source = respec(source, spec, directory / "start")
+        out = directory / "start"
+        if main:  # one writer; the others wait for it (the same content, so any rank may read it)
+            respec(source, spec, out)
+        else:
+            wait_for(out / checkpoint.INDEX_FILE)
+        source = out
     return backend.load(source)
+
+
+def wait_for(path: Path, seconds: float = 300.0) -> None:
+    """Block until rank 0 has written `path` (a file renamed into place whole)."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise CheckpointError(f"{path}: rank 0 did not write it within {seconds:.0f} s")
+        time.sleep(0.05)
 
 
 def respec(source: str | Path, spec, out: Path) -> Path:
@@ -221,7 +268,8 @@ def resume(run: StageRun, log: MetricsLog) -> int:
         raise CheckpointError(f"{run.checkpoint_dir}: {state.tokens_seen:,} tokens seen, budget "
                               f"{stage.token_budget:,}, cursor {'set' if state.data_cursor else 'missing'}")  # fmt: skip
     run.loader.load_state(state.data_cursor)
-    log.truncate(state.step)
+    if run.main:
+        log.truncate(state.step)
     return int(state.step)
 
 

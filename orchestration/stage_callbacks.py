@@ -32,13 +32,15 @@ class Ramps(Callback):
 
 
 class MetricsLog(Callback):
-    """STAGE_DIR/metrics.jsonl: one JSON line per step, flushed as written so a watcher can tail it."""
+    """STAGE_DIR/metrics.jsonl: one JSON line per step, flushed as written so a watcher can tail it.
+    Of a data-parallel group only rank 0 writes (`write`); every rank keeps its records."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, write: bool = True):
+        self.path, self.write = path, write
 
     def reset(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if self.write:
+            self.path.unlink(missing_ok=True)
 
     def read(self) -> list[dict]:
         if not self.path.is_file():
@@ -57,9 +59,10 @@ class MetricsLog(Callback):
         write_atomic(self.path, "".join(json.dumps(line) + "\n" for line in kept))
 
     def after_step(self, run, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        if self.write:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
         run.records.append(record)
 
 
@@ -67,7 +70,9 @@ class Checkpointer(Callback):
     """STAGE_DIR/checkpoint after the first step at or past every `every_tokens`, and at the end.
 
     backend.save writes it atomically (a temporary directory renamed over the old one), with the
-    loader's cursor as trainer_state.json's data_cursor.
+    loader's cursor as trainer_state.json's data_cursor. In a data-parallel group every rank calls
+    it (FSDP gathers the shards) and the backend returns once rank 0's files are in place, so the
+    ranks agree on what is on disk.
     """
 
     def __init__(self, every_tokens: int | None):

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from orchestration.data.loader import MixtureConfig
 from orchestration.errors import ConfigError
 from orchestration.optim import OptimConfig
+from orchestration.parallel import PARALLELISMS
 from orchestration.tables import build_table, plain, positive_int
 
 # kind -> the backend loss it trains with; SFT reads chat datasets, whole conversations per row
@@ -58,6 +59,27 @@ class BatchStep:
         positive_int(self.batch_tokens, "batch_tokens")
 
 
+@dataclass(frozen=True)
+class StageResources:
+    """`[stage.resources]`: what each worker of the stage asks Ray for (defaults: the runner's
+    choice: one GPU per worker on a GPU cluster, the node's CPUs on a CPU one, an `apple_silicon`
+    slot for MLX)."""
+
+    cpus: float | None = None
+    """CPUs per worker (torch on CPUs: its thread count)."""
+    gpus: float | None = None
+    """GPUs per worker (torch only)."""
+
+    def __post_init__(self) -> None:
+        for name in ("cpus", "gpus"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise ConfigError(f"resources.{name} must be a positive number, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
 # ---- the stage ------------------------------------------------------------------------------------
 
 
@@ -93,6 +115,14 @@ class StageConfig:
     """`[[stage.seq_len_ramp]]`, in increasing after_tokens."""
     batch_ramp: tuple[BatchStep, ...] = ()
     """`[[stage.batch_ramp]]`, in increasing after_tokens."""
+    workers: int = 1
+    """Data-parallel workers (ranks): each trains on its share of every step's rows, so the same
+    global batch gives the same update with any count (torch: Ray Train; MLX: mx.distributed ring)."""
+    parallelism: str = "auto"
+    """'ddp' (weights replicated), 'fsdp' (torch: weights, gradients and AdamW sharded, FSDP2) or
+    'auto' (fsdp from 1B parameters on torch, ddp otherwise)."""
+    resources: StageResources = field(default_factory=StageResources)
+    """`[stage.resources]`: CPUs / GPUs per worker."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME.match(self.name):
@@ -101,7 +131,7 @@ class StageConfig:
             raise ConfigError(f"kind must be one of {', '.join(STAGE_KINDS)}, got {self.kind!r}")
         if not self.start:
             raise ConfigError("start must be 'init', 'previous' or a checkpoint directory")
-        for name in ("token_budget", "seq_len", "batch_tokens"):
+        for name in ("token_budget", "seq_len", "batch_tokens", "workers"):
             positive_int(getattr(self, name), name)
         for name in ("checkpoint_every_tokens", "max_seq_len"):
             if getattr(self, name) is not None:
@@ -113,6 +143,8 @@ class StageConfig:
             if points != sorted(set(points)) or (points and points[-1] >= self.token_budget):
                 raise ConfigError(f"{ramp}: after_tokens must increase and stay below token_budget "
                                   f"({self.token_budget:,}), got {points}")  # fmt: skip
+        if self.parallelism not in PARALLELISMS:
+            raise ConfigError(f"parallelism must be one of {', '.join(PARALLELISMS)}, got {self.parallelism!r}")
         if self.kind == "sft" and self.data.split_documents:
             raise ConfigError(
                 "data.split_documents must be false for an sft stage (whole conversations per row)"
@@ -156,9 +188,10 @@ class StageConfig:
             last = step >= left or rows == 0
             if last and left % seq_len:
                 raise ConfigError(self._uneven(tokens, seq_len))
-            if rows < max(1, self.optim.grad_accum_steps):
-                raise ConfigError(f"optim.grad_accum_steps ({self.optim.grad_accum_steps}) exceeds the "
-                                  f"{rows} rows of the step at {tokens:,} tokens")  # fmt: skip
+            if rows < max(1, self.optim.grad_accum_steps) * self.workers:
+                raise ConfigError(f"the step at {tokens:,} tokens has {rows} rows: too few for {self.workers} "
+                                  f"worker(s) x optim.grad_accum_steps ({self.optim.grad_accum_steps}) "
+                                  "micro-batches of at least one row")  # fmt: skip
             if last:
                 runs.append((1, seq_len, rows))
                 break
@@ -221,7 +254,8 @@ class StageConfig:
             return build_table(OptimConfig, value, path, alias="optim")
 
         return build_table(cls, data, where, data=mixture, optim=optim, seq_len_ramp=ramp(SeqLenStep),
-                           batch_ramp=ramp(BatchStep))  # fmt: skip
+                           batch_ramp=ramp(BatchStep),
+                           resources=lambda v, path: build_table(StageResources, v, path, alias="resources"))  # fmt: skip
 
     def to_dict(self) -> dict:
         """The `[[stage]]` table (None fields left out, optim without total_steps)."""
@@ -236,5 +270,7 @@ class StageConfig:
                 value = {k: plain(v) for k, v in value.to_dict().items() if k != "total_steps"}
             elif f.name in ("seq_len_ramp", "batch_ramp"):
                 value = [asdict(step) for step in value]
+            elif f.name == "resources":
+                value = value.to_dict()
             out[f.name] = value
         return out

@@ -125,6 +125,12 @@ DELETE = object()
     (edit("stage.3.name", "stage1-general"), r"^stage\[3\].name 'stage1-general' is used twice"),
     (edit("stage.3.start", "../no/such/checkpoint"), r"^stage\[3\].start: .*no checkpoint directory there"),
     (edit("stage.1.checkpoint_every_tokens", 0), r"^stage\[1\].checkpoint_every_tokens must be a positive integer"),
+    (edit("stage.0.workers", 0), r"^stage\[0\].workers must be a positive integer"),
+    (edit("stage.0.workers", 32), r"^stage\[0\]: the step at 0 tokens has 16 rows: too few for 32 worker\(s\)"),
+    (edit("stage.0.parallelism", "tp"), r"^stage\[0\].parallelism must be one of auto, ddp, fsdp"),
+    (edit("stage.0.resources", {"gpu": 1}), r"^stage\[0\].resources: unknown key\(s\) gpu"),
+    (edit("stage.0.resources", {"cpus": -1}), r"^stage\[0\].resources.cpus must be a positive number"),
+    (lambda d: edit("stage.0.parallelism", "fsdp")(edit("run.backend", "mlx")(d)), r"^stage\[0\]: parallelism = 'fsdp' .* torch"),
     (edit("stage", []), r"^stage: a recipe needs at least one"),
     (edit("runs", {}), r"^unknown table\(s\) runs"),
 ])  # fmt: skip
@@ -185,7 +191,9 @@ def identities(data: dict) -> list[str]:
 def test_identities_change_exactly_with_a_stage_and_what_it_starts_from():
     base = identities(quickstart())
     assert len(set(base)) == 4
-    same = [edit("stage.1.checkpoint_every_tokens", 50_000), edit("run.backend", "torch")]
+    same = [edit("stage.1.checkpoint_every_tokens", 50_000), edit("run.backend", "torch"),
+            edit("stage.1.workers", 2), edit("stage.1.parallelism", "fsdp"),
+            edit("stage.1.resources", {"cpus": 4, "gpus": 1})]  # how a stage runs, not what it computes
     for change in same:  # no effect on the result: nothing reruns
         assert identities(change(quickstart())) == base
     # stage 2 changes: it and every later 'previous' stage rerun, stage 1 does not

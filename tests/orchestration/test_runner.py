@@ -318,7 +318,7 @@ def test_plan_skips_done_stages_and_reruns_from_the_first_change():
 
 def test_task_resources_follow_the_backend_and_refuse_what_the_cluster_lacks():
     from orchestration.errors import ConfigError
-    from orchestration.runner import resolve_backend, task_options
+    from orchestration.runner import resolve_backend, task_options, worker_resources
 
     cpu, gpu, mac = {"CPU": 16.0}, {"CPU": 16.0, "GPU": 8.0}, {"CPU": 10.0, "apple_silicon": 1.0}
     assert resolve_backend("auto", cpu) == "torch" and resolve_backend("auto", mac) == "mlx"
@@ -330,6 +330,15 @@ def test_task_resources_follow_the_backend_and_refuse_what_the_cluster_lacks():
         task_options("torch", {"gpus": 2}, cpu, 16, "stage 1 's'")
     with pytest.raises(ConfigError, match="apple_silicon"):
         task_options("mlx", {}, cpu, 16, "s")
+    # several workers: the task only coordinates; each worker asks for its share, all must fit
+    assert task_options("torch", {}, gpu, 16, "s", workers=8) == {"num_cpus": 0}
+    assert worker_resources("torch", {}, gpu, 16, workers=8) == {"CPU": 1, "GPU": 1}
+    assert worker_resources("torch", {}, cpu, 16, workers=2) == {"CPU": 8}
+    assert worker_resources("mlx", {}, {"CPU": 20, "apple_silicon": 2}, 10, workers=2) == {"CPU": 1, "apple_silicon": 1}
+    with pytest.raises(ConfigError, match="needs {'GPU': 16}"):
+        task_options("torch", {}, gpu, 16, "s", workers=16)
+    with pytest.raises(ConfigError, match="needs {'apple_silicon': 2}"):
+        task_options("mlx", {}, mac, 10, "s", workers=2)
 
 
 def test_a_run_directory_takes_one_run_at_a_time(tmp_path):
