@@ -266,7 +266,7 @@ def _run_one(ray, task, config: dict, record: rm.StageRecord, stage_dir: Path, p
     finally:
         record.seconds = round(record.seconds + time.time() - submitted, 3)
         attempts = _attempts(stage_dir)
-        record.attempts += len(attempts) - len(before)
+        record.attempts = len(attempts)  # every start of the stage, earlier runs and jobs included
         if failure is not None:
             record.status, record.error = "failed", failure
             last = MetricsTail(stage_dir / "metrics.jsonl").read()
