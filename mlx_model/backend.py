@@ -4,6 +4,9 @@ Numpy in, numpy out; the model object is an `mlx_model.model.Model`. Checkpoints
 format of orchestration/checkpoint.py, read and written as safetensors with `mx.load` /
 `mx.save_safetensors` (never pickle): fp32 weights under Hugging Face Llama names, fp32 AdamW
 moments under optimizer_key(name, moment), so the PyTorch backend reads them as they are.
+
+Data parallel across Macs (parallel='ddp'): mlx_model/parallel.py; the ranks are started and
+joined by orchestration/workers_mlx.py.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_model import parallel as dp
 from mlx_model import step as steps
 from mlx_model.losses import get_loss, token_logprobs
 from mlx_model.model import Model
@@ -80,7 +84,16 @@ class MLXBackend:
         return model
 
     def save(self, model: Model, path: str | Path, state: steps.TrainState | None = None) -> None:
-        """Write a checkpoint atomically: fp32 weights, plus AdamW moments and counters when given."""
+        """Write a checkpoint atomically: fp32 weights, plus AdamW moments and counters when given.
+        With a data-parallel state every rank calls it: rank 0 writes (the ranks' weights are the
+        same), and all return once the checkpoint is in place."""
+        group = None if state is None else state.group
+        if group is None or group.rank() == 0:
+            self._write(model, path, state)
+        if group is not None:
+            dp.barrier(group)
+
+    def _write(self, model: Model, path: str | Path, state: steps.TrainState | None) -> None:
         weights = {k: v.astype(mx.float32) for k, v in tree_flatten(model.parameters())}
         with writing(path, model.spec) as tmp:
             mx.save_safetensors(str(tmp / MODEL_FILE), weights, metadata=METADATA)
@@ -153,22 +166,36 @@ class MLXBackend:
 
     # ---- training -------------------------------------------------------------------------------
 
-    def init_train_state(self, model: Model, optim: OptimConfig, seed: int = 0,
-                         compile: bool | None = None) -> steps.TrainState:  # fmt: skip
-        """AdamW and counters at step 0; compile defaults to HANYEONG_MLX_COMPILE (on)."""
-        mx.random.seed(seed)  # for anything random in training (none yet: no dropout)
-        return steps.init_train_state(model, optim, seed, compile=compile)
+    def world(self) -> tuple[int, int]:
+        """(rank, size) of the mx.distributed group this process joined; (0, 1) alone."""
+        group = dp.world_group()
+        return group.rank(), group.size()
 
-    def load_train_state(self, path: str | Path, compile: bool | None = None) -> steps.TrainState:
-        """Model, AdamW moments and counters of a training checkpoint (either backend's), to go on."""
+    def init_train_state(self, model: Model, optim: OptimConfig, seed: int = 0,
+                         compile: bool | None = None, parallel: str | None = None) -> steps.TrainState:  # fmt: skip
+        """AdamW and counters at step 0; compile defaults to HANYEONG_MLX_COMPILE (on).
+        parallel='ddp': one rank of the process's group, with rank 0's weights ('fsdp': ConfigError)."""
+        group = dp.data_parallel_group(parallel)
+        mx.random.seed(seed)  # for anything random in training (none yet: no dropout)
+        if group is not None:
+            dp.check_same_position(0, 0, group)
+            dp.broadcast_weights(model, group)
+        return steps.init_train_state(model, optim, seed, compile=compile, group=group)
+
+    def load_train_state(self, path: str | Path, compile: bool | None = None,
+                         parallel: str | None = None) -> steps.TrainState:  # fmt: skip
+        """Model, AdamW moments and counters of a training checkpoint (either backend's), to go on.
+        parallel='ddp': every rank of the group loads the same checkpoint."""
+        group = dp.data_parallel_group(parallel)
         path = Path(path)
         model = self.load(path)
         meta = read_trainer_state(path)
         if not (path / OPTIMIZER_FILE).is_file():
             raise CheckpointError(f"{path}: no {OPTIMIZER_FILE}: cannot resume the optimizer")
-        state = steps.init_train_state(
-            model, OptimConfig.from_dict(meta["optim"]), meta.get("seed", 0), compile=compile
-        )
+        if group is not None:
+            dp.check_same_position(int(meta["step"]), int(meta["tokens_seen"]), group)
+        optim = OptimConfig.from_dict(meta["optim"])
+        state = steps.init_train_state(model, optim, meta.get("seed", 0), compile=compile, group=group)
         state.step, state.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         state.data_cursor = meta.get("data_cursor")
         file = path / OPTIMIZER_FILE
@@ -181,7 +208,8 @@ class MLXBackend:
     def train_step(
         self, state: steps.TrainState, batch: Batch, loss: str = "causal_lm"
     ) -> dict[str, float]:
-        """One optimizer step on a global batch; returns loss, grad_norm, lr, tokens, counted_tokens."""
+        """One optimizer step on a global batch (data-parallel: this rank's rows of it); returns the
+        global batch's loss, grad_norm, lr, tokens, counted_tokens."""
         return steps.train_step(state, batch, loss)
 
 

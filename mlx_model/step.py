@@ -5,6 +5,10 @@ their summed losses are added up and divided once by the number of counted targe
 global batch, so any split gives the update of one big batch. The whole step (every micro-batch,
 clipping and the AdamW update) is one `mx.compile`d function over the model and moment arrays.
 
+DATA PARALLEL (a state with a `group`, mlx_model/parallel.py): each rank steps on its rows of the
+global batch; the summed gradients, summed loss and counted targets are all_summed over the ranks
+inside the compiled step before the one division, so the update is the single worker's.
+
 AdamW is written out rather than taken from `mlx.optimizers`: it is torch.optim.AdamW's update
 step for step (lerp'd first moment, bias corrections from the step count, eps added after the
 bias-corrected sqrt, decoupled decay p *= 1 - lr·wd), so moments saved by either backend mean the
@@ -26,6 +30,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_model.losses import Arrays, get_loss
 from mlx_model.model import Model
+from mlx_model.parallel import all_sum_flat
 from orchestration.batch import Batch
 from orchestration.checkpoint import ADAM_MOMENTS, optimizer_key
 from orchestration.errors import CheckpointError, DataError
@@ -95,6 +100,8 @@ class TrainState:
     """Where the data loader is; it fills this, JSON-serialisable."""
     compile: bool = True
     steps: dict[str, Any] = field(default_factory=dict)  # loss name -> (compiled) step function
+    group: Any = None
+    """The mx.distributed group of a data-parallel state (None: alone); see mlx_model/parallel.py."""
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -103,11 +110,11 @@ def env_flag(name: str, default: bool) -> bool:
 
 
 def init_train_state(
-    model: Model, optim: OptimConfig, seed: int = 0, compile: bool | None = None
+    model: Model, optim: OptimConfig, seed: int = 0, compile: bool | None = None, group: Any = None
 ) -> TrainState:
     """Step 0 around `model`: zero moments; compile defaults to HANYEONG_MLX_COMPILE (on)."""
     compile = env_flag(ENV_COMPILE, True) if compile is None else compile
-    return TrainState(model, AdamW(model, optim), optim, seed=seed, compile=compile)
+    return TrainState(model, AdamW(model, optim), optim, seed=seed, compile=compile, group=group)
 
 
 def arrays(batch: Batch) -> Arrays:
@@ -120,9 +127,14 @@ def arrays(batch: Batch) -> Arrays:
     return out
 
 
-def split(batch: Batch, n: int) -> list[Arrays]:
-    """n micro-batches along B (sizes differ by at most one, first ones larger: torch.tensor_split)."""
+def split(batch: Batch, n: int, world: int = 1) -> list[Arrays]:
+    """n micro-batches along B (sizes differ by at most one, first ones larger: torch.tensor_split).
+
+    A rank of `world` holds about 1/world of the global batch: it takes ceil(n / world) micro-batches
+    (the global batch's micro-batch size), as many as it has rows, none when it has no row."""
     B = batch.inputs.shape[0]
+    if world > 1:
+        n = min(-(-n // world), B)
     if B < n:
         raise DataError(
             f"a batch of {B} rows cannot be split into grad_accum_steps={n} micro-batches"
@@ -149,14 +161,22 @@ def build_step(state: TrainState, loss: str):
     model, optimizer, fn = state.model, state.optimizer, get_loss(loss)
     loss_and_grad = nn.value_and_grad(model, fn)
 
+    group = state.group
+
     def step(micros: list[Arrays], hyper: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         total, count, grads = mx.array(0.0), mx.array(0.0), None
         for micro in micros:
             (summed, n), g = loss_and_grad(model, micro)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             total, count = total + summed, count + n
+        if grads is None:  # a rank with no row of this batch still takes part in the sums
+            grads = tree_map(mx.zeros_like, model.trainable_parameters())
+        flat = dict(tree_flatten(grads))
+        if group is not None:  # sums over the ranks: one ring all-reduce per ~32 MiB
+            *summed, total, count = all_sum_flat([*flat.values(), total, count], group)
+            flat = dict(zip(flat, summed))
         # mean over the global batch's counted targets; an all-masked batch gives zero gradients
-        flat = {k: g / mx.maximum(count, 1.0) for k, g in tree_flatten(grads)}
+        flat = {k: g / mx.maximum(count, 1.0) for k, g in flat.items()}
         flat, norm = clip(flat, state.optim.grad_clip)
         optimizer.update(model, flat, hyper)
         return total, count, norm
@@ -168,13 +188,19 @@ def build_step(state: TrainState, loss: str):
 
 
 def train_step(state: TrainState, batch: Batch, loss: str = "causal_lm") -> dict[str, float]:
-    """One optimizer step on a global Batch; returns loss, grad_norm, lr, tokens, counted_tokens."""
+    """One optimizer step on a global Batch (a data-parallel state: this rank's rows of it); returns
+    the global batch's loss, grad_norm, lr, tokens, counted_tokens."""
     if loss not in state.steps:
         state.steps[loss] = build_step(state, loss)
     hyper = state.optimizer.hyper(state.step)
-    total, count, norm = state.steps[loss](split(batch, state.optim.grad_accum_steps), hyper)
-    mx.eval(total, count, norm, state.model.parameters(), state.optimizer.state)
-    tokens = int(batch.inputs.size)
+    world = 1 if state.group is None else state.group.size()
+    micros = split(batch, state.optim.grad_accum_steps, world)
+    total, count, norm = state.steps[loss](micros, hyper)
+    tokens = mx.array(int(batch.inputs.size), mx.int64)
+    if state.group is not None:
+        tokens = mx.distributed.all_sum(tokens, group=state.group)
+    mx.eval(total, count, norm, tokens, state.model.parameters(), state.optimizer.state)
+    tokens = int(tokens.item())
     lr = lr_at(state.optim, state.step)
     state.step += 1
     state.tokens_seen += tokens
