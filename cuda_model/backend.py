@@ -3,6 +3,8 @@
 Numpy in, numpy out; the model object is a `cuda_model.model.Model`. Checkpoints are the shared
 format of orchestration/checkpoint.py, read and written with safetensors only (never pickle):
 fp32 weights under Hugging Face Llama names, fp32 AdamW moments under optimizer_key(name, moment).
+A data-parallel stage (`parallel` 'ddp' / 'fsdp', cuda_model/parallel.py) writes and reads the same
+checkpoints: every rank calls save (FSDP gathers), rank 0 writes; every rank loads the whole file.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from cuda_model import parallel as par
 from cuda_model import step as steps
 from cuda_model.losses import Tensors, get_loss, token_logprobs
 from cuda_model.model import Model
@@ -116,17 +119,27 @@ class TorchBackend:
         return model
 
     def save(self, model: Model, path: str | Path, state: steps.TrainState | None = None) -> None:
-        """Write a checkpoint atomically: fp32 weights, plus AdamW moments and counters when given."""
-        weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-        with writing(path, model.spec) as tmp:
-            save_file(
-                weights, tmp / MODEL_FILE, metadata={"format": "pt"}
-            )  # "pt": transformers loads it
-            if state is not None:
-                save_file(
-                    steps.optimizer_tensors(state), tmp / OPTIMIZER_FILE, metadata={"format": "pt"}
-                )
-                write_trainer_state(tmp, self.trainer_state(state))
+        """Write a checkpoint atomically: fp32 weights, plus AdamW moments and counters when given.
+
+        On a parallel state every rank calls it: sharded tensors are gathered (collectives, in
+        the same order everywhere), rank 0 writes, and all return once the checkpoint is in place."""
+        group = state is not None and state.parallel is not None
+        writes = not group or state.rank == 0
+        weights = {}
+        for name, value in model.state_dict().items():
+            value = par.full_tensor(value.detach())
+            if writes:
+                weights[name] = value.float().cpu().contiguous()
+        moments = steps.optimizer_tensors(state, keep=writes) if state is not None else None
+        if writes:
+            with writing(path, model.spec) as tmp:
+                # "pt": transformers loads it
+                save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt"})
+                if state is not None:
+                    save_file(moments, tmp / OPTIMIZER_FILE, metadata={"format": "pt"})
+                    write_trainer_state(tmp, self.trainer_state(state))
+        if group:
+            par.barrier()
 
     def trainer_state(self, state: steps.TrainState) -> dict:
         rng = {"torch": encode_rng(torch.get_rng_state())}
@@ -218,22 +231,28 @@ class TorchBackend:
 
     # ---- training -------------------------------------------------------------------------------
 
-    def init_train_state(self, model: Model, optim: OptimConfig, seed: int = 0,
-                         compile: bool | None = None, fused: bool | None = None) -> steps.TrainState:  # fmt: skip
-        """AdamW and counters at step 0; compile/fused default to HANYEONG_TORCH_COMPILE/_FUSED_ADAMW."""
-        torch.manual_seed(seed)  # for anything random in training (none yet: no dropout)
-        return steps.init_train_state(model, optim, seed, compile=compile, fused=fused)
+    def world(self) -> tuple[int, int]:
+        """(rank, size) of the torch.distributed group this process is in; (0, 1) alone."""
+        return par.world()
 
-    def load_train_state(self, path: str | Path, compile: bool | None = None,
-                         fused: bool | None = None) -> steps.TrainState:  # fmt: skip
-        """Model, AdamW moments, counters and RNG of a training checkpoint, ready to continue."""
+    def init_train_state(self, model: Model, optim: OptimConfig, seed: int = 0, compile: bool | None = None,
+                         fused: bool | None = None, parallel: str | None = None) -> steps.TrainState:  # fmt: skip
+        """AdamW and counters at step 0; compile/fused default to HANYEONG_TORCH_COMPILE/_FUSED_ADAMW.
+        `parallel` ('ddp' / 'fsdp'): this process is one rank of the default process group."""
+        torch.manual_seed(seed)  # for anything random in training (none yet: no dropout)
+        return steps.init_train_state(model, optim, seed, compile=compile, fused=fused, parallel=parallel)
+
+    def load_train_state(self, path: str | Path, compile: bool | None = None, fused: bool | None = None,
+                         parallel: str | None = None) -> steps.TrainState:  # fmt: skip
+        """Model, AdamW moments, counters and RNG of a training checkpoint, ready to continue
+        (with `parallel`, every rank reads the whole checkpoint and keeps its share)."""
         path = Path(path)
         model = self.load(path)
         meta = read_trainer_state(path)
         if not (path / OPTIMIZER_FILE).is_file():
             raise CheckpointError(f"{path}: no {OPTIMIZER_FILE}: cannot resume the optimizer")
         state = steps.init_train_state(model, OptimConfig.from_dict(meta["optim"]), meta.get("seed", 0),
-                                       compile=compile, fused=fused)  # fmt: skip
+                                       compile=compile, fused=fused, parallel=parallel)  # fmt: skip
         state.step, state.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         state.data_cursor = meta.get("data_cursor")
         steps.load_optimizer_tensors(
@@ -249,7 +268,8 @@ class TorchBackend:
     def train_step(
         self, state: steps.TrainState, batch: Batch, loss: str = "causal_lm"
     ) -> dict[str, float]:
-        """One optimizer step on a global batch; returns loss, grad_norm, lr, tokens, counted_tokens."""
+        """One optimizer step on a global batch (on a parallel state: this rank's rows of it);
+        returns the global batch's loss, grad_norm, lr, tokens, counted_tokens."""
         return steps.train_step(state, self.tensors(batch), loss)
 
 

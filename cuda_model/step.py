@@ -4,6 +4,11 @@ The global batch is split along B into `optim.grad_accum_steps` micro-batches; t
 are backpropagated as they are and the accumulated gradients divided once by the number of counted
 targets of the whole global batch, so any split gives the update of one big batch. bf16 autocast on
 CUDA (fp32 master weights and moments), plain fp32 on the CPU.
+
+Data parallel (`parallel` 'ddp' or 'fsdp', cuda_model/parallel.py): each rank gets its rows of the
+global batch. DDP/FSDP average the gradients over the ranks; the step multiplies by the world size
+and divides by the counted targets of ALL ranks (one all-reduce of [loss sum, count, tokens]), so
+the update, the loss and the token count are those of the single process on the whole batch.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import torch
 
 from cuda_model import losses
+from cuda_model import parallel as par
 from cuda_model.losses import LossFn, Tensors, get_loss
 from cuda_model.model import Model
 from orchestration.checkpoint import ADAM_MOMENTS, optimizer_key
@@ -54,6 +60,12 @@ class TrainState:
     """Where the data loader is; it fills this, JSON-serialisable."""
     compile: bool = False
     losses: dict[str, LossFn] = field(default_factory=dict)  # by name, compiled when `compile`
+    parallel: str | None = None
+    """None, or 'ddp' / 'fsdp': one rank of the default process group (FSDP: `model` is sharded)."""
+    wrapped: torch.nn.Module | None = None
+    """The DDP / FSDP LossModule around `model` (cuda_model/parallel.py) when `parallel`."""
+    world: int = 1
+    rank: int = 0
 
 
 def build_optimizer(model: Model, optim: OptimConfig, fused: bool) -> torch.optim.AdamW:
@@ -74,16 +86,20 @@ def init_train_state(
     seed: int = 0,
     compile: bool | None = None,
     fused: bool | None = None,
+    parallel: str | None = None,
 ) -> TrainState:
-    """Step 0 around `model`; compile/fused default to the env vars, fused AdamW on CUDA only."""
+    """Step 0 around `model`; compile/fused default to the env vars, fused AdamW on CUDA only
+    (not under FSDP, whose sharded parameters take the foreach kernel). With `parallel`, the model
+    is wrapped (FSDP shards it in place) before AdamW is built over its parameters."""
     on_cuda = next(model.parameters()).device.type == "cuda"
     compile = env_flag(ENV_COMPILE, False) if compile is None else compile
-    fused = env_flag(ENV_FUSED, on_cuda) if fused is None else fused
+    fused = env_flag(ENV_FUSED, on_cuda and parallel != "fsdp") if fused is None else fused
     if compile:
         losses.COMPILE_HEAD_KERNEL = True  # the fused head + loss's softmax kernel too
-    return TrainState(
-        model, build_optimizer(model, optim, fused), optim, seed=seed, compile=compile
-    )
+    wrapped = par.wrap(model, parallel) if parallel else None
+    rank, world = par.world() if parallel else (0, 1)
+    return TrainState(model, build_optimizer(model, optim, fused), optim, seed=seed, compile=compile,
+                      parallel=parallel, wrapped=wrapped, world=world, rank=rank)  # fmt: skip
 
 
 def loss_function(state: TrainState, name: str) -> LossFn:
@@ -104,55 +120,91 @@ def split(batch: Tensors, n: int) -> list[Tensors]:
     return [{k: (None if v is None else v[i]) for k, v in parts.items()} for i in range(n)]
 
 
+def local_split(batch: Tensors, n: int) -> list[Tensors]:
+    """A rank's rows in up to n micro-batches: fewer when it has fewer rows, one (empty) when it has
+    none, so every rank takes part in the gradient reduction. The update does not depend on the split."""
+    B = batch["inputs"].shape[0]
+    return [batch] if B == 0 else split(batch, min(n, B))
+
+
 def forward_backward(
     state: TrainState, batch: Tensors, loss: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate d(sum loss)/dw over the micro-batches; return summed loss and count (detached)."""
-    fn, device = loss_function(state, loss), batch["inputs"].device
+    """Accumulate d(sum loss)/dw over the micro-batches; return summed loss and count (detached).
+    On a parallel state the gradients are reduced over the ranks with the last micro-batch."""
+    fn, device, wrapped = loss_function(state, loss), batch["inputs"].device, state.wrapped
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for micro in split(batch, state.optim.grad_accum_steps):
-        with precision(device):
-            summed, n = fn(state.model, micro)
-        summed.backward()  # outside autocast, as PyTorch recommends
+    accum = state.optim.grad_accum_steps
+    micros = split(batch, accum) if wrapped is None else local_split(batch, accum)
+    for i, micro in enumerate(micros):
+        last = i == len(micros) - 1
+        with contextlib.nullcontext() if wrapped is None else par.syncing(wrapped, last):
+            with precision(device):
+                summed, n = fn(state.model, micro) if wrapped is None else wrapped(micro, fn)
+            summed.backward()  # outside autocast, as PyTorch recommends
         total, count = total + summed.detach().float(), count + n.detach().float()
     return total, count
 
 
 def train_step(state: TrainState, batch: Tensors, loss: str = "causal_lm") -> dict[str, float]:
-    """One optimizer step on a global batch of tensors; returns loss, grad_norm, lr, tokens."""
+    """One optimizer step on a global batch of tensors (on a parallel state: this rank's rows of
+    it); returns the global batch's loss, grad_norm, lr, tokens and counted_tokens."""
     state.model.train()
     total, count = forward_backward(state, batch, loss)
     params = [p for p in state.model.parameters() if p.grad is not None]
-    # mean over the global batch's counted targets; an all-masked batch gives zero gradients
-    torch._foreach_div_([p.grad for p in params], count.clamp(min=1.0))
-    # grad_clip 0 turns clipping off; the norm is still computed and logged
-    max_norm = state.optim.grad_clip or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    grads = [p.grad for p in params]
+    if state.wrapped is None:
+        tokens, n, total = batch["inputs"].numel(), count.item(), total.item()
+        # mean over the global batch's counted targets; an all-masked batch gives zero gradients
+        torch._foreach_div_(grads, count.clamp(min=1.0))
+    else:
+        local = [total.item(), count.item(), float(batch["inputs"].numel())]
+        total, n, tokens = par.all_sum(local, batch["inputs"].device)
+        tokens = int(tokens)
+        # DDP/FSDP averaged over the ranks: back to the sum, then the mean over ALL counted targets
+        torch._foreach_mul_(grads, float(state.world))
+        torch._foreach_div_(grads, max(n, 1.0))
+    grad_norm = clip(params, grads, state.optim.grad_clip)
     lr = lr_at(state.optim, state.step)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
-    tokens = batch["inputs"].numel()
     state.step += 1
     state.tokens_seen += tokens
-    n = count.item()
-    return {"loss": total.item() / max(n, 1.0), "grad_norm": grad_norm.item(), "lr": lr,
+    return {"loss": total / max(n, 1.0), "grad_norm": grad_norm, "lr": lr,
             "tokens": float(tokens), "counted_tokens": n}  # fmt: skip
+
+
+def clip(params: list[torch.Tensor], grads: list[torch.Tensor], grad_clip: float) -> float:
+    """Clip the gradients to a global norm of `grad_clip` (0: off; the norm is still computed and
+    logged); returns the norm before clipping. FSDP's sharded norms are summed over the ranks."""
+    max_norm = grad_clip or float("inf")
+    if not any(par.is_sharded(g) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True).item()
+    norm = par.full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm.item()
 
 
 # ---- optimizer state in the checkpoint's framework-neutral layout ------------------------------
 
 
-def optimizer_tensors(state: TrainState) -> dict[str, torch.Tensor]:
-    """AdamW moments as fp32 CPU tensors under optimizer_key(name, moment); zeros before step 1."""
+def optimizer_tensors(state: TrainState, keep: bool = True) -> dict[str, torch.Tensor]:
+    """AdamW moments as fp32 CPU tensors under optimizer_key(name, moment); zeros before step 1.
+    Sharded (FSDP) moments are gathered whole, a collective every rank calls; a rank that does not
+    write (`keep` False) drops each tensor once gathered."""
     out = {}
     for name, p in state.model.named_parameters():
         moments = state.optimizer.state.get(p, {})
         for moment in ADAM_MOMENTS:
             value = moments.get(moment)
-            value = torch.zeros_like(p) if value is None else value
-            out[optimizer_key(name, moment)] = value.detach().float().cpu().contiguous()
+            if value is None:
+                value = torch.zeros(p.shape, dtype=p.dtype) if keep else None
+            else:
+                value = par.full_tensor(value.detach())
+            if keep:
+                out[optimizer_key(name, moment)] = value.float().cpu().contiguous()
     return out
 
 
@@ -176,5 +228,6 @@ def load_optimizer_tensors(state: TrainState, tensors: dict[str, torch.Tensor], 
             raise CheckpointError(
                 f"{where}: {name} moments have shape {tuple(moments['exp_avg'].shape)}"
             )
+        moments = {m: par.shard_like(v, p) for m, v in moments.items()}  # FSDP: this rank's shard
         saved["state"][index[id(p)]] = {"step": torch.tensor(float(state.step)), **moments}
     state.optimizer.load_state_dict(saved)  # moves moments (and the fused step) to the param device

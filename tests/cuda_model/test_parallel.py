@@ -1,0 +1,209 @@
+"""Data parallelism law: 2 ranks (gloo on 127.0.0.1, spawned processes, no Ray) each training on
+their rows of a global batch take the steps of 1 process on the whole batch: same losses, grad
+norms, token counts and weights (fp tolerance), for DDP and FSDP2, with gradient accumulation, an
+SFT loss_mask, uneven rows (5 on 2 ranks) and a rank with no rows at all. A 2-rank checkpoint is the
+single-process one (a single process loads it), and 2 ranks resume a single-process checkpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from orchestration.batch import Batch
+from orchestration.checkpoint import MODEL_FILE, OPTIMIZER_FILE, read_trainer_state, verify
+from orchestration.optim import OptimConfig
+from orchestration.parallel import rank_rows
+from tests.cuda_model.conftest import tiny
+
+WORLD, T = 2, 12
+OPTIM = OptimConfig(lr=3e-3, warmup_steps=1, total_steps=6, weight_decay=0.1, grad_clip=0.5, eps=1e-6)
+# name: (parallel, tied, loss, rows, grad_accum_steps, steps)
+CASES = {
+    "ddp": ("ddp", True, "causal_lm", 4, 1, 3),
+    "ddp-sft-accum-uneven": ("ddp", False, "sft", 5, 2, 3),
+    "ddp-one-row": ("ddp", True, "causal_lm", 1, 1, 2),  # rank 1 gets no rows
+    "fsdp": ("fsdp", True, "causal_lm", 4, 1, 3),
+    "fsdp-sft-accum-uneven": ("fsdp", False, "sft", 5, 2, 3),
+    "fsdp-one-row": ("fsdp", False, "causal_lm", 1, 1, 2),
+}
+RESUME = {"ddp-resume": "ddp", "fsdp-resume": "fsdp"}  # 2 steps in one process, 2 more on 2 ranks
+RESUME_CASE = ("-", False, "sft", 5, 2, 4)
+
+
+def spec_of(case):
+    return tiny(tie_embeddings=case[1])
+
+
+def batch_at(case, step: int) -> Batch:
+    """The global batch of optimizer step `step`, the same in every process."""
+    spec, rows = spec_of(case), case[3]
+    rng = np.random.default_rng(100 + step)
+    mask = (rng.random((rows, T + 1)) < 0.7).astype(np.float32) if case[2] == "sft" else None
+    return Batch.from_tokens(rng.integers(0, spec.vocab_size, (rows, T + 1)), loss_mask=mask)
+
+
+def optim_of(case) -> OptimConfig:
+    return OptimConfig(**{**OPTIM.to_dict(), "grad_accum_steps": case[4]})
+
+
+def train(backend, state, case, steps: int, rank: int = 0, world: int = 1) -> list[dict]:
+    return [backend.train_step(state, rank_rows(batch_at(case, state.step), rank, world), loss=case[2])
+            for _ in range(steps)]  # fmt: skip
+
+
+# ---- the ranks (spawned processes) ----------------------------------------------------------------
+
+
+def join(rank: int, world: int, address) -> None:
+    """Join a gloo group on 127.0.0.1 as cuda_model/parallel.init_group does in the Ray workers:
+    rank 0 serves the store on a loopback socket and sends its port through `address`."""
+    from cuda_model import parallel
+
+    torch.set_num_threads(1)
+    if rank == 0:
+        fd, port = parallel.listen("127.0.0.1")
+        for _ in range(world - 1):
+            address.put(port)
+    else:
+        fd, port = None, address.get()
+    parallel.init_group(rank, world, "127.0.0.1", port, listen_fd=fd, timeout_s=120)
+
+
+def rank_main(rank: int, world: int, address, out: str, start: str) -> None:
+    """One rank: join the group, run every case, save (all ranks), rank 0 writes the metrics."""
+    from cuda_model.backend import TorchBackend
+
+    join(rank, world, address)
+    backend, out = TorchBackend("cpu"), Path(out)
+    runs = [(name, case, None) for name, case in CASES.items()]
+    runs += [(name, (p, *RESUME_CASE[1:]), start) for name, p in RESUME.items()]
+    for name, case, resume_from in runs:
+        if resume_from is None:
+            model = backend.init(spec_of(case), seed=7)
+            state = backend.init_train_state(model, optim_of(case), seed=7, parallel=case[0])
+            metrics = train(backend, state, case, case[5], rank, world)
+        else:
+            state = backend.load_train_state(resume_from, parallel=case[0])
+            metrics = train(backend, state, case, case[5] - state.step, rank, world)
+        state.data_cursor = {"after_step": state.step}
+        backend.save(state.model, out / name, state)
+        verify(out / name)  # every rank returns once rank 0's checkpoint is in place
+        if rank == 0:
+            (out / f"{name}.json").write_text(json.dumps(metrics))
+    assert backend.world() == (rank, world)
+    torch.distributed.destroy_process_group()
+
+
+def spawn(fn, world: int, *args, timeout: float = 300) -> None:
+    """Run fn(rank, world, address_queue, *args) on `world` spawned processes (see `join`); a rank's
+    exception fails the caller, and so does a hang."""
+    import torch.multiprocessing as mp
+
+    address = mp.get_context("spawn").SimpleQueue()
+    context = mp.start_processes(fn, args=(world, address, *args), nprocs=world, join=False,
+                                 start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {world} ranks did not finish within {timeout:.0f} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+
+
+# ---- fixtures and laws ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single(one_thread, tmp_path_factory):
+    """Every case in this process on the whole global batch: {name: (metrics, checkpoint)}, and the
+    2-step checkpoint the resume cases start from."""
+    from cuda_model.backend import TorchBackend
+
+    backend, out = TorchBackend("cpu"), tmp_path_factory.mktemp("single")
+    results = {}
+    for name, case in {**CASES, "resume": RESUME_CASE}.items():
+        state = backend.init_train_state(backend.init(spec_of(case), seed=7), optim_of(case), seed=7)
+        if name == "resume":
+            train(backend, state, case, 2)
+            state.data_cursor = {"after_step": state.step}
+            backend.save(state.model, out / "start", state)
+        metrics = train(backend, state, case, case[5] - state.step)
+        state.data_cursor = {"after_step": state.step}
+        backend.save(state.model, out / name, state)
+        results[name] = (metrics, out / name)
+    results.update({name: results["resume"] for name in RESUME})
+    return results, out / "start"
+
+
+@pytest.fixture(scope="module")
+def ranks(single, tmp_path_factory) -> Path:
+    """The same cases on 2 ranks; their checkpoints and rank 0's metrics."""
+    out = tmp_path_factory.mktemp("ranks")
+    spawn(rank_main, WORLD, str(out), str(single[1]))
+    return out
+
+
+def tensors(ckpt: Path, file: str) -> dict[str, np.ndarray]:
+    return load_file(ckpt / file)
+
+
+@pytest.mark.parametrize("name", [*CASES, *RESUME])
+def test_two_ranks_take_the_steps_of_one_process(single, ranks, name):
+    expected, reference = single[0][name]
+    got = json.loads((ranks / f"{name}.json").read_text())
+    assert len(got) == len(expected) > 0
+    for g, e in zip(got, expected):
+        assert g["tokens"] == e["tokens"] and g["counted_tokens"] == e["counted_tokens"]
+        assert g["lr"] == e["lr"]
+        assert g["loss"] == pytest.approx(e["loss"], rel=1e-5)
+        assert g["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-4)
+    # gradients agree to fp32 rounding; Adam's g/sqrt(v) magnifies that where a gradient is near 0
+    for file, atol in ((MODEL_FILE, 1e-5), (OPTIMIZER_FILE, 1e-6)):
+        want, have = tensors(reference, file), tensors(ranks / name, file)
+        assert want.keys() == have.keys()
+        for key in want:
+            np.testing.assert_allclose(have[key], want[key], atol=atol, rtol=1e-4, err_msg=key)
+    meta, want_meta = read_trainer_state(ranks / name), read_trainer_state(reference)
+    for key in ("step", "tokens_seen", "optim", "data_cursor", "seed", "backend"):
+        assert meta[key] == want_meta[key], key
+
+
+@pytest.mark.parametrize("name", ["fsdp-sft-accum-uneven", "ddp"])
+def test_a_two_rank_checkpoint_resumes_in_one_process(single, ranks, name):
+    from cuda_model.backend import TorchBackend
+
+    backend = TorchBackend("cpu")
+    case = CASES[name]
+    from_ranks = backend.load_train_state(ranks / name)
+    from_single = backend.load_train_state(single[0][name][1])
+    assert from_ranks.step == from_single.step == case[5] and from_ranks.parallel is None
+    a, b = train(backend, from_ranks, case, 1), train(backend, from_single, case, 1)
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-5)
+    want = from_single.model.state_dict()
+    for key, x in from_ranks.model.state_dict().items():
+        torch.testing.assert_close(x, want[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_parallel_needs_a_process_group(backend):
+    from orchestration.errors import ConfigError
+
+    assert backend.world() == (0, 1)
+    with pytest.raises(ConfigError, match="process group"):
+        backend.init_train_state(backend.init(tiny()), OPTIM, parallel="ddp")
