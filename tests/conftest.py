@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,14 @@ def small_tokenizer(small_tokenizer_dir):
     from tokenizer.bbpe import BBPETokenizer
 
     return BBPETokenizer.load(small_tokenizer_dir)
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`hanyeong ARGS` in-process through the console entry point: (exit code, stdout, stderr)."""
+    from orchestration.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["hanyeong", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr()
+    return exit_info.value.code or 0, out.out, out.err

@@ -20,6 +20,7 @@ from orchestration.checkpoint import MODEL_FILE, OPTIMIZER_FILE, read_trainer_st
 from orchestration.optim import OptimConfig
 from orchestration.parallel import rank_rows
 from tests.cuda_model.conftest import tiny
+from tests.orchestration.test_stage import one_thread  # noqa: F401  (a fixture)
 
 WORLD, T = 2, 12
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=1, total_steps=6, weight_decay=0.1, grad_clip=0.5, eps=1e-6)
@@ -120,14 +121,6 @@ def spawn(fn, world: int, *args, timeout: float = 300) -> None:
 
 
 # ---- fixtures and laws ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import pytest
 
 from orchestration.errors import ConfigError
 from orchestration.workers_mlx import bundle_layout, rank_env, ring_hostfile
+from tests.orchestration.ray_cluster import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,17 +116,6 @@ def train(out: Path, rank: int = 0, world: int = 1) -> None:
                                                       "tokens_seen": state.tokens_seen}))  # fmt: skip
     weights = {k: np.array(v) for k, v in tree_flatten(state.model.parameters())}
     np.savez(out / f"rank{rank}.npz", **weights)
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def run_ranks(out: Path, world: int, timeout: float = 240) -> None:

@@ -18,21 +18,10 @@ import pytest
 
 from orchestration import job_client, jobs
 from orchestration.errors import ConfigError
-from tests.conftest import REPO
+from tests.conftest import REPO, cli
 
 QUICKSTART = REPO / "recipes" / "quickstart.toml"
 JOB_TIMEOUT_S = 900  # the quickstart takes 2-5 min on 2 shared cores
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`hanyeong ARGS` in-process through the console entry point: (exit code, stdout, stderr)."""
-    from orchestration.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["hanyeong", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out = capsys.readouterr()
-    return exit_info.value.code or 0, out.out, out.err
 
 
 # ---- the job, without Ray ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, quickstart_english, quickstart_korean
+from tests.conftest import REPO, cli, quickstart_english, quickstart_korean
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -78,17 +78,6 @@ def weights(checkpoint: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     return load_file(str(checkpoint / "model.safetensors"))
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`hanyeong ARGS` in-process through the console entry point: (exit code, stdout, stderr)."""
-    from orchestration.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["hanyeong", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out = capsys.readouterr()
-    return exit_info.value.code or 0, out.out, out.err
 
 
 # ---- fixtures -------------------------------------------------------------------------------------
