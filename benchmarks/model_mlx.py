@@ -29,10 +29,10 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from orchestration.batch import Batch  # noqa: E402
-from orchestration.optim import OptimConfig  # noqa: E402
-from orchestration.presets import PRESETS  # noqa: E402
-from orchestration.spec import ModelSpec  # noqa: E402
+from orchestration.core.batch import Batch  # noqa: E402
+from orchestration.core.optim import OptimConfig  # noqa: E402
+from orchestration.core.presets import PRESETS  # noqa: E402
+from orchestration.core.spec import ModelSpec  # noqa: E402
 
 from hardware import cpu_name, machine_name  # benchmarks/hardware.py
 

@@ -74,9 +74,9 @@ def make_step(impl: str, ckpt: str, rows: int, seq_len: int):
     from safetensors.torch import load_file
 
     from cuda_model.backend import TorchBackend
-    from orchestration.batch import Batch
-    from orchestration.checkpoint import load_spec
-    from orchestration.optim import OptimConfig, decays, lr_at
+    from orchestration.core.batch import Batch
+    from orchestration.core.checkpoint import load_spec
+    from orchestration.core.optim import OptimConfig, decays, lr_at
 
     backend, optim = TorchBackend("cpu"), OptimConfig(lr=1e-4, total_steps=100)
     tokens = np.random.default_rng(0).integers(0, CPU_SHAPE["vocab_size"], (rows, seq_len + 1))
@@ -125,7 +125,7 @@ def bench_cpu(rounds: int, rows: int, seq_len: int) -> dict:
     import torch
 
     from cuda_model.backend import TorchBackend
-    from orchestration.presets import PRESETS
+    from orchestration.core.presets import PRESETS
 
     spec = PRESETS["small"].replace(**CPU_SHAPE)
     ckpt = Path(tempfile.mkdtemp()) / "ckpt"
@@ -181,8 +181,8 @@ def gpu_worker(
 
     from cuda_model import step as train
     from cuda_model.backend import TorchBackend
-    from orchestration.optim import OptimConfig
-    from orchestration.presets import PRESETS
+    from orchestration.core.optim import OptimConfig
+    from orchestration.core.presets import PRESETS
 
     spec = PRESETS["1b"].replace(max_seq_len=max(seq_len, PRESETS["1b"].max_seq_len))
     backend = TorchBackend("cuda")

@@ -92,7 +92,7 @@ def stage_breakdown(run_dir: Path, record: dict, every: int | None) -> dict:
 
 def timed_save(checkpoint: Path, repeats: int = 3) -> dict:
     """Seconds per `backend.save` of a training checkpoint (weights, AdamW moments, state)."""
-    from orchestration.backends import get_backend
+    from orchestration.core.backends import get_backend
 
     backend = get_backend("torch")
     state = backend.load_train_state(checkpoint)
@@ -108,7 +108,7 @@ def timed_save(checkpoint: Path, repeats: int = 3) -> dict:
 
 
 def bench(recipe: Path) -> dict:
-    from orchestration.recipe import load_recipe
+    from orchestration.pipeline.recipe import load_recipe
 
     run_dir = WORK / "run"
     shutil.rmtree(run_dir, ignore_errors=True)

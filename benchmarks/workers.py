@@ -43,8 +43,8 @@ def stage1_recipe(workers: int) -> str:
 
 
 def run(workers: int) -> dict:
-    from orchestration.pipeline import run_pipeline
-    from orchestration.run_manifest import load_manifest
+    from orchestration.pipeline.driver import run_pipeline
+    from orchestration.pipeline.run_manifest import load_manifest
 
     work = WORK / f"w{workers}"
     shutil.rmtree(work, ignore_errors=True)

@@ -1,7 +1,7 @@
 """The PyTorch backend (`get_backend("torch")`): CUDA when there is a GPU, else the CPU.
 
 Numpy in, numpy out; the model object is a `cuda_model.model.Model`. Checkpoints are the shared
-format of orchestration/checkpoint.py, read and written with safetensors only (never pickle):
+format of orchestration/core/checkpoint.py, read and written with safetensors only (never pickle):
 fp32 weights under Hugging Face Llama names, fp32 AdamW moments under optimizer_key(name, moment).
 A data-parallel stage (`parallel` 'ddp' / 'fsdp', cuda_model/parallel.py) writes and reads the same
 checkpoints: every rank calls save (FSDP gathers), rank 0 writes; every rank loads the whole file.
@@ -24,8 +24,8 @@ from cuda_model import parallel as par
 from cuda_model import step as steps
 from cuda_model.losses import Tensors, get_loss, token_logprobs
 from cuda_model.model import Model
-from orchestration.batch import Batch
-from orchestration.checkpoint import (
+from orchestration.core.batch import Batch
+from orchestration.core.checkpoint import (
     MODEL_FILE,
     OPTIMIZER_FILE,
     SPEC_FILE,
@@ -35,9 +35,9 @@ from orchestration.checkpoint import (
     write_trainer_state,
     writing,
 )
-from orchestration.errors import CheckpointError, ConfigError, DataError
-from orchestration.optim import OptimConfig
-from orchestration.spec import ModelSpec
+from hanyeong.errors import CheckpointError, ConfigError, DataError
+from orchestration.core.optim import OptimConfig
+from orchestration.core.spec import ModelSpec
 
 ENV_DEVICE = "HANYEONG_TORCH_DEVICE"  # e.g. "cpu" to keep off a GPU; default: cuda if available
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestration.errors import ConfigError, DataError
+from hanyeong.errors import ConfigError, DataError
 
 Tensors = dict[str, torch.Tensor | None]
 LossFn = Callable[[nn.Module, Tensors], tuple[torch.Tensor, torch.Tensor]]

@@ -1,6 +1,6 @@
 """Full definition of the hanyeong decoder in PyTorch, all of it in this file.
 
-A Llama-family decoder built from `orchestration.spec.ModelSpec`: pre-RMSNorm, GQA attention with
+A Llama-family decoder built from `orchestration.core.spec.ModelSpec`: pre-RMSNorm, GQA attention with
 rotate-half RoPE, SwiGLU MLP, final norm, LM head (tied to the embedding or not). Attribute names
 are the Hugging Face Llama checkpoint names, so `state_dict()` is `model.safetensors` with no
 mapping (STYLE rule 4). Single-device code: no device strings, no parallelism (STYLE part 3.2).
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestration.spec import ModelSpec
+from orchestration.core.spec import ModelSpec
 
 # SDPA grew enable_gqa in torch 2.5; before it, key/value heads are repeated by hand
 SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)

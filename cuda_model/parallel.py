@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cuda_model.model import Model, TransformerBlock
-from orchestration.errors import ConfigError
+from hanyeong.errors import ConfigError
 
 PARALLELS = ("ddp", "fsdp")
 TIMEOUT_S = 1800  # a collective waits this long for a rank (Ray Train's TorchConfig default)
@@ -96,7 +96,7 @@ def wrap(model: Model, parallel: str) -> nn.Module:
         raise ConfigError(f"parallel must be one of {', '.join(PARALLELS)}, got {parallel!r}")
     if not (dist.is_available() and dist.is_initialized()):
         raise ConfigError(f"parallel = {parallel!r} needs a torch.distributed process group; launch the "
-                          "stage through the runner (orchestration/workers_torch.py)")  # fmt: skip
+                          "stage through the runner (orchestration/cluster/workers_torch.py)")  # fmt: skip
     device = next(model.parameters()).device
     module = LossModule(model)
     if parallel == "ddp":

@@ -24,9 +24,9 @@ from cuda_model import losses
 from cuda_model import parallel as par
 from cuda_model.losses import LossFn, Tensors, get_loss
 from cuda_model.model import Model
-from orchestration.checkpoint import ADAM_MOMENTS, optimizer_key
-from orchestration.errors import CheckpointError, DataError
-from orchestration.optim import OptimConfig, decays, lr_at
+from orchestration.core.checkpoint import ADAM_MOMENTS, optimizer_key
+from hanyeong.errors import CheckpointError, DataError
+from orchestration.core.optim import OptimConfig, decays, lr_at
 
 ENV_COMPILE = "HANYEONG_TORCH_COMPILE"  # "1": torch.compile the loss (forward) function
 ENV_FUSED = "HANYEONG_FUSED_ADAMW"  # "1"/"0": fused AdamW kernel (default: on CUDA only)

@@ -1,12 +1,12 @@
 """The MLX backend (`get_backend("mlx")`): Metal on Apple silicon, the CPU build elsewhere.
 
 Numpy in, numpy out; the model object is an `mlx_model.model.Model`. Checkpoints are the shared
-format of orchestration/checkpoint.py, read and written as safetensors with `mx.load` /
+format of orchestration/core/checkpoint.py, read and written as safetensors with `mx.load` /
 `mx.save_safetensors` (never pickle): fp32 weights under Hugging Face Llama names, fp32 AdamW
 moments under optimizer_key(name, moment), so the PyTorch backend reads them as they are.
 
 Data parallel across Macs (parallel='ddp'): mlx_model/parallel.py; the ranks are started and
-joined by orchestration/workers_mlx.py.
+joined by orchestration/cluster/workers_mlx.py.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from mlx_model import parallel as dp
 from mlx_model import step as steps
 from mlx_model.losses import get_loss, token_logprobs
 from mlx_model.model import Model
-from orchestration.batch import Batch
-from orchestration.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, SPEC_FILE, check_tensors,
+from orchestration.core.batch import Batch
+from orchestration.core.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, SPEC_FILE, check_tensors,
                                       read_trainer_state, verify, write_trainer_state, writing)  # fmt: skip
-from orchestration.errors import CheckpointError, ConfigError, DataError
-from orchestration.optim import OptimConfig
-from orchestration.spec import ModelSpec
+from hanyeong.errors import CheckpointError, ConfigError, DataError
+from orchestration.core.optim import OptimConfig
+from orchestration.core.spec import ModelSpec
 
 # "pt" as the torch backend writes, so transformers loads an exported model.safetensors as it is
 METADATA = {"format": "pt"}

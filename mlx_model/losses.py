@@ -19,7 +19,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from orchestration.errors import ConfigError, DataError
+from hanyeong.errors import ConfigError, DataError
 
 Arrays = dict[str, mx.array]
 LossFn = Callable[[nn.Module, Arrays], tuple[mx.array, mx.array]]

@@ -1,6 +1,6 @@
 """Full definition of the hanyeong decoder in MLX, all of it in this file.
 
-A Llama-family decoder built from `orchestration.spec.ModelSpec`: pre-RMSNorm, GQA attention with
+A Llama-family decoder built from `orchestration.core.spec.ModelSpec`: pre-RMSNorm, GQA attention with
 rotate-half RoPE, SwiGLU MLP, final norm, LM head (tied to the embedding or not). Attribute names
 are the Hugging Face Llama checkpoint names, so `tree_flatten(model.parameters())` is
 `model.safetensors` with no mapping (STYLE rule 4). It reads as cuda_model/model.py with MLX in
@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from orchestration.spec import ModelSpec
+from orchestration.core.spec import ModelSpec
 
 # RoPE positions: an offset (int, or (B,) per row) for the fast kernel, or (B, T) positions
 Positions = int | mx.array

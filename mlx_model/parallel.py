@@ -5,7 +5,7 @@ rank's summed losses together with the summed loss and the counted targets, then
 GLOBAL count: the update is the single worker's on the whole global batch, and because the ring's
 all-reduce hands every rank the same reduced bytes, the ranks' weights stay identical.
 
-The group is the one `orchestration/workers_mlx.py` initialised in this process
+The group is the one `orchestration/cluster/workers_mlx.py` initialised in this process
 (`mx.distributed.init(backend="ring", strict=True)` with MLX_RANK and MLX_HOSTFILE set);
 `mx.distributed.init()` returns it again, or a group of one in a process that joined none.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from orchestration.errors import CheckpointError, ConfigError
+from hanyeong.errors import CheckpointError, ConfigError
 
 CHUNK_BYTES = 32 * 1024**2  # one all_sum per ~32 MiB of gradients (nn.average_gradients' grouping)
 

@@ -31,10 +31,10 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_model.losses import Arrays, get_loss
 from mlx_model.model import Model
 from mlx_model.parallel import all_sum_flat
-from orchestration.batch import Batch
-from orchestration.checkpoint import ADAM_MOMENTS, optimizer_key
-from orchestration.errors import CheckpointError, DataError
-from orchestration.optim import OptimConfig, decays, lr_at
+from orchestration.core.batch import Batch
+from orchestration.core.checkpoint import ADAM_MOMENTS, optimizer_key
+from hanyeong.errors import CheckpointError, DataError
+from orchestration.core.optim import OptimConfig, decays, lr_at
 
 ENV_COMPILE = "HANYEONG_MLX_COMPILE"  # "0": run the step eagerly (debugging); default compiled
 

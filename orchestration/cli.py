@@ -6,11 +6,11 @@ import sys
 
 import typer
 
-from orchestration.data_cli import app as data_app
-from orchestration.model_cli import app as model_app
-from orchestration.pipeline_cli import app as pipeline_app
+from orchestration.data.cli import app as data_app
+from orchestration.core.cli import app as model_app
+from orchestration.pipeline.cli import app as pipeline_app
 from tokenizer.cli import app as tokenizer_app
-from tokenizer.errors import HanyeongError
+from hanyeong.errors import HanyeongError
 
 app = typer.Typer(
     help="hanyeong (한영): train Korean/English language models the way the EXAONE reports describe.",

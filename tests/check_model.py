@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestration.batch import Batch
-from orchestration.checkpoint import parameter_names
-from orchestration.optim import OptimConfig
-from orchestration.spec import ModelSpec
+from orchestration.core.batch import Batch
+from orchestration.core.checkpoint import parameter_names
+from orchestration.core.optim import OptimConfig
+from orchestration.core.spec import ModelSpec
 
 
 def random_tokens(spec: ModelSpec, shape: tuple[int, int], seed: int = 0) -> np.ndarray:

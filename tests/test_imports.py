@@ -39,5 +39,5 @@ def test_each_backend_imports_only_its_own_framework():
 
 
 def test_spec_checkpoint_and_registry_need_no_framework():
-    loaded = loaded_after("import orchestration.backends, orchestration.checkpoint, orchestration.plan, orchestration.export_hf")
+    loaded = loaded_after("import orchestration.core.backends, orchestration.core.checkpoint, orchestration.core.plan, orchestration.core.export_hf")
     assert not loaded & {"torch", "mlx", "ray", "transformers"}

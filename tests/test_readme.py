@@ -59,8 +59,8 @@ def assert_sft_learned_the_template(run: Path) -> None:
     """After an answer the SFT model closes the turn with [|endofturn|] far more often than before SFT."""
     import numpy as np
 
-    from orchestration.backends import get_backend
-    from orchestration.batch import Batch
+    from orchestration.core.backends import get_backend
+    from orchestration.core.batch import Batch
     from tokenizer.bbpe import BBPETokenizer
 
     backend, tok = get_backend("torch"), BBPETokenizer.load(run / "tokenizer")

@@ -3,7 +3,7 @@
 Exports resolve lazily so that importing a submodule (the CLI) does not load `tokenizers`.
 """
 
-from tokenizer.errors import ConfigError, DataError, HanyeongError
+from hanyeong.errors import ConfigError, DataError, HanyeongError
 
 __all__ = ["BBPETokenizer", "StreamDecoder", "HanyeongError", "ConfigError", "DataError"]
 

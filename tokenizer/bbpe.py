@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from tokenizer.errors import DataError
+from hanyeong.errors import DataError
+from hanyeong.files import write_atomic  # noqa: F401  (re-exported for callers of tokenizer.bbpe)
 from tokenizer.pipeline import token_bytes_table
 from tokenizer.stream import StreamDecoder
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file through a temporary name and a rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def check_encodable(text: str) -> None:

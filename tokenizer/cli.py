@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from tokenizer.errors import ConfigError, DataError
+from hanyeong.errors import ConfigError, DataError
 from tokenizer.train import DEFAULT_KO_SHARE, DEFAULT_MORPHEMES, TrainConfig, default_cache_dir
 
 app = typer.Typer(help="Train, inspect and use the Korean/English byte-level BPE tokenizer.", no_args_is_help=True)
@@ -155,7 +155,8 @@ def encode(
     whole: bool = typer.Option(False, "--whole", help="Encode the input as one text (newlines included), not line by line."),
 ) -> None:
     """Text to ids: one line of space-separated ids per input line (or one array with --npy)."""
-    from tokenizer.bbpe import BBPETokenizer, write_atomic
+    from hanyeong.files import write_atomic
+    from tokenizer.bbpe import BBPETokenizer
 
     tok = BBPETokenizer.load(tokenizer)
     data = _read_input(input)

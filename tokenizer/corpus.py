@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenizer.errors import DataError
+from hanyeong.errors import DataError
 
 FORMATS = {
     ".txt": "txt",

@@ -10,8 +10,9 @@ import base64
 import json
 from pathlib import Path
 
-from tokenizer.bbpe import BBPETokenizer, write_atomic
-from tokenizer.errors import DataError
+from hanyeong.errors import DataError
+from hanyeong.files import write_atomic
+from tokenizer.bbpe import BBPETokenizer
 from tokenizer.pipeline import byte_level_bytes
 
 RANKS_FILE = "tokenizer.tiktoken"

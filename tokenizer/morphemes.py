@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizer.errors import ConfigError
+from hanyeong.errors import ConfigError
 
 # Runs of two or more Hangul syllables: a single syllable has no boundary a byte-level merge
 # could respect (a morpheme inside one syllable, like the ㄴ of 된, shares its bytes).

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenizer.errors import DataError
+from hanyeong.errors import DataError
 from tokenizer.pipeline import token_bytes_table
 
 # Split patterns of the rank-file encodings, by how many ranks the file holds.

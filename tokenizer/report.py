@@ -195,7 +195,7 @@ def training_markdown(report: dict) -> str:
 
 
 def write_report(out_dir: Path, report: dict) -> None:
-    from tokenizer.bbpe import write_atomic
+    from hanyeong.files import write_atomic
 
     write_atomic(out_dir / "report.json", json.dumps(report, ensure_ascii=False, indent=2))
     write_atomic(out_dir / "report.md", training_markdown(report))

@@ -10,7 +10,7 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
-from tokenizer.errors import ConfigError
+from hanyeong.errors import ConfigError
 from tokenizer.language import LANGUAGES, detect_language
 
 

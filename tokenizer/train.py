@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tokenizer.corpus import FileReport, TextFields, read_corpus
-from tokenizer.errors import ConfigError, DataError
+from hanyeong.errors import ConfigError, DataError
 from tokenizer.morphemes import MorphemeCache, MorphemeMarker, count_runs, parse_categories
 from tokenizer.sampling import SampleConfig, draw_sample
 from tokenizer.specials import SPECIAL_BLOCK, special_tokens, tokenizer_config

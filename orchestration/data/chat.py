@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from orchestration.errors import ConfigError
+from hanyeong.errors import ConfigError
 from tokenizer.specials import NAMED_SPECIALS
 
 ROLES = ("system", "user", "assistant")
@@ -78,7 +78,7 @@ class ChatConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "chat") -> ChatConfig:
-        from orchestration.tables import build_table
+        from orchestration.core.config import build_table
 
         return build_table(cls, data, where)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestration.data.chat import ChatConfig, conversation, encode, render
-from orchestration.errors import DataError
+from hanyeong.errors import DataError
 
 
 def write_shard(path: Path, ids: list[str], languages: list[str], input_ids: list[np.ndarray],
@@ -30,7 +30,7 @@ def write_shard(path: Path, ids: list[str], languages: list[str], input_ids: lis
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tokenizer.bbpe import write_atomic
+    from hanyeong.files import write_atomic
 
     lengths = np.array([len(x) for x in input_ids], np.int64)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))

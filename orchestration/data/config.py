@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestration.errors import ConfigError
+from hanyeong.errors import ConfigError
 
 SCRIPTS = ("hangul", "latin", "han", "kana", "cyrillic", "greek", "arabic", "other")
 
@@ -247,7 +247,7 @@ def load_config(path: str | Path | None) -> PrepareConfig:
     """Read a prepare.toml (None: the defaults); relative paths in it become absolute."""
     if path is None:
         return PrepareConfig()
-    from orchestration.tables import read_toml
+    from orchestration.core.config import read_toml
 
     path = Path(path)
     data = read_toml(path, "config")

@@ -20,7 +20,7 @@ import numpy as np
 
 from orchestration.data.config import BenchmarkConfig, DecontaminateConfig
 from orchestration.data.fingerprint import joined_windows, normalize, window_owner
-from orchestration.errors import ConfigError
+from hanyeong.errors import ConfigError
 
 
 @dataclass

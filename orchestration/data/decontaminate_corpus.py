@@ -21,7 +21,7 @@ from orchestration.data.config import DecontaminateConfig
 from orchestration.data.decontaminate import Decontaminator, build_index
 from orchestration.data.documents import IngestReport, Source, read_documents, resolve_sources
 from orchestration.data.fingerprint import normalize
-from orchestration.errors import ConfigError, DataError
+from hanyeong.errors import ConfigError, DataError
 
 REPORT_FORMAT = "hanyeong-decontamination"
 # A lone surrogate (possible in JSON input) is written as \udXXX: still valid JSON, read back as is.

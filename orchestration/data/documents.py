@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestration.errors import ConfigError
+from hanyeong.errors import ConfigError
 from tokenizer.corpus import FileReport, TextFields, expand_paths, read_corpus
 from tokenizer.language import detect_language
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestration.batch import Batch
-from orchestration.errors import CheckpointError, ConfigError, DataError
-from orchestration.spec import _build
+from orchestration.core.batch import Batch
+from hanyeong.errors import CheckpointError, ConfigError, DataError
+from orchestration.core.spec import _build
 
 DATASET_FORMAT, DATASET_VERSION = "hanyeong-dataset", 1
 CURSOR_FORMAT, CURSOR_VERSION = "hanyeong-data-cursor", 1

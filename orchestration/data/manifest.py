@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from orchestration.errors import DataError
+from hanyeong.errors import DataError
 
 FORMAT = "hanyeong-dataset"
 VERSION = 1
@@ -120,7 +120,7 @@ def check_replaceable(dataset: Path) -> None:
 
 def publish(tmp: Path, dataset: Path, manifest: dict) -> None:
     """Write the manifest into `tmp`, then move `tmp` to `dataset`, replacing an older dataset."""
-    from tokenizer.bbpe import write_atomic
+    from hanyeong.files import write_atomic
 
     write_atomic(tmp / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
     check_replaceable(dataset)

@@ -29,7 +29,7 @@ from orchestration.data.documents import (
 from orchestration.data.filters import quality_reasons
 from orchestration.data.fingerprint import normalize
 from orchestration.data.ledger import Ledger
-from orchestration.errors import DataError
+from hanyeong.errors import DataError
 
 BATCH_DOCUMENTS = 4096  # documents per pass through the steps
 EXAMPLES = 50  # decontamination matches kept in the manifest for auditing

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from orchestration.data.config import ShardConfig
 from orchestration.data.documents import Document
-from orchestration.errors import DataError, HanyeongError
-from orchestration.ray_session import ray_session  # noqa: F401  (callers import it from here too)
+from hanyeong.errors import DataError, HanyeongError
+from orchestration.cluster.ray_session import ray_session  # noqa: F401  (callers import it from here too)
 
 _TOKENIZERS: dict[str, object] = {}  # one loaded tokenizer per worker process
 
@@ -65,7 +65,8 @@ def tokenize_shard(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tokenizer.bbpe import BBPETokenizer, write_atomic
+    from hanyeong.files import write_atomic
+    from tokenizer.bbpe import BBPETokenizer
 
     tok = _TOKENIZERS.get(tokenizer["sha256"])
     if tok is None:

@@ -27,8 +27,8 @@ from orchestration.data.config import (
     SymbolRule,
     WordLengthRule,
 )
-from orchestration.errors import ConfigError
-from orchestration.spec import _build
+from hanyeong.errors import ConfigError
+from orchestration.core.spec import _build
 
 
 def build(cls, data: object, where: str):

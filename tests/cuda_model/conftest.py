@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from orchestration.presets import PRESETS
+from orchestration.core.presets import PRESETS
 
 VOCAB = 97  # a small vocabulary keeps the embedding and the head cheap
 

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 
-from orchestration.batch import Batch
-from orchestration.spec import ModelSpec
+from orchestration.core.batch import Batch
+from orchestration.core.spec import ModelSpec
 
 B, T = 4, 12
 

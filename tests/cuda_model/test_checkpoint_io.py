@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from orchestration.batch import Batch
-from orchestration.checkpoint import (
+from orchestration.core.batch import Batch
+from orchestration.core.checkpoint import (
     MODEL_FILE,
     OPTIMIZER_FILE,
     SPEC_FILE,
@@ -19,8 +19,8 @@ from orchestration.checkpoint import (
     optimizer_key,  # fmt: skip
     parameter_names,
 )
-from orchestration.errors import CheckpointError
-from orchestration.optim import OptimConfig
+from hanyeong.errors import CheckpointError
+from orchestration.core.optim import OptimConfig
 from tests.check_model import random_tokens
 from tests.cuda_model.conftest import tiny
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from orchestration.batch import Batch
-from orchestration.optim import OptimConfig
+from orchestration.core.batch import Batch
+from orchestration.core.optim import OptimConfig
 from tests.check_model import check_model, random_tokens
 from tests.cuda_model.conftest import tiny
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestration.spec import ModelSpec, RopeScaling
+from orchestration.core.spec import ModelSpec, RopeScaling
 from tests.check_model import random_tokens
 from tests.cuda_model.conftest import tiny
 

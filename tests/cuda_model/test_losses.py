@@ -49,7 +49,7 @@ def test_fusable_chunk_kernel_equals_the_eager_one(masked):
 
 
 def test_unknown_loss_lists_the_known_ones():
-    from orchestration.errors import ConfigError
+    from hanyeong.errors import ConfigError
 
     with pytest.raises(ConfigError, match="causal_lm, sft"):
         losses.get_loss("dpo-typo")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestration.checkpoint import parameter_names
+from orchestration.core.checkpoint import parameter_names
 from tests.check_model import check_model, random_tokens
 from tests.cuda_model.conftest import tiny
 

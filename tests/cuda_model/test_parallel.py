@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from orchestration.batch import Batch
-from orchestration.checkpoint import MODEL_FILE, OPTIMIZER_FILE, read_trainer_state, verify
-from orchestration.optim import OptimConfig
-from orchestration.parallel import rank_rows
+from orchestration.core.batch import Batch
+from orchestration.core.checkpoint import MODEL_FILE, OPTIMIZER_FILE, read_trainer_state, verify
+from orchestration.core.optim import OptimConfig
+from orchestration.core.parallel import rank_rows
 from tests.cuda_model.conftest import tiny
 from tests.orchestration.test_stage import one_thread  # noqa: F401  (a fixture)
 
@@ -195,7 +195,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(single, ranks, name):
 
 
 def test_parallel_needs_a_process_group(backend):
-    from orchestration.errors import ConfigError
+    from hanyeong.errors import ConfigError
 
     assert backend.world() == (0, 1)
     with pytest.raises(ConfigError, match="process group"):

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 from cuda_model.step import forward_backward
-from orchestration.batch import Batch
-from orchestration.checkpoint import optimizer_key, read_trainer_state
-from orchestration.errors import DataError
-from orchestration.optim import OptimConfig, lr_at
+from orchestration.core.batch import Batch
+from orchestration.core.checkpoint import optimizer_key, read_trainer_state
+from hanyeong.errors import DataError
+from orchestration.core.optim import OptimConfig, lr_at
 from tests.conftest import REPO
 from tests.check_model import random_tokens
 from tests.cuda_model.conftest import tiny

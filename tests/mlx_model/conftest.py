@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 
-from orchestration.presets import PRESETS
+from orchestration.core.presets import PRESETS
 
 # No importorskip here: a skip raised by a conftest named on the command line aborts pytest, so
 # each test module skips itself when mlx is not importable.

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestration.errors import ConfigError
-from orchestration.workers_mlx import bundle_layout, rank_env, ring_hostfile
+from hanyeong.errors import ConfigError
+from orchestration.cluster.workers_mlx import bundle_layout, rank_env, ring_hostfile
 from tests.orchestration.ray_cluster import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +76,7 @@ ROWS, T = 5, 16  # an odd global batch: the ranks hold 3 and 2 rows
 
 
 def optim():
-    from orchestration.optim import OptimConfig
+    from orchestration.core.optim import OptimConfig
 
     return OptimConfig(lr=3e-3, warmup_steps=1, total_steps=STEPS + 1, grad_accum_steps=2)
 
@@ -84,7 +84,7 @@ def optim():
 def global_batches():
     """STEPS + 1 global batches of the tiny model's vocabulary, with masks (the sft loss divides by
     the counted targets, which differ between the ranks)."""
-    from orchestration.batch import Batch
+    from orchestration.core.batch import Batch
     from tests.mlx_model.conftest import VOCAB
 
     rng = np.random.default_rng(7)
@@ -99,7 +99,7 @@ def train(out: Path, rank: int = 0, world: int = 1) -> None:
     from mlx.utils import tree_flatten
 
     from mlx_model.backend import MLXBackend
-    from orchestration.parallel import rank_rows
+    from orchestration.core.parallel import rank_rows
     from tests.mlx_model.conftest import tiny
 
     backend, parallel = MLXBackend(), "ddp" if world > 1 else None
@@ -175,7 +175,7 @@ BUDGET = 768  # 6 steps of 4 rows x 32 tokens
 @pytest.fixture(scope="module")
 def mlx_ray():
     """A local Ray on 127.0.0.1 that declares two Macs' worth of `apple_silicon` (one node)."""
-    from orchestration.ray_session import ray_session
+    from orchestration.cluster.ray_session import ray_session
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")  # the ranks share 2 cores
@@ -197,7 +197,7 @@ def attempts(stage_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def single(small_tokenizer_dir, datasets, tmp_path_factory):
     """The stage on one worker, in this process: (stage dir, result)."""
-    from orchestration.stage import run_stage
+    from orchestration.pipeline.stage import run_stage
 
     stage_dir = tmp_path_factory.mktemp("single") / "pretrain"
     return stage_dir, run_stage(stage_config(small_tokenizer_dir, datasets, stage_dir))
@@ -205,7 +205,7 @@ def single(small_tokenizer_dir, datasets, tmp_path_factory):
 
 def checkpoint_weights(stage_dir: Path) -> dict:
     from mlx_model.backend import read_tensors
-    from orchestration.checkpoint import MODEL_FILE
+    from orchestration.core.checkpoint import MODEL_FILE
 
     return {k: np.array(v) for k, v in read_tensors(stage_dir / "checkpoint" / MODEL_FILE).items()}
 
@@ -216,7 +216,7 @@ def checkpoint_weights(stage_dir: Path) -> dict:
 def test_a_stage_on_two_mlx_ranks_through_ray_is_the_single_workers(
     mlx_ray, single, small_tokenizer_dir, datasets, tmp_path
 ):
-    from orchestration.workers_mlx import run_mlx_workers
+    from orchestration.cluster.workers_mlx import run_mlx_workers
 
     stage_dir = tmp_path / "pretrain"
     config = stage_config(small_tokenizer_dir, datasets, stage_dir)
@@ -244,7 +244,7 @@ def test_a_stage_on_two_mlx_ranks_through_ray_is_the_single_workers(
 def test_a_ranks_exception_is_raised_as_it_is_and_not_retried(
     mlx_ray, small_tokenizer_dir, datasets, tmp_path
 ):
-    from orchestration.workers_mlx import run_mlx_workers
+    from orchestration.cluster.workers_mlx import run_mlx_workers
 
     config = stage_config(small_tokenizer_dir, datasets, tmp_path / "s")
     config["recipe"]["run"]["vocab_size"] = 4000  # not the tokenizer's: every rank raises ConfigError
@@ -263,7 +263,7 @@ def test_a_killed_rank_restarts_the_group_which_resumes_to_the_single_workers_we
     import threading
     import time
 
-    from orchestration import workers_mlx
+    from orchestration.cluster import workers_mlx
 
     monkeypatch.setattr(workers_mlx, "FAILURE_GRACE_S", 2.0)  # rank 0 waits on its dead peer this long
     stage_dir, killed = tmp_path / "pretrain", []
@@ -321,8 +321,8 @@ def test_on_a_cluster_of_two_mac_nodes_each_holds_one_rank(single, small_tokeniz
 
 
 if __name__ == "__main__" and sys.argv[1] == "launch":  # the driver of the cluster test
-    from orchestration.ray_session import ray_session
-    from orchestration.workers_mlx import run_mlx_workers
+    from orchestration.cluster.ray_session import ray_session
+    from orchestration.cluster.workers_mlx import run_mlx_workers
 
     address, out = sys.argv[2], Path(sys.argv[3])
     with ray_session(address=address):

@@ -13,8 +13,8 @@ import pytest
 mx = pytest.importorskip("mlx.core")  # skip the module, before any mlx import, where mlx is missing
 mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
 
-from orchestration.export_hf import export_hf
-from orchestration.spec import RopeScaling
+from orchestration.core.export_hf import export_hf
+from orchestration.core.spec import RopeScaling
 from tests.check_model import random_tokens
 from tests.mlx_model.conftest import tiny
 

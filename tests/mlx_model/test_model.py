@@ -13,10 +13,10 @@ mx = pytest.importorskip("mlx.core")  # skip the module, before any mlx import, 
 from mlx.utils import tree_flatten
 
 from mlx_model.model import RoPE
-from orchestration.batch import Batch
-from orchestration.checkpoint import parameter_names
-from orchestration.optim import OptimConfig
-from orchestration.spec import RopeScaling
+from orchestration.core.batch import Batch
+from orchestration.core.checkpoint import parameter_names
+from orchestration.core.optim import OptimConfig
+from orchestration.core.spec import RopeScaling
 from tests.check_model import check_model, random_tokens
 from tests.mlx_model.conftest import tiny
 
@@ -209,8 +209,8 @@ def test_training_checkpoint_resumes_exactly(backend, tmp_path):
 
 def test_load_refuses_weights_that_do_not_fit_the_spec(backend, tmp_path):
     from mlx_model.backend import METADATA
-    from orchestration.checkpoint import writing
-    from orchestration.errors import CheckpointError
+    from orchestration.core.checkpoint import writing
+    from hanyeong.errors import CheckpointError
 
     model = backend.init(tiny())
     with writing(tmp_path / "ckpt", tiny(d_ff=128)) as tmp:  # a spec.json that says otherwise
@@ -225,6 +225,6 @@ def test_load_refuses_weights_that_do_not_fit_the_spec(backend, tmp_path):
 
 def test_get_backend_finds_this_one():
     from mlx_model.backend import BACKEND
-    from orchestration.backends import get_backend
+    from orchestration.core.backends import get_backend
 
     assert get_backend("mlx") is BACKEND and BACKEND.name == "mlx"

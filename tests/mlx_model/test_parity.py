@@ -15,9 +15,9 @@ mx = pytest.importorskip("mlx.core")  # skip the module, before any mlx import, 
 from mlx.utils import tree_flatten
 
 from mlx_model.step import init_train_state
-from orchestration.batch import Batch
-from orchestration.optim import OptimConfig, decays
-from orchestration.spec import RopeScaling
+from orchestration.core.batch import Batch
+from orchestration.core.optim import OptimConfig, decays
+from orchestration.core.spec import RopeScaling
 from tests.check_model import random_tokens
 from tests.mlx_model.conftest import tiny
 

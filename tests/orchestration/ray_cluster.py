@@ -17,7 +17,7 @@ Other engineers run their own Rays on the same machine, so a cluster here
   127.0.0.1 (any other, 127.0.0.2 included, and the GCS, raylet and agents listen on every
   interface), yet `ray start` swaps 127.0.0.1 for the host's outward IP
   (services.resolve_ip_for_localhost). The head keeps it with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
-  like orchestration/ray_session.py; that switch also makes `ray start --address` refuse to join,
+  like orchestration/cluster/ray_session.py; that switch also makes `ray start --address` refuse to join,
   so a worker node's `ray start` runs with Ray's IP lookup answering 127.0.0.1 (RAY_WORKER below).
   `listeners()` lets a test check it;
 - is stopped by killing its own processes (`pids()`), never with `ray stop`.

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from orchestration import checkpoint
-from orchestration.errors import CheckpointError
-from orchestration.presets import PRESETS
+from orchestration.core import checkpoint
+from hanyeong.errors import CheckpointError
+from orchestration.core.presets import PRESETS
 
 SPEC = PRESETS["tiny"].replace(vocab_size=300)
 

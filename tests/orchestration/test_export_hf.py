@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from orchestration.backends import get_backend
-from orchestration.errors import CheckpointError
-from orchestration.export_hf import export_hf
-from orchestration.presets import PRESETS
+from orchestration.core.backends import get_backend
+from hanyeong.errors import CheckpointError
+from orchestration.core.export_hf import export_hf
+from orchestration.core.presets import PRESETS
 from tests.conftest import REPO
 
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""`hanyeong pipeline submit|status|logs|stop --address` (orchestration/jobs.py): the job's pieces
+"""`hanyeong pipeline submit|status|logs|stop --address` (orchestration/cluster/jobs.py): the job's pieces
 without Ray, then the quickstart recipe submitted to a real `ray start` head on 127.0.0.1
 (tests/orchestration/ray_cluster.py), stopped mid-stage, resubmitted and resumed."""
 
@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestration import job_client, jobs
-from orchestration.errors import ConfigError
+from orchestration.cluster import job_client
+
+from orchestration.cluster import jobs
+from hanyeong.errors import ConfigError
 from tests.conftest import REPO, cli
 
 QUICKSTART = REPO / "recipes" / "quickstart.toml"
@@ -103,7 +105,7 @@ def test_the_upload_is_small_and_leaves_the_clutter_out(tmp_path, monkeypatch, c
 def test_the_job_runs_from_a_copy_of_its_working_dir_at_a_path_that_stays_put(tmp_path, monkeypatch):
     """Ray unpacks each version of the working dir elsewhere; the copy in the run dir keeps the
     recipe's resolved paths, hence the stage identities, the same across submissions."""
-    from orchestration.pipeline import run_lock
+    from orchestration.pipeline.driver import run_lock
 
     run_dir = tmp_path / "run"
     for version in ("a", "b"):

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestration.errors import ConfigError
-from orchestration.optim import OptimConfig, decays, lr_at
+from hanyeong.errors import ConfigError
+from orchestration.core.optim import OptimConfig, decays, lr_at
 
 configs = st.builds(
     lambda total, warm_share, schedule, ratio, decay: OptimConfig(

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestration.batch import Batch
-from orchestration.errors import ConfigError
-from orchestration.parallel import FSDP_FROM_PARAMS, rank_rows, resolve_parallelism
+from orchestration.core.batch import Batch
+from hanyeong.errors import ConfigError
+from orchestration.core.parallel import FSDP_FROM_PARAMS, rank_rows, resolve_parallelism
 
 
 @given(rows=st.integers(1, 40), world=st.integers(1, 9), masked=st.booleans())

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestration.errors import ConfigError, DataError
-from orchestration.recipe import Recipe, load_recipe
-from orchestration.stage_config import StageConfig
+from hanyeong.errors import ConfigError, DataError
+from orchestration.pipeline.recipe import Recipe, load_recipe
+from orchestration.pipeline.stage_config import StageConfig
 from tests.conftest import REPO
 
 try:
@@ -59,7 +59,7 @@ def test_full_scale_recipe_is_nine_trillion_tokens_to_32k():
 def test_model_plan_sums_a_recipe(capsys):
     from typer.testing import CliRunner
 
-    from orchestration.model_cli import app
+    from orchestration.core.cli import app
 
     result = CliRunner().invoke(
         app, ["plan", "--recipe", str(RECIPES / "exaone-3.5-7.8b.toml"), "--gpus", "1024", "--json"]
@@ -210,8 +210,8 @@ def test_identities_change_exactly_with_a_stage_and_what_it_starts_from():
 
 
 def test_a_checkpoint_start_is_identified_by_its_content(tmp_path):
-    from orchestration.backends import get_backend
-    from orchestration.presets import get_preset
+    from orchestration.core.backends import get_backend
+    from orchestration.core.presets import get_preset
 
     backend = get_backend("torch")
     spec = get_preset("tiny").replace(vocab_size=8000)

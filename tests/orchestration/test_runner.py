@@ -88,7 +88,7 @@ def ray_local():
     """One local Ray for the module; run_pipeline (and prepare inside it) reuse it. Its workers
     run torch on one thread: two OpenMP threads on two cores shared with other jobs can stall a
     tiny step from 6 ms to 700 ms (the workers inherit the variable; Ray only sets it when unset)."""
-    from orchestration.runner import ray_session
+    from orchestration.pipeline.runner import ray_session
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
@@ -110,7 +110,7 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def finished(root, ray_local, tmp_path_factory):
     """The three-stage recipe run once from nothing: tokenizer trained, dataset prepared, stages run."""
-    from orchestration.pipeline import run_pipeline
+    from orchestration.pipeline.driver import run_pipeline
 
     recipe = write_recipe(root / "base" / "recipe.toml", root)
     run_dir = root / "base" / "run"
@@ -125,8 +125,8 @@ def finished(root, ray_local, tmp_path_factory):
 
 
 def test_run_writes_manifest_checkpoints_metrics_and_plot(finished):
-    from orchestration import checkpoint
-    from orchestration.run_manifest import load_manifest
+    from orchestration.core import checkpoint
+    from orchestration.pipeline.run_manifest import load_manifest
 
     run_dir = finished["run_dir"]
     assert finished["summary"]["ran"] == ["s1", "s2", "s3"]
@@ -157,8 +157,8 @@ def test_rerun_of_a_finished_recipe_runs_nothing(finished, monkeypatch, capsys):
 
 
 def test_a_changed_stage_reruns_from_there_and_keeps_the_stages_before(finished, root, tmp_path):
-    from orchestration.pipeline import run_pipeline
-    from orchestration.run_manifest import load_manifest
+    from orchestration.pipeline.driver import run_pipeline
+    from orchestration.pipeline.run_manifest import load_manifest
 
     run_dir = tmp_path / "run"
     shutil.copytree(finished["run_dir"], run_dir)
@@ -180,8 +180,8 @@ def test_a_changed_stage_reruns_from_there_and_keeps_the_stages_before(finished,
 def test_a_killed_worker_is_retried_and_the_stage_resumes_to_the_same_weights(finished, root, tmp_path):
     """SIGKILL the stage's worker after its first checkpoint: Ray retries the task, run_stage
     resumes from the checkpoint and data cursor, and the result equals the uninterrupted run."""
-    from orchestration.pipeline import run_pipeline
-    from orchestration.run_manifest import load_manifest
+    from orchestration.pipeline.driver import run_pipeline
+    from orchestration.pipeline.run_manifest import load_manifest
 
     base = finished["run_dir"]
     recipe = write_recipe(tmp_path / "recipe.toml", root, tokenizer=str(base / "tokenizer"),
@@ -220,8 +220,8 @@ def test_a_killed_worker_is_retried_and_the_stage_resumes_to_the_same_weights(fi
 def test_a_stage_with_two_workers_runs_through_ray_train_to_the_single_worker_result(finished, root, tmp_path):
     """workers = 2 in the recipe: the runner hands the stage to Ray Train (2 gloo ranks, each on
     half of every step's rows); the loss curve and final weights are the one-worker run's."""
-    from orchestration.pipeline import run_pipeline
-    from orchestration.run_manifest import load_manifest
+    from orchestration.pipeline.driver import run_pipeline
+    from orchestration.pipeline.run_manifest import load_manifest
 
     base = finished["run_dir"]
     text = recipe_text(root, tokenizer=str(base / "tokenizer"), dataset=str(base / "datasets" / "text"), stages=1)
@@ -258,7 +258,7 @@ def broken_dataset(finished, tmp_path) -> Path:
 
 
 def test_a_stage_reading_missing_data_stops_the_run_with_one_line(finished, root, tmp_path, monkeypatch, capsys):
-    from orchestration.run_manifest import load_manifest
+    from orchestration.pipeline.run_manifest import load_manifest
 
     base = finished["run_dir"]
     extra = f'\n[[run.datasets]]\nname = "broken"\npath = "{broken_dataset(finished, tmp_path)}"\n'
@@ -273,7 +273,7 @@ def test_a_stage_reading_missing_data_stops_the_run_with_one_line(finished, root
     manifest = load_manifest(run_dir)
     assert [s.status for s in manifest.stages] == ["done", "failed", "pending"]
     assert manifest.stages[1].error and manifest.stages[1].attempts == 1  # an exception is not retried
-    from orchestration import checkpoint
+    from orchestration.core import checkpoint
 
     checkpoint.verify(run_dir / manifest.stages[0].checkpoint, checksums=True)
     assert (run_dir / "stages" / "02-s2" / "error.txt").is_file()
@@ -320,7 +320,7 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_plan_skips_done_stages_and_reruns_from_the_first_change():
-    from orchestration.run_manifest import RunManifest, StageRecord, plan_stages
+    from orchestration.pipeline.run_manifest import RunManifest, StageRecord, plan_stages
 
     def records(identities, status="done"):
         return [StageRecord(f"s{i}", "pretrain", x, f"stages/0{i}-s{i}", 10, status) for i, x in enumerate(identities)]
@@ -335,8 +335,8 @@ def test_plan_skips_done_stages_and_reruns_from_the_first_change():
 
 
 def test_task_resources_follow_the_backend_and_refuse_what_the_cluster_lacks():
-    from orchestration.errors import ConfigError
-    from orchestration.runner import resolve_backend, task_options, worker_resources
+    from hanyeong.errors import ConfigError
+    from orchestration.pipeline.runner import resolve_backend, task_options, worker_resources
 
     cpu, gpu, mac = {"CPU": 16.0}, {"CPU": 16.0, "GPU": 8.0}, {"CPU": 10.0, "apple_silicon": 1.0}
     assert resolve_backend("auto", cpu) == "torch" and resolve_backend("auto", mac) == "mlx"
@@ -360,8 +360,8 @@ def test_task_resources_follow_the_backend_and_refuse_what_the_cluster_lacks():
 
 
 def test_a_run_directory_takes_one_run_at_a_time(tmp_path):
-    from orchestration.errors import ConfigError
-    from orchestration.pipeline import run_lock
+    from hanyeong.errors import ConfigError
+    from orchestration.pipeline.driver import run_lock
 
     with run_lock(tmp_path):
         with pytest.raises(ConfigError, match=f"in use by another `hanyeong pipeline run` \\(pid {os.getpid()}\\)"):

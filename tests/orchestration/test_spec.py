@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestration.errors import ConfigError
-from orchestration.presets import PRESETS, get_preset
-from orchestration.spec import ModelSpec, RopeScaling
+from hanyeong.errors import ConfigError
+from orchestration.core.presets import PRESETS, get_preset
+from orchestration.core.spec import ModelSpec, RopeScaling
 from tests.conftest import REPO
 
 # Parameter counts of the released checkpoints (EXAONE 3.0 / 3.5 technical reports and HF cards).
@@ -49,7 +49,7 @@ def test_plan_cli_reproduces_published_compute(name):
 
 
 def test_parameter_count_equals_sum_of_tensor_shapes():
-    from orchestration.checkpoint import parameter_names
+    from orchestration.core.checkpoint import parameter_names
 
     for spec in (PRESETS["tiny"], PRESETS["exaone-3.5-7.8b"]):
         total = sum(int(np.prod(shape)) for shape in parameter_names(spec).values())
@@ -117,7 +117,7 @@ def test_rope_inv_freq_matches_transformers():
     scaled = PRESETS["tiny"].replace(
         rope_theta=500_000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}
     )
-    from orchestration.export_hf import llama_config
+    from orchestration.core.export_hf import llama_config
 
     for spec in (PRESETS["tiny"], scaled):
         config = transformers.LlamaConfig(**{k: v for k, v in llama_config(spec).items() if k != "architectures"})

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestration import checkpoint
+from orchestration.core import checkpoint
 from orchestration.data.chat_dataset import prepare_chat, write_shard
 from orchestration.data.shards import tokenizer_info
-from orchestration.errors import CheckpointError, ConfigError, TrainingError
-from orchestration.recipe import Recipe
-from orchestration.stage import run_stage
+from hanyeong.errors import CheckpointError, ConfigError, TrainingError
+from orchestration.pipeline.recipe import Recipe
+from orchestration.pipeline.stage import run_stage
 from tests.conftest import QUICKSTART, quickstart_english, quickstart_korean
 
 torch = pytest.importorskip("torch")

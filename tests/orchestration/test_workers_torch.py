@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestration import checkpoint
-from orchestration.errors import ConfigError, DataError, HanyeongError
-from orchestration.stage import run_stage
-from orchestration.workers_torch import absolute, group_failure, stage_error, worker_resources
+from orchestration.core import checkpoint
+from hanyeong.errors import ConfigError, DataError, HanyeongError
+from orchestration.pipeline.stage import run_stage
+from orchestration.cluster.workers_torch import absolute, group_failure, stage_error, worker_resources
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("ray.train")
@@ -40,7 +40,7 @@ WORKERS = 2
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray of 2 CPUs on 127.0.0.1 for the module; its workers run torch on one thread."""
-    from orchestration.ray_session import ray_session
+    from orchestration.cluster.ray_session import ray_session
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
@@ -50,7 +50,7 @@ def ray_local():
 
 def on_workers(ray, config: dict, parallel: str = "ddp", retries: int = 2):
     """run_torch_workers in a Ray task that holds no CPU, as the runner calls it; its ObjectRef."""
-    from orchestration.workers_torch import run_torch_workers
+    from orchestration.cluster.workers_torch import run_torch_workers
 
     task = ray.remote(num_cpus=0, max_retries=0)(run_torch_workers)
     return task.remote(config, WORKERS, parallel, {"CPU": 1}, retries)  # as the runner passes it
@@ -151,7 +151,7 @@ def test_a_killed_worker_is_survived_with_the_resume_law(
 def test_a_stage_error_is_not_retried_and_reads_as_itself(
     ray_local, pretrained, small_tokenizer_dir, datasets, tmp_path
 ):
-    from orchestration.runner import failure_message
+    from orchestration.pipeline.runner import failure_message
 
     stage_dir = tmp_path / "pretrain"
     elsewhere = {"elsewhere": datasets["general"]}  # not the name the recipe reads

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenizer.corpus import TextFields, expand_paths, read_corpus, read_file
-from tokenizer.errors import DataError
+from hanyeong.errors import DataError
 
 
 def read(path, *fields):

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tokenizer.bbpe import BBPETokenizer
-from tokenizer.errors import DataError
+from hanyeong.errors import DataError
 from tokenizer.export import export_tiktoken, load_tiktoken_encoding
 
 import pytest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenizer.errors import ConfigError
+from hanyeong.errors import ConfigError
 from tokenizer.morphemes import BOUNDARY, MorphemeCache, MorphemeMarker, boundaries, count_runs, parse_categories
 from tokenizer.pipeline import training_pre_tokenizer
 

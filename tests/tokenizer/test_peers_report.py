@@ -94,7 +94,7 @@ def test_sentencepiece_peer(tmp_path):
 
 
 def test_unknown_tokenizer_file_is_a_clear_error(tmp_path):
-    from tokenizer.errors import DataError
+    from hanyeong.errors import DataError
 
     (tmp_path / "x.bin").write_bytes(b"\x00\x01garbage")
     with pytest.raises(DataError, match="not a tokenizer.json, tiktoken rank file or SentencePiece model"):

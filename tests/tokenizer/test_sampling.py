@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tokenizer.errors import ConfigError
+from hanyeong.errors import ConfigError
 from tokenizer.language import detect_language
 from tokenizer.sampling import SampleConfig, byte_targets, draw_sample
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tokenizer.bbpe import BBPETokenizer
-from tokenizer.errors import DataError
+from hanyeong.errors import DataError
 from tokenizer.sampling import SampleConfig
 from tokenizer.specials import NAMED_SPECIALS, SPECIAL_BLOCK
 from tokenizer.train import TrainConfig, train_tokenizer

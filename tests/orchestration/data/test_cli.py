@@ -142,5 +142,5 @@ def test_errors_are_one_line(setup, tmp_path, small_tokenizer_dir):
 def test_the_cli_and_the_pipeline_import_no_ray():
     from tests.test_imports import loaded_after
 
-    loaded = loaded_after("import orchestration.data_cli, orchestration.data.prepare")
+    loaded = loaded_after("import orchestration.data.cli, orchestration.data.prepare")
     assert not loaded & {"ray", "pyarrow", "tokenizers", "kiwipiepy"}

@@ -6,7 +6,7 @@ import pytest
 
 from orchestration.data.config import PrepareConfig, load_config
 from orchestration.data.documents import resolve_sources, safe_name
-from orchestration.errors import ConfigError, DataError
+from hanyeong.errors import ConfigError, DataError
 from tests.conftest import QUICKSTART, REPO
 
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestration.data.loader import DRAW_BLOCK, MixtureConfig, MixtureLoader
-from orchestration.errors import CheckpointError, ConfigError, DataError
+from hanyeong.errors import CheckpointError, ConfigError, DataError
 from tests.conftest import REPO
 
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 5000

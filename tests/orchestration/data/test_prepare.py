@@ -14,7 +14,7 @@ from orchestration.data.clean import clean_text
 from orchestration.data.config import PrepareConfig
 from orchestration.data.prepare import Steps, prepare
 from orchestration.data.shards import file_sha256, tokenize_shard, tokenizer_info
-from orchestration.errors import DataError
+from hanyeong.errors import DataError
 from tests.conftest import quickstart_korean
 from tests.orchestration.data.support import (  # noqa: F401
     ITEMS,

@@ -1,0 +1,121 @@
+"""`hanyeong model ...`: init, plan, export-hf, inspect.
+
+Commands parse options, make one library call and print a summary; frameworks are imported inside
+the command bodies so `hanyeong --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from orchestration.core.plan import GPUS, PlanConfig
+
+app = typer.Typer(help="Create, size, inspect and export models of the shared spec.", no_args_is_help=True)
+
+
+@app.command()
+def init(
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write."),
+    preset: str = typer.Option("tiny", help="Model preset (see `hanyeong model presets`)."),
+    seed: int = typer.Option(0, help="Seeds the initial weights."),
+    vocab_size: int | None = typer.Option(None, help="Override the preset's vocabulary size (match your tokenizer)."),
+    backend: str = typer.Option("torch", help="Backend that initialises the weights: torch or mlx."),
+) -> None:
+    """Write a freshly initialised checkpoint of a preset."""
+    from orchestration.core.backends import get_backend
+    from orchestration.core.presets import get_preset
+
+    spec = get_preset(preset)
+    if vocab_size is not None:
+        spec = spec.replace(vocab_size=vocab_size)
+    engine = get_backend(backend)
+    engine.save(engine.init(spec, seed=seed), out)
+    typer.echo(f"wrote {out}: {preset}, {spec.parameter_count():,} parameters, seed {seed}")
+
+
+@app.command()
+def presets() -> None:
+    """List the model presets with their shapes and sizes."""
+    from orchestration.core.presets import PRESETS
+
+    typer.echo(f"{'preset':<18}{'params':>10}  d_model layers heads/kv  d_ff   vocab  context  rope θ")
+    for name, s in PRESETS.items():
+        typer.echo(
+            f"{name:<18}{s.parameter_count() / 1e9:>9.3f}B  {s.d_model:>7} {s.n_layers:>6} {s.n_heads:>5}/{s.n_kv_heads:<3}"
+            f"{s.d_ff:>6} {s.vocab_size:>7} {s.max_seq_len:>8}  {s.rope_theta:,.0f}{'  tied' if s.tie_embeddings else ''}"
+        )
+
+
+@app.command()
+def plan(
+    preset: str | None = typer.Option(None, help="Model preset to plan."),
+    ckpt: Path | None = typer.Option(None, help="Or a checkpoint directory (its spec.json)."),
+    recipe: Path | None = typer.Option(None, help="Or a recipe TOML: every stage with its own budget, shapes and spec."),
+    tokens: str | None = typer.Option(None, help="Training tokens: 9T, 6.5T, 252M, 1e12 (not with --recipe)."),
+    seq_len: int | None = typer.Option(None, help="Sequence length (default: the spec's max_seq_len)."),
+    gpus: int = typer.Option(PlanConfig.gpus, help="Devices; weights/grads/optimizer are sharded over them."),
+    gpu: str = typer.Option(PlanConfig.gpu, help=f"Device kind: {', '.join(GPUS)}."),
+    mfu: float = typer.Option(PlanConfig.mfu, help="Model FLOPs utilisation for the wall-clock estimate."),
+    micro_batch: int = typer.Option(PlanConfig.micro_batch, help="Sequences per device per micro-batch."),
+    activation_checkpointing: bool = typer.Option(False, help="Recompute activations in the backward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
+) -> None:
+    """Parameters, training FLOPs (6·N·D), memory per device and wall-clock time of a run, or of
+    every stage of a recipe (--recipe)."""
+    from orchestration.core import checkpoint
+    from hanyeong.errors import ConfigError
+    from orchestration.core.plan import describe, parse_count
+    from orchestration.core.plan import plan as make_plan
+    from orchestration.core.presets import get_preset
+
+    if sum(x is not None for x in (preset, ckpt, recipe)) != 1:
+        raise ConfigError("give one of --preset, --ckpt or --recipe")
+    if recipe is None and tokens is None:
+        raise ConfigError("give --tokens (e.g. 9T) with --preset or --ckpt")
+    if recipe is not None and (tokens is not None or seq_len is not None):
+        raise ConfigError("--tokens and --seq-len go with --preset or --ckpt; a recipe has its own budgets")
+    config = PlanConfig(tokens=parse_count(tokens or 1), seq_len=seq_len, gpus=gpus, gpu=gpu, mfu=mfu,
+                        micro_batch=micro_batch, activation_checkpointing=activation_checkpointing)  # fmt: skip
+    if recipe is not None:
+        from orchestration.pipeline.recipe import load_recipe
+        from orchestration.pipeline.recipe_plan import describe_recipe, plan_recipe
+
+        result = plan_recipe(load_recipe(recipe), config)
+        typer.echo(json.dumps(result, indent=2) if as_json else "\n".join(describe_recipe(result)))
+        return
+    spec = get_preset(preset) if preset else checkpoint.load_spec(ckpt)
+    result = make_plan(spec, config)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo("\n".join(describe(result)))
+
+
+@app.command("export-hf")
+def export_hf(
+    ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
+    out: Path = typer.Argument(..., help="Directory to write (config.json, model.safetensors, tokenizer files)."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="hanyeong tokenizer directory to include."),
+) -> None:
+    """Export a checkpoint as a Llama directory that transformers and mlx-lm load."""
+    from orchestration.core.export_hf import export_hf as export
+
+    export(ckpt, out, tokenizer)
+    typer.echo(f"wrote {out}: LlamaForCausalLM{' with tokenizer' if tokenizer else ''}")
+
+
+@app.command()
+def inspect(ckpt: Path = typer.Argument(..., help="Checkpoint directory.")) -> None:
+    """Verify a checkpoint (sizes and checksums) and print its spec and training state."""
+    from orchestration.core import checkpoint
+
+    index = checkpoint.verify(ckpt, checksums=True)
+    spec = checkpoint.load_spec(ckpt)
+    typer.echo(f"{ckpt}: intact, {len(index['files'])} files, {spec.parameter_count():,} parameters")
+    typer.echo(json.dumps(spec.to_dict(), indent=2))
+    if checkpoint.has_training_state(ckpt):
+        state = checkpoint.read_trainer_state(ckpt)
+        typer.echo(f"training state: step {state.get('step')}, {state.get('tokens_seen', 0):,} tokens seen")

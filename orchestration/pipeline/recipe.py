@@ -1,0 +1,200 @@
+"""A recipe: the run (model, tokenizer, datasets) and its ordered stages, in one TOML file.
+
+    [run]                   RunConfig        orchestration/pipeline/run_config.py: name, seed, backend,
+                                             preset | init_checkpoint, vocab_size
+    [run.tokenizer]         TokenizerConfig  path, or train_inputs + tokenizer.train.TrainConfig's keys
+    [[run.datasets]]        DatasetConfig    name, inputs | path, format, text_fields, config, [chat]
+    [[stage]]               StageConfig      orchestration/pipeline/stage_config.py (budget, shapes, ramps)
+    [stage.data]            MixtureConfig    `dataset` names a [[run.datasets]] entry
+    [stage.optim]           OptimConfig      without total_steps (derived from the budget)
+
+`load_recipe` checks everything that can be checked before a run starts (types, values, names,
+references between tables, model shapes against sequence lengths, vocabulary against tokenizer,
+start checkpoints); `check_inputs` adds that the input files exist. Relative paths are resolved
+against the recipe file's folder, so `to_dict()` holds absolute paths and rebuilds anywhere the
+same storage is mounted (a Ray worker).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from hanyeong.errors import ConfigError, DataError
+from orchestration.pipeline.run_config import DatasetConfig, RunConfig, TokenizerConfig, datasets_table
+from orchestration.core.spec import ModelSpec
+from orchestration.pipeline.stage_config import STARTS, StageConfig
+from orchestration.core.config import build_table
+
+# [[stage]] keys that say how a stage runs, not what it computes
+NOT_IN_IDENTITY = ("checkpoint_every_tokens", "workers", "parallelism", "resources")
+
+__all__ = ["DatasetConfig", "Recipe", "RunConfig", "StageConfig", "TokenizerConfig", "load_recipe"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole recipe file: `[run]` and the `[[stage]]` tables, in order."""
+
+    run: RunConfig
+    """`[run]`."""
+    stage: tuple[StageConfig, ...]
+    """`[[stage]]`, run in order."""
+
+    def __post_init__(self) -> None:
+        from orchestration.pipeline.recipe_checks import check_recipe
+
+        check_recipe(self)
+
+    @property
+    def stages(self) -> tuple[StageConfig, ...]:
+        return self.stage
+
+    def dataset(self, name: str) -> DatasetConfig:
+        return next(d for d in self.run.datasets if d.name == name)
+
+    def stage_specs(self) -> list[ModelSpec]:
+        """The model spec each stage trains: its start's spec with its rope/max_seq_len overrides."""
+        from orchestration.pipeline.recipe_checks import stage_specs
+
+        return stage_specs(self)
+
+    def stage_identities(self) -> list[str]:
+        """sha256 per stage of its resolved config and the identity of what it starts from.
+
+        The config: the [[stage]] table (less NOT_IN_IDENTITY: where checkpoints fall and how many
+        workers share each step do not change the result, so a stage resumes with another worker
+        count), its index, the run seed, the tokenizer settings and the
+        settings of the datasets it reads. Its input: the previous stage's identity ('previous'),
+        the sha256 of a start checkpoint's checkpoint.json, or for 'init' the run's preset,
+        init_checkpoint (its checkpoint.json hash) and vocab_size. A change anywhere reaches every
+        later stage that starts from 'previous'.
+        """
+        identities: list[str] = []
+        for i, stage in enumerate(self.stage):
+            table = {k: v for k, v in stage.to_dict().items() if k not in NOT_IN_IDENTITY}
+            names = sorted({e.dataset for e in (*stage.data.sources, *stage.data.replay)})
+            config = {"index": i, "stage": table, "seed": self.run.seed,
+                      "tokenizer": self.run.tokenizer.to_dict(),
+                      "datasets": {n: self.dataset(n).settings() for n in names}}  # fmt: skip
+            if stage.start == "previous":
+                source = {"previous": identities[i - 1]}
+            elif stage.start == "init":
+                init = self.run.init_checkpoint
+                source = {"init": {"preset": self.run.preset, "vocab_size": self.run.vocab_size,
+                                   "checkpoint": init and checkpoint_hash(init)}}  # fmt: skip
+            else:
+                source = {"checkpoint": checkpoint_hash(stage.start)}
+            text = json.dumps(
+                {"config": config, "input": source}, sort_keys=True, ensure_ascii=False
+            )
+            identities.append(hashlib.sha256(text.encode("utf-8")).hexdigest())
+        return identities
+
+    def check_inputs(self) -> None:
+        """DataError naming every input (tokenizer, datasets) that is not there."""
+        missing = []
+        tokenizer = self.run.tokenizer
+        if tokenizer.path and not (Path(tokenizer.path) / "tokenizer.json").is_file():
+            missing.append(f"run.tokenizer.path: {tokenizer.path} (no tokenizer.json)")
+        missing += [f"run.tokenizer.train_inputs[{i}]: {p}" for i, p in enumerate(tokenizer.train_inputs)
+                    if not Path(p).exists()]  # fmt: skip
+        for i, d in enumerate(self.run.datasets):
+            if d.path and not (Path(d.path) / "manifest.json").is_file():
+                missing.append(f"run.datasets[{i}].path: {d.path} (no manifest.json)")
+            missing += [
+                f"run.datasets[{i}].inputs[{j}]: {p}"
+                for j, p in enumerate(d.inputs)
+                if not Path(p).exists()
+            ]
+            if d.format == "text":
+                missing += [f"run.datasets[{i}].config [[sources]] {s.name}: {p}" for s in d.prepare_config().sources
+                            for p in s.paths if not Path(p).exists()]  # fmt: skip
+        if missing:
+            raise DataError("missing recipe inputs: " + "; ".join(missing))
+
+    # ---- TOML ----
+
+    @classmethod
+    def from_dict(cls, data: dict, base: str | Path | None = None) -> Recipe:
+        """From the TOML tables; relative paths are resolved against `base` (default: the cwd)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a recipe must be a table, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"run", "stage"})
+        if unknown:
+            raise ConfigError(
+                f"unknown table(s) {', '.join(unknown)}; a recipe has [run] and [[stage]]"
+            )
+        if "run" not in data or "stage" not in data:
+            raise ConfigError("a recipe needs a [run] table and at least one [[stage]]")
+        data = _resolve_paths(data, Path(base) if base is not None else Path.cwd())
+        run = build_table(RunConfig, data["run"], "run", tokenizer=TokenizerConfig.from_dict,
+                          datasets=datasets_table)  # fmt: skip
+        stages = data["stage"]
+        if not isinstance(stages, list) or not stages:
+            raise ConfigError("stage: a recipe needs at least one [[stage]] table")
+        return cls(
+            run, tuple(StageConfig.from_dict(s, f"stage[{i}]") for i, s in enumerate(stages))
+        )
+
+    def to_dict(self) -> dict:
+        """The TOML tables, paths absolute: `Recipe.from_dict(r.to_dict()) == r`."""
+        return {"run": self.run.to_dict(), "stage": [s.to_dict() for s in self.stage]}
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; any problem is one ConfigError naming the file and key."""
+    from orchestration.core.config import read_toml
+
+    path = Path(path)
+    data = read_toml(path, "recipe")
+    try:
+        return Recipe.from_dict(data, base=path.resolve().parent)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """sha256 of a checkpoint's checkpoint.json (which holds the sha256 of each of its files)."""
+    from orchestration.core.checkpoint import INDEX_FILE, verify
+
+    verify(path)
+    return hashlib.sha256((Path(path) / INDEX_FILE).read_bytes()).hexdigest()
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    """A copy of the tables with every path key made absolute against `base` (non-strings left for
+    the type checks to refuse)."""
+
+    def path(value):
+        return str((base / value).resolve()) if isinstance(value, str) and value else value
+
+    def paths(value):
+        return [path(v) for v in value] if isinstance(value, list) else value
+
+    data = copy.deepcopy(data)
+    run = data.get("run")
+    if isinstance(run, dict):
+        if "init_checkpoint" in run:
+            run["init_checkpoint"] = path(run["init_checkpoint"])
+        tokenizer = run.get("tokenizer")
+        if isinstance(tokenizer, dict):
+            for key, fix in (("path", path), ("train_inputs", paths)):
+                if key in tokenizer:
+                    tokenizer[key] = fix(tokenizer[key])
+        for dataset in run.get("datasets", []) if isinstance(run.get("datasets"), list) else []:
+            if isinstance(dataset, dict):
+                for key, fix in (("path", path), ("inputs", paths), ("config", path)):
+                    if key in dataset:
+                        dataset[key] = fix(dataset[key])
+    for stage in data.get("stage", []) if isinstance(data.get("stage"), list) else []:
+        if (
+            isinstance(stage, dict)
+            and isinstance(stage.get("start"), str)
+            and stage["start"] not in STARTS
+        ):
+            stage["start"] = path(stage["start"])
+    return data

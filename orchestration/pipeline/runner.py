@@ -1,0 +1,308 @@
+"""`hanyeong pipeline run`: a recipe's stages, one Ray task each, in a run directory.
+
+The driver trains or finds the tokenizer, prepares the datasets, then submits `run_stage`
+(orchestration/pipeline/stage.py, a function that runs alone) as a Ray task per stage and follows its
+metrics.jsonl with a progress bar. A worker killed mid-stage is retried by Ray (`max_retries`) and
+the stage resumes from its last checkpoint; a Python exception is not retried (`retry_exceptions`
+off): it stops the run, the stage is marked failed, earlier stages keep their checkpoints.
+
+Ray is imported only inside functions here (and in orchestration/data/shards.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from orchestration.pipeline import run_manifest as rm
+from hanyeong.errors import ConfigError, HanyeongError
+from orchestration.core.parallel import resolve_parallelism
+from orchestration.cluster.ray_session import ray_session  # noqa: F401  (callers import it from here too)
+
+STAGE_RETRIES = 3  # a killed worker (OOM, preemption, SIGKILL) is retried this many times
+POLL_SECONDS = 0.5  # how often the driver looks at the task and its metrics
+
+
+class StageFailed(HanyeongError):
+    """A stage raised, or its worker died more often than Ray retries."""
+
+
+# ---- Ray --------------------------------------------------------------------------------------
+
+
+def local_resources() -> dict:
+    """Custom resources the embedded Ray declares: `apple_silicon` on a Mac that can run MLX (a Mac
+    joining a cluster declares it with `ray start --resources='{"apple_silicon": 1}'`)."""
+    from orchestration.core.backends import default_backend
+
+    return {"apple_silicon": 1} if default_backend() == "mlx" else {}
+
+
+def resolve_backend(name: str, cluster: dict) -> str:
+    """auto: MLX where the cluster has Apple silicon, else PyTorch (on its GPUs when it has some)."""
+    if name != "auto":
+        return name
+    return "mlx" if cluster.get("apple_silicon", 0) > 0 else "torch"
+
+
+def worker_resources(backend: str, resources: dict, cluster: dict, node_cpus: int, workers: int = 1) -> dict:
+    """Ray resources of one worker of a stage: a GPU for torch on a GPU cluster, `apple_silicon`
+    for MLX, else CPUs: a node's worth, shared out when several workers split the cluster (Ray
+    sets OMP_NUM_THREADS to a task's CPUs)."""
+    gpus = resources.get("gpus")
+    if backend == "mlx":
+        need = {"CPU": 1, "apple_silicon": 1}
+    elif gpus or (gpus is None and cluster.get("GPU", 0) > 0):
+        need = {"CPU": 1, "GPU": gpus or 1}
+    else:
+        need = {"CPU": max(1, min(node_cpus, int(cluster.get("CPU", 1)) // workers))}
+    if "cpus" in resources:
+        need["CPU"] = resources["cpus"]
+    return need
+
+
+def task_options(backend: str, resources: dict, cluster: dict, node_cpus: int, where: str, workers: int = 1) -> dict:
+    """Ray options of a stage's task: the worker's resources for one worker; for several, the task
+    only coordinates them (orchestration/workers_*.py) and asks for nothing itself. ConfigError when
+    the cluster lacks what the workers need in all."""
+    need = worker_resources(backend, resources, cluster, node_cpus, workers)
+    missing = {k: v * workers for k, v in need.items() if k != "CPU" and cluster.get(k, 0) < v * workers}
+    if missing:
+        have = ", ".join(f"{k} {cluster.get(k, 0):g}" for k in missing)
+        hint = " (a Mac joins with `ray start --resources='{\"apple_silicon\": 1}'`)" if backend == "mlx" else ""
+        raise ConfigError(f"{where}: needs {missing} on backend {backend}, the Ray cluster has {have}{hint}")
+    if workers > 1:
+        return {"num_cpus": 0}
+    options = {"num_cpus": need.pop("CPU")}
+    if "GPU" in need:
+        options["num_gpus"] = need.pop("GPU")
+    if need:
+        options["resources"] = need
+    return options
+
+
+def _stage_task(config: dict) -> dict:
+    """Runs in the Ray worker: note the attempt (pid, host, start) in the stage folder, run the stage."""
+    import socket
+
+    started = time.time()
+    stage_dir = Path(config["stage_dir"])
+    with open(stage_dir / "attempts.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}) + "\n")
+    from orchestration.pipeline.stage import run_stage
+
+    result = run_stage(config)
+    return {**result, "worker": {"started": started, "finished": time.time()}}
+
+
+def _workers_task(config: dict, workers: int, parallel: str, resources: dict) -> dict:
+    """Runs in the Ray worker that coordinates a multi-worker stage: Ray Train's TorchTrainer for
+    torch, a placement group of MLX ranks joined by mx.distributed's ring for MLX. The ranks note
+    their attempts in attempts.jsonl themselves."""
+    started = time.time()
+    if config["backend"] == "mlx":
+        from orchestration.cluster.workers_mlx import run_mlx_workers
+
+        result = run_mlx_workers(config, workers, resources, retries=STAGE_RETRIES)
+    else:
+        from orchestration.cluster.workers_torch import run_torch_workers
+
+        result = run_torch_workers(config, workers, parallel, resources, retries=STAGE_RETRIES)
+    return {**result, "worker": {"started": started, "finished": time.time()}}
+
+
+# ---- following a stage ------------------------------------------------------------------------
+
+
+class MetricsTail:
+    """Reads the lines appended to a metrics.jsonl since the last call."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.last = path, 0, None
+
+    def read(self) -> dict | None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return self.last
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
+        self.offset += end
+        for line in chunk[:end].splitlines():
+            try:
+                self.last = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+        return self.last
+
+
+def follow(ray, ref, record: rm.StageRecord, metrics: Path, progress: bool, label: str):
+    """Wait for a stage task, showing tokens done and ETA from its metrics; returns ray.get(ref)."""
+    from tqdm import tqdm
+
+    tail = MetricsTail(metrics)
+    bar = tqdm(total=record.token_budget, desc=label, unit="tok", unit_scale=True, dynamic_ncols=True,
+               disable=None if progress else True, file=sys.stderr)  # fmt: skip
+    try:
+        while True:
+            ready, _ = ray.wait([ref], timeout=POLL_SECONDS)
+            last = tail.read()
+            if last is not None:
+                bar.n = min(int(last.get("tokens", 0)), record.token_budget)  # a retried attempt may step back
+                if "loss" in last:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
+                bar.refresh()
+            if ready:
+                return ray.get(ref)
+    finally:
+        bar.close()
+
+
+def failure_message(err: BaseException) -> str:
+    """One line for what stopped a stage: the stage's own exception, else Ray's reason."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        err = cause
+    text = str(err).strip()
+    if not isinstance(err, HanyeongError):
+        name = type(err).__name__
+        if "worker died" in text.lower() or name in ("WorkerCrashedError", "OutOfMemoryError"):
+            text = text.splitlines()[0] if text else "the worker died"
+            return f"{name}: {text} (retried {STAGE_RETRIES} times)"
+        text = f"{name}: {text}" if text else name
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+# ---- the stages -------------------------------------------------------------------------------
+
+
+def run_stages(recipe, manifest: rm.RunManifest, run_dir: Path, first: int, ray, progress: bool, echo,
+               ran: list[str], timings: dict) -> None:  # fmt: skip
+    """Run stages `first`.. in order, a Ray task each; StageFailed at the first that fails."""
+    records = manifest.stages
+    for i in range(first, len(records)):
+        moved = rm.reset_stage(run_dir, records[i], keep=i == first and records[i].status in ("running", "failed"))
+        if moved:
+            echo(f"stage {records[i].name}: its definition or input changed; the old folder is now {moved}")
+    cluster = ray.cluster_resources()
+    manifest.backend = resolve_backend(recipe.run.backend, cluster)
+    manifest.save(run_dir)
+    node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+    task = ray.remote(max_retries=STAGE_RETRIES, retry_exceptions=False)(_stage_task)
+    workers_task = ray.remote(max_retries=STAGE_RETRIES, retry_exceptions=False)(_workers_task)
+    specs = recipe.stage_specs()
+    recipe_dict = recipe.to_dict()
+    datasets = {name: d["path"] for name, d in manifest.datasets.items()}
+    for i in range(first, len(records)):
+        record, stage = records[i], recipe.stages[i]
+        where = f"stage {i + 1}/{len(records)} {record.name!r}"
+        resources = stage.resources.to_dict()
+        options = task_options(manifest.backend, resources, cluster, node_cpus, where, stage.workers)
+        stage_dir = run_dir / record.dir
+        init_from = str(run_dir / records[i - 1].checkpoint) if stage.start == "previous" else None
+        config = {"recipe": recipe_dict, "index": i, "stage_dir": str(stage_dir), "init_from": init_from,
+                  "tokenizer": manifest.tokenizer["path"], "datasets": datasets, "backend": manifest.backend,
+                  "progress": False}  # fmt: skip
+        on = manifest.backend
+        if stage.workers > 1:
+            parallel = resolve_parallelism(stage.parallelism, manifest.backend, specs[i].parameter_count(), where)
+            need = worker_resources(manifest.backend, resources, cluster, node_cpus, stage.workers)
+            on = f"{stage.workers} {manifest.backend} workers ({parallel}, {need} each)"
+            submit = _Submit(workers_task.options(**options), stage.workers, parallel, need)
+        else:
+            submit = _Submit(task.options(**options))
+        echo(f"{where}: {'resuming' if record.status != 'pending' else 'starting'} on {on} "
+             f"({record.token_budget:,} tokens)")  # fmt: skip
+        record.status, record.error = "running", None
+        manifest.save(run_dir)
+        result = _run_one(ray, submit, config, record, stage_dir, progress, where, manifest, run_dir)
+        timings["dispatch"] = timings.get("dispatch", 0.0) + _dispatch_seconds(result, stage_dir)
+        timings["stages"] = timings.get("stages", 0.0) + result["driver_seconds"]
+        record.status, record.checkpoint = "done", _relative(result["checkpoint"], run_dir)
+        record.tokens, record.steps, record.run_seconds = result["tokens"], result["steps"], result["seconds"]
+        record.first_loss, record.last_loss = result["first_loss"], result["last_loss"]
+        record.resumed_from_step = result["resumed_from_step"]
+        manifest.save(run_dir)
+        ran.append(record.name)
+        resumed = f", resumed from step {record.resumed_from_step}" if record.resumed_from_step else ""
+        echo(f"{where}: done, {record.tokens:,} tokens in {result['driver_seconds']:.1f} s, loss "
+             f"{_loss(record.first_loss)} -> {_loss(record.last_loss)}{resumed}; {record.checkpoint}")  # fmt: skip
+
+
+class _Submit:
+    """A stage's Ray task and the launch arguments that follow its config."""
+
+    def __init__(self, task, *args):
+        self.task, self.args = task, args
+
+    def remote(self, config: dict):
+        return self.task.remote(config, *self.args)
+
+
+def _run_one(ray, task, config: dict, record: rm.StageRecord, stage_dir: Path, progress: bool, where: str,
+             manifest: rm.RunManifest, run_dir: Path) -> dict:  # fmt: skip
+    """Submit one stage and wait for it; on failure mark it failed and raise StageFailed."""
+    submitted = time.time()
+    before = _attempts(stage_dir)
+    ref = task.remote(config)
+    failure = None
+    try:
+        result = follow(ray, ref, record, stage_dir / "metrics.jsonl", progress, where)
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        failure = "interrupted (Ctrl-C); rerun to resume from the last checkpoint"
+        raise
+    except ray.exceptions.RayError as err:
+        failure = failure_message(err)
+        (stage_dir / "error.txt").write_text("".join(traceback.format_exception(err)), encoding="utf-8")
+        raise StageFailed(f"{where} failed: {failure} (earlier stages are kept; details in "
+                          f"{stage_dir / 'error.txt'})") from None  # fmt: skip
+    finally:
+        record.seconds = round(record.seconds + time.time() - submitted, 3)
+        attempts = _attempts(stage_dir)
+        record.attempts = len(attempts)  # every start of the stage, earlier runs and jobs included
+        if failure is not None:
+            record.status, record.error = "failed", failure
+            last = MetricsTail(stage_dir / "metrics.jsonl").read()
+            if last:
+                record.tokens, record.steps, record.last_loss = last["tokens"], last["step"], last["loss"]
+            manifest.save(run_dir)
+    result["driver_seconds"] = time.time() - submitted
+    result["submitted"] = submitted
+    result["attempt_starts"] = [a["started"] for a in attempts[len(before):]]
+    return result
+
+
+def _attempts(stage_dir: Path) -> list[dict]:
+    """The stage's attempts: one line per start of a single worker, or of rank 0 of a group."""
+    try:
+        lines = (stage_dir / "attempts.jsonl").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    return [a for a in map(json.loads, filter(str.strip, lines)) if a.get("rank", 0) == 0]
+
+
+def _dispatch_seconds(result: dict, stage_dir: Path) -> float:
+    """Driver-side cost of a task beyond run_stage: submit -> worker start, worker end -> result.
+    (Time lost to retried attempts is fault recovery, not dispatch.)"""
+    starts = result["attempt_starts"] or [result["worker"]["started"]]
+    received = result["submitted"] + result["driver_seconds"]
+    return max(0.0, starts[0] - result["submitted"]) + max(0.0, received - result["worker"]["finished"])
+
+
+def _relative(path: str, run_dir: Path) -> str:
+    """A path inside the run directory relative to it, so the directory can move (or be copied)."""
+    try:
+        return str(Path(path).resolve().relative_to(run_dir))
+    except ValueError:
+        return path
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -1,0 +1,276 @@
+"""`[[stage]]` of a recipe: what one training stage reads, for how many tokens, in which shapes.
+
+THE TOKEN BUDGET. `token_budget` counts the positions a stage trains on: every step takes
+rows × seq_len tokens (padding included for SFT, as the backends' `tokens_seen` counts them), with
+rows = batch_tokens // seq_len. The step starting at `tokens` uses the seq_len and batch_tokens of
+the last ramp entry with `after_tokens <= tokens` (a step is never split, so a ramp takes effect at
+the first step starting at or past its point). The last step takes only the rows the budget has
+left, so a stage ends on its budget exactly; that remainder must be a whole number of rows, which
+`plan()` checks when the recipe is loaded (a budget that is a multiple of every seq_len in use and
+of the final batch always is).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from orchestration.data.loader import MixtureConfig
+from hanyeong.errors import ConfigError
+from orchestration.core.optim import OptimConfig
+from orchestration.core.parallel import PARALLELISMS
+from orchestration.core.config import build_table, plain, positive_int
+
+# kind -> the backend loss it trains with; SFT reads chat datasets, whole conversations per row
+STAGE_KINDS = {"pretrain": "causal_lm", "sft": "sft"}
+STARTS = ("init", "previous")  # anything else is a checkpoint path
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# ---- ramps ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeqLenStep:
+    """`[[stage.seq_len_ramp]]`: from the first step starting at or past after_tokens, a new seq_len."""
+
+    after_tokens: int
+    """Tokens of the stage trained before the change."""
+    seq_len: int
+    """Tokens per row from then on (Llama 3.1: 4,096 -> 8,192 after 252M tokens)."""
+
+    def __post_init__(self) -> None:
+        positive_int(self.after_tokens, "after_tokens")
+        positive_int(self.seq_len, "seq_len")
+
+
+@dataclass(frozen=True)
+class BatchStep:
+    """`[[stage.batch_ramp]]`: from the first step starting at or past after_tokens, a new batch."""
+
+    after_tokens: int
+    """Tokens of the stage trained before the change."""
+    batch_tokens: int
+    """Tokens per optimizer step from then on (Llama 3.1 doubled it twice)."""
+
+    def __post_init__(self) -> None:
+        positive_int(self.after_tokens, "after_tokens")
+        positive_int(self.batch_tokens, "batch_tokens")
+
+
+@dataclass(frozen=True)
+class StageResources:
+    """`[stage.resources]`: what each worker of the stage asks Ray for (defaults: the runner's
+    choice: one GPU per worker on a GPU cluster, the node's CPUs on a CPU one, an `apple_silicon`
+    slot for MLX)."""
+
+    cpus: float | None = None
+    """CPUs per worker (torch on CPUs: its thread count)."""
+    gpus: float | None = None
+    """GPUs per worker (torch only)."""
+
+    def __post_init__(self) -> None:
+        for name in ("cpus", "gpus"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise ConfigError(f"resources.{name} must be a positive number, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+# ---- the stage ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """`[[stage]]`: one training stage of a recipe."""
+
+    name: str
+    """Names the stage's directory and its log lines (letters, digits, '.', '_', '-')."""
+    token_budget: int
+    """Tokens the stage trains on, exactly (rows × seq_len summed over its steps; see above)."""
+    seq_len: int
+    """Tokens per row at the start (seq_len_ramp changes it)."""
+    batch_tokens: int
+    """Tokens per optimizer step at the start, a multiple of seq_len (batch_ramp changes it)."""
+    data: MixtureConfig
+    """`[stage.data]`: the mixture; each `dataset` names a [[run.datasets]] entry."""
+    kind: str = "pretrain"
+    """'pretrain' (causal LM on every token) or 'sft' (loss on assistant tokens of chat data)."""
+    start: str = "previous"
+    """'init' (fresh weights of run.preset / run.init_checkpoint), 'previous' (the stage before's
+    final checkpoint) or a checkpoint directory."""
+    checkpoint_every_tokens: int | None = None
+    """Write the resumable checkpoint after the first step at or past every multiple of this many
+    tokens; it is always written at the end. None: only at the end."""
+    rope_theta: float | None = None
+    """Override the model's RoPE base from this stage on (long-context stage)."""
+    max_seq_len: int | None = None
+    """Override the model's max_seq_len from this stage on (long-context stage)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """`[stage.optim]`: OptimConfig without total_steps, which plan() derives from the budget."""
+    seq_len_ramp: tuple[SeqLenStep, ...] = ()
+    """`[[stage.seq_len_ramp]]`, in increasing after_tokens."""
+    batch_ramp: tuple[BatchStep, ...] = ()
+    """`[[stage.batch_ramp]]`, in increasing after_tokens."""
+    workers: int = 1
+    """Data-parallel workers (ranks): each trains on its share of every step's rows, so the same
+    global batch gives the same update with any count (torch: Ray Train; MLX: mx.distributed ring)."""
+    parallelism: str = "auto"
+    """'ddp' (weights replicated), 'fsdp' (torch: weights, gradients and AdamW sharded, FSDP2) or
+    'auto' (fsdp from 1B parameters on torch, ddp otherwise)."""
+    resources: StageResources = field(default_factory=StageResources)
+    """`[stage.resources]`: CPUs / GPUs per worker."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not NAME.match(self.name):
+            raise ConfigError(f"name must be letters, digits, '.', '_' or '-', got {self.name!r}")
+        if self.kind not in STAGE_KINDS:
+            raise ConfigError(f"kind must be one of {', '.join(STAGE_KINDS)}, got {self.kind!r}")
+        if not self.start:
+            raise ConfigError("start must be 'init', 'previous' or a checkpoint directory")
+        for name in ("token_budget", "seq_len", "batch_tokens", "workers"):
+            positive_int(getattr(self, name), name)
+        for name in ("checkpoint_every_tokens", "max_seq_len"):
+            if getattr(self, name) is not None:
+                positive_int(getattr(self, name), name)
+        if self.rope_theta is not None and not 1.0 < self.rope_theta < math.inf:
+            raise ConfigError(f"rope_theta must be a number > 1, got {self.rope_theta!r}")
+        for ramp in ("seq_len_ramp", "batch_ramp"):
+            points = [step.after_tokens for step in getattr(self, ramp)]
+            if points != sorted(set(points)) or (points and points[-1] >= self.token_budget):
+                raise ConfigError(f"{ramp}: after_tokens must increase and stay below token_budget "
+                                  f"({self.token_budget:,}), got {points}")  # fmt: skip
+        if self.parallelism not in PARALLELISMS:
+            raise ConfigError(f"parallelism must be one of {', '.join(PARALLELISMS)}, got {self.parallelism!r}")
+        if self.kind == "sft" and self.data.split_documents:
+            raise ConfigError(
+                "data.split_documents must be false for an sft stage (whole conversations per row)"
+            )
+        total = self.total_steps  # plan(): the budget is reachable in whole rows
+        if self.optim.warmup_steps > total:
+            raise ConfigError(f"optim.warmup_steps ({self.optim.warmup_steps:,}) exceeds the stage's "
+                              f"{total:,} steps (derived from token_budget and batch_tokens)")  # fmt: skip
+        # total_steps is derived, never given: the LR schedule spans exactly the stage's steps
+        object.__setattr__(self, "optim", replace(self.optim, total_steps=total))
+
+    @property
+    def loss(self) -> str:
+        return STAGE_KINDS[self.kind]
+
+    @property
+    def seq_lens(self) -> list[int]:
+        return [self.seq_len, *(s.seq_len for s in self.seq_len_ramp)]
+
+    def shape_at(self, tokens: int) -> tuple[int, int]:
+        """(seq_len, rows) of the step that starts after `tokens` tokens of this stage."""
+        seq_len = self.seq_len
+        for step in self.seq_len_ramp:
+            seq_len = step.seq_len if tokens >= step.after_tokens else seq_len
+        batch = self.batch_tokens
+        for step in self.batch_ramp:
+            batch = step.batch_tokens if tokens >= step.after_tokens else batch
+        if batch % seq_len:
+            raise ConfigError(f"batch_tokens ({batch:,}) must be a multiple of seq_len ({seq_len:,}) "
+                              f"at {tokens:,} tokens")  # fmt: skip
+        return seq_len, min(batch, self.token_budget - tokens) // seq_len
+
+    def plan(self) -> list[tuple[int, int, int]]:
+        """The stage's steps as runs of (steps, seq_len, rows), in order; ConfigError when the
+        budget's last step would not be whole rows or a step has fewer rows than micro-batches."""
+        points = sorted({s.after_tokens for s in (*self.seq_len_ramp, *self.batch_ramp)})
+        runs, tokens = [], 0
+        while tokens < self.token_budget:
+            seq_len, rows = self.shape_at(tokens)
+            step, left = seq_len * rows, self.token_budget - tokens
+            last = step >= left or rows == 0
+            if last and left % seq_len:
+                raise ConfigError(self._uneven(tokens, seq_len))
+            if rows < max(1, self.optim.grad_accum_steps) * self.workers:
+                raise ConfigError(f"the step at {tokens:,} tokens has {rows} rows: too few for {self.workers} "
+                                  f"worker(s) x optim.grad_accum_steps ({self.optim.grad_accum_steps}) "
+                                  "micro-batches of at least one row")  # fmt: skip
+            if last:
+                runs.append((1, seq_len, rows))
+                break
+            following = min([p for p in points if p > tokens] + [self.token_budget])
+            # steps starting before the next ramp point, but only the full ones the budget allows
+            n = min(-(-(following - tokens) // step), left // step)
+            runs.append((n, seq_len, rows))
+            tokens += n * step
+        merged: list[tuple[int, int, int]] = []
+        for n, seq_len, rows in runs:
+            if merged and merged[-1][1:] == (seq_len, rows):
+                merged[-1] = (merged[-1][0] + n, seq_len, rows)
+            else:
+                merged.append((n, seq_len, rows))
+        return merged
+
+    def _uneven(self, tokens: int, seq_len: int) -> str:
+        left = self.token_budget - tokens
+        lower, upper = tokens + left // seq_len * seq_len, tokens + (left // seq_len + 1) * seq_len
+        options = " or ".join(f"{x:,}" for x in (lower, upper) if x > 0)
+        return (f"token_budget {self.token_budget:,}: the last step starts at {tokens:,} tokens with "
+                f"{left:,} left, not a whole number of rows of seq_len {seq_len:,}; "
+                f"try token_budget = {options}")  # fmt: skip
+
+    @property
+    def total_steps(self) -> int:
+        return sum(n for n, _, _ in self.plan())
+
+    # ---- TOML ----
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "stage") -> StageConfig:
+        """From a `[[stage]]` table; total_steps of [stage.optim] is derived, so it is refused."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must be a table, got {type(data).__name__}")
+        sft = data.get("kind") == "sft"
+
+        def mixture(value, path):
+            if sft and isinstance(value, dict) and "split_documents" not in value:
+                value = {**value, "split_documents": False}
+            return MixtureConfig.from_dict(value, path)
+
+        def ramp(step_cls):
+            def build(value, path):
+                if not isinstance(value, list):
+                    raise ConfigError(
+                        f"{path} must be an array of tables, got {type(value).__name__}"
+                    )
+                return tuple(build_table(step_cls, v, f"{path}[{i}]") for i, v in enumerate(value))
+
+            return build
+
+        def optim(value, path):
+            if isinstance(value, dict) and "total_steps" in value:
+                raise ConfigError(
+                    f"{path}.total_steps is derived from token_budget and batch_tokens; remove it"
+                )
+            # a placeholder the stage replaces with its derived step count
+            value = {**value, "total_steps": 1 << 62} if isinstance(value, dict) else value
+            return build_table(OptimConfig, value, path, alias="optim")
+
+        return build_table(cls, data, where, data=mixture, optim=optim, seq_len_ramp=ramp(SeqLenStep),
+                           batch_ramp=ramp(BatchStep),
+                           resources=lambda v, path: build_table(StageResources, v, path, alias="resources"))  # fmt: skip
+
+    def to_dict(self) -> dict:
+        """The `[[stage]]` table (None fields left out, optim without total_steps)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.name == "data":
+                value = plain(value.to_dict())
+            elif f.name == "optim":
+                value = {k: plain(v) for k, v in value.to_dict().items() if k != "total_steps"}
+            elif f.name in ("seq_len_ramp", "batch_ramp"):
+                value = [asdict(step) for step in value]
+            elif f.name == "resources":
+                value = value.to_dict()
+            out[f.name] = value
+        return out
