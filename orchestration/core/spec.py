@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hanyeong.errors import ConfigError
+from orchestration.core.config import build
 
 ROPE_SCALING_TYPES = ("linear", "llama3")
 
@@ -36,11 +37,12 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_SCALING_TYPES:
-            raise ConfigError(f"rope_scaling.rope_type must be one of {ROPE_SCALING_TYPES}, got {self.rope_type!r}")
+            raise ConfigError(f"rope_type must be one of {ROPE_SCALING_TYPES}, got {self.rope_type!r}")
         if not self.factor >= 1.0:
-            raise ConfigError(f"rope_scaling.factor must be >= 1, got {self.factor}")
+            raise ConfigError(f"factor must be >= 1, got {self.factor}")
         if self.rope_type == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
-            raise ConfigError("rope_scaling: need 0 < low_freq_factor < high_freq_factor")
+            raise ConfigError(f"low_freq_factor must be in (0, high_freq_factor), got {self.low_freq_factor} "
+                              f"and {self.high_freq_factor}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,21 +76,19 @@ class ModelSpec:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"spec.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_heads:
-            raise ConfigError(f"spec.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"spec.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+            raise ConfigError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
-            raise ConfigError(f"spec.head_dim (d_model / n_heads = {self.head_dim}) must be even for RoPE")
+            raise ConfigError(f"n_heads ({self.n_heads}): head_dim (d_model / n_heads = {self.head_dim}) must be even for RoPE")
         if not self.rope_theta > 1.0:
-            raise ConfigError(f"spec.rope_theta must be > 1, got {self.rope_theta}")
+            raise ConfigError(f"rope_theta must be > 1, got {self.rope_theta}")
         if not 0.0 < self.norm_eps < 1.0:
-            raise ConfigError(f"spec.norm_eps must be in (0, 1), got {self.norm_eps}")
+            raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps}")
         if not isinstance(self.tie_embeddings, bool):
-            raise ConfigError(f"spec.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
-        if isinstance(self.rope_scaling, dict):  # from JSON/TOML
-            object.__setattr__(self, "rope_scaling", _build(RopeScaling, self.rope_scaling, "spec.rope_scaling"))
+            raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
 
     @property
     def head_dim(self) -> int:
@@ -182,7 +182,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict, where: str = "spec") -> ModelSpec:
         """From a dict (spec.json, a recipe table); unknown keys are an error naming them."""
-        return _build(cls, data, where)
+        return build(cls, data, where)
 
     def replace(self, **changes) -> ModelSpec:
         """A copy with some fields changed, validated again (e.g. a larger rope_theta)."""
@@ -198,24 +198,8 @@ class ModelSpec:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"{path}: cannot read the model spec ({err})") from None
-        return cls.from_dict(data, where=str(path))
+        try:
+            return cls.from_dict(data, where="")
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
 
-
-def _build(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a table of fields, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    missing = sorted(f.name for f in fields(cls) if f.name not in data and _required(f))
-    if missing:
-        raise ConfigError(f"{where}: missing field(s) {', '.join(missing)}")
-    try:
-        return cls(**data)
-    except TypeError as err:
-        raise ConfigError(f"{where}: {err}") from None
-
-
-def _required(field) -> bool:
-    return field.default is MISSING and field.default_factory is MISSING

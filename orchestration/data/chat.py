@@ -78,9 +78,9 @@ class ChatConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "chat") -> ChatConfig:
-        from orchestration.core.config import build_table
+        from orchestration.core.config import build
 
-        return build_table(cls, data, where)
+        return build(cls, data, where)
 
     @property
     def fields(self) -> tuple[str, ...]:

@@ -2,8 +2,10 @@
 
 `[clean]` is `CleanConfig`, `[filters.<rule>]` a rule of `FilterConfig`, `[dedup]` `DedupConfig`,
 `[decontaminate]` `DecontaminateConfig` with its `[[decontaminate.benchmarks]]`, `[shards]`
-`ShardConfig`, `[[sources]]` `SourceConfig`. An unknown key, a wrong type or an impossible value is a
-`ConfigError` naming its key path. Paths in the file are relative to the file's folder.
+`ShardConfig`, `[[sources]]` `SourceConfig`. They are built by orchestration/core/config.py's
+`build` and check their own values in `__post_init__`, so an unknown key, a wrong type or an
+impossible value is a `ConfigError` naming its key path. Paths in the file are relative to the
+file's folder.
 """
 
 from __future__ import annotations
@@ -13,8 +15,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hanyeong.errors import ConfigError
+from orchestration.core.config import build
 
 SCRIPTS = ("hangul", "latin", "han", "kana", "cyrillic", "greek", "arabic", "other")
+COMPRESSIONS = ("zstd", "snappy", "gzip", "none")
+
+
+def check(obj, name: str, ok: bool, what: str) -> None:
+    """ConfigError '<name> must be <what>, got <value>' unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{name} must be {what}, got {getattr(obj, name)!r}")
+
+
+def check_shares(obj, *names: str) -> None:
+    """Each named field a share in [0, 1] (a tuple field: each of its values)."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, tuple):
+            check(obj, name, all(0 <= x <= 1 for x in value), "shares between 0 and 1")
+        else:
+            check(obj, name, 0 <= value <= 1, "a share between 0 and 1")
+
+
+def check_unique_names(items, where: str) -> None:
+    names = [item.name for item in items]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{where}: the name {twice[0]!r} is used twice")
 
 
 @dataclass(frozen=True)
@@ -27,6 +54,10 @@ class SourceConfig:
     """Files or folders, relative to the config file's folder."""
     text_fields: tuple[str, ...] = ("text",)
     """Fields holding the text; dotted paths reach nested records, `*` every value (as --text-field)."""
+
+    def __post_init__(self) -> None:
+        check(self, "name", bool(self.name), "a non-empty name")
+        check(self, "paths", bool(self.paths), "a non-empty list")
 
 
 @dataclass(frozen=True)
@@ -54,6 +85,12 @@ class LengthRule:
     max_chars: int = 1_000_000
     """Most characters a document keeps."""
 
+    def __post_init__(self) -> None:
+        check(self, "min_chars", self.min_chars >= 0, "0 or more")
+        check(self, "max_chars", self.max_chars > 0, "positive")
+        if self.min_chars > self.max_chars:
+            raise ConfigError(f"min_chars ({self.min_chars}) is above max_chars ({self.max_chars})")
+
 
 @dataclass(frozen=True)
 class WordLengthRule:
@@ -71,6 +108,13 @@ class WordLengthRule:
     max_mean_chars_ko: float = 24.0
     """Upper bound for Korean documents: online Korean often drops spaces (볼만하긴한데다보고나면좀찜찜한느낌)."""
 
+    def __post_init__(self) -> None:
+        check(self, "min_mean_chars", self.min_mean_chars >= 0, "0 or more")
+        check(self, "max_mean_chars", self.max_mean_chars > 0, "positive")
+        check(self, "max_mean_chars_ko", self.max_mean_chars_ko > 0, "positive")
+        if self.min_mean_chars > min(self.max_mean_chars, self.max_mean_chars_ko):
+            raise ConfigError("min_mean_chars is above max_mean_chars")
+
 
 @dataclass(frozen=True)
 class SymbolRule:
@@ -82,6 +126,9 @@ class SymbolRule:
     max_ratio: float = 0.25
     """Most such characters, as a share of non-space characters."""
 
+    def __post_init__(self) -> None:
+        check_shares(self, "max_ratio")
+
 
 @dataclass(frozen=True)
 class DigitRule:
@@ -91,6 +138,9 @@ class DigitRule:
     """False switches the rule off."""
     max_ratio: float = 0.3
     """Most digits, as a share of non-space characters."""
+
+    def __post_init__(self) -> None:
+        check_shares(self, "max_ratio")
 
 
 @dataclass(frozen=True)
@@ -103,6 +153,9 @@ class RepeatedLinesRule:
     """Most lines (as a share of all lines) that repeat an earlier line."""
     max_duplicate_line_chars: float = 0.2
     """Most characters (as a share) in lines that repeat an earlier line."""
+
+    def __post_init__(self) -> None:
+        check_shares(self, "max_duplicate_lines", "max_duplicate_line_chars")
 
 
 @dataclass(frozen=True)
@@ -120,6 +173,13 @@ class RepeatedNgramsRule:
     max_duplicate_ngram_chars: tuple[float, ...] = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)
     """For n = 5..10: most characters (share) covered by n-grams that occur more than once."""
 
+    def __post_init__(self) -> None:
+        check(self, "min_words", self.min_words >= 0, "0 or more")
+        check_shares(self, "max_top_ngram_chars", "max_duplicate_ngram_chars")
+        if len(self.max_top_ngram_chars) > 3 or len(self.max_duplicate_ngram_chars) > 6:
+            raise ConfigError("max_top_ngram_chars: give at most 3 top-n-gram (n=2..4) and 6 "
+                              "duplicate-n-gram (n=5..10) limits")  # fmt: skip
+
 
 @dataclass(frozen=True)
 class ScriptRule:
@@ -132,6 +192,12 @@ class ScriptRule:
     """Scripts that count: hangul, latin, han, kana, cyrillic, greek, arabic, other."""
     min_ratio: float = 0.5
     """Fewest letters (as a share of all letters) in those scripts."""
+
+    def __post_init__(self) -> None:
+        check_shares(self, "min_ratio")
+        unknown = sorted(set(self.scripts) - set(SCRIPTS))
+        if unknown:
+            raise ConfigError(f"scripts: unknown {', '.join(unknown)}; known: {', '.join(SCRIPTS)}")
 
 
 @dataclass(frozen=True)
@@ -172,6 +238,11 @@ class DedupConfig:
     seed: int = 0
     """Seeds the MinHash permutations."""
 
+    def __post_init__(self) -> None:
+        check(self, "threshold", 0 < self.threshold <= 1, "in (0, 1]")
+        check(self, "shingle_chars", self.shingle_chars > 0, "positive")
+        check(self, "num_perm", 2 <= self.num_perm <= 1024, "between 2 and 1024")
+
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
@@ -183,6 +254,10 @@ class BenchmarkConfig:
     """Files, folders or glob patterns, relative to `decontaminate.root`."""
     fields: tuple[str, ...] = ("text",)
     """Fields holding item text; dotted paths and `*` as in --text-field. Each string is an item."""
+
+    def __post_init__(self) -> None:
+        check(self, "name", bool(self.name), "a non-empty name")
+        check(self, "files", bool(self.files), "a non-empty list")
 
 
 @dataclass(frozen=True)
@@ -202,6 +277,11 @@ class DecontaminateConfig:
     """The benchmarks, in the order drops are credited to them (a document matching two counts
     under the first)."""
 
+    def __post_init__(self) -> None:
+        check(self, "window_chars", self.window_chars >= 8, "at least 8")
+        check(self, "short_item_min_chars", self.short_item_min_chars >= 0, "0 or more")
+        check_unique_names(self.benchmarks, "benchmarks")
+
 
 @dataclass(frozen=True)
 class ShardConfig:
@@ -213,6 +293,13 @@ class ShardConfig:
     """...or this many documents, whichever comes first."""
     compression: str = "zstd"
     """Parquet compression: zstd, snappy, gzip or none."""
+
+    def __post_init__(self) -> None:
+        # list<int32> offsets: a shard must stay under 2^31 tokens
+        bytes_ok = 0 < self.text_bytes_per_shard <= 2_000_000_000
+        check(self, "text_bytes_per_shard", bytes_ok, "between 1 and 2e9")
+        check(self, "documents_per_shard", self.documents_per_shard > 0, "positive")
+        check(self, "compression", self.compression in COMPRESSIONS, "zstd, snappy, gzip or none")
 
 
 @dataclass(frozen=True)
@@ -232,14 +319,15 @@ class PrepareConfig:
     shards: ShardConfig = field(default_factory=ShardConfig)
     """`[shards]`."""
 
+    def __post_init__(self) -> None:
+        check_unique_names(self.sources, "sources")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "config") -> PrepareConfig:
+    def from_dict(cls, data: dict, where: str = "") -> PrepareConfig:
         """From a TOML document's tables; ConfigError naming the key path of any mistake."""
-        from orchestration.data.validate import build
-
         return build(cls, data, where)
 
 

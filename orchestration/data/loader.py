@@ -19,18 +19,17 @@ The order is a pure function of the seed and two counters, so the cursor is a ha
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from orchestration.core.batch import Batch
 from hanyeong.errors import CheckpointError, ConfigError, DataError
-from orchestration.core.spec import _build
+from orchestration.core.batch import Batch
+from orchestration.core.config import build
+from orchestration.data.manifest import MANIFEST, read_manifest
 
-DATASET_FORMAT, DATASET_VERSION = "hanyeong-dataset", 1
 CURSOR_FORMAT, CURSOR_VERSION = "hanyeong-data-cursor", 1
 DRAW_BLOCK = 1024  # source draws per RNG block; part of the order, so never change it silently
 PAD_ID = 0  # tokenizer/specials.py: [PAD] is id 0
@@ -52,7 +51,7 @@ class SourceWeight:
 
     def __post_init__(self) -> None:
         _check_names(self)
-        if not _is_number(self.weight) or not 0 < self.weight < math.inf:
+        if not 0 < self.weight < math.inf:
             raise ConfigError(f"weight must be a positive number, got {self.weight!r}")
 
 
@@ -69,7 +68,7 @@ class ReplaySource:
 
     def __post_init__(self) -> None:
         _check_names(self)
-        if not _is_number(self.fraction) or not 0 < self.fraction < 1:
+        if not 0 < self.fraction < 1:
             raise ConfigError(f"fraction must be a number in (0, 1), got {self.fraction!r}")
 
 
@@ -84,71 +83,39 @@ class MixtureConfig:
     split_documents: bool = True
     """Continue a document cut at a row's end in the next row (pretraining). False: start each
     document on a fresh row and pad the rest with [PAD] (loss_mask 0), as SFT wants; a document
-    longer than a row still fills whole rows."""
+    longer than a row still fills whole rows. In a recipe the stage's kind gives the default
+    (orchestration/pipeline/kinds.py: whole conversations for sft)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sources", _entries(SourceWeight, self.sources, "mixture.sources"))
-        object.__setattr__(self, "replay", _entries(ReplaySource, self.replay, "mixture.replay"))
         if not self.sources:
-            raise ConfigError("mixture.sources: needs at least one entry")
+            raise ConfigError("sources: needs at least one entry")
         total = sum(r.fraction for r in self.replay)
         if total >= 1:
-            raise ConfigError(f"mixture.replay: fractions sum to {total:g}; they must sum below 1")
-        if not isinstance(self.split_documents, bool):
-            raise ConfigError(
-                f"mixture.split_documents must be true or false, got {self.split_documents!r}"
-            )
+            raise ConfigError(f"replay: fractions sum to {total:g}; they must sum below 1")
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "mixture") -> MixtureConfig:
         """From a TOML/JSON table; unknown keys, wrong types and bad values are a ConfigError."""
-        try:
-            return _build(cls, data, where)
-        except ConfigError as err:  # checks inside say "mixture..."; name the caller's key path
-            message = str(err)
-            if message.startswith("mixture") and not message.startswith(where):
-                message = where + message[len("mixture") :]
-            raise ConfigError(message) from None
+        return build(cls, data, where)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def build(
-        self, seq_len: int, batch_rows: int, seed: int = 0, root: str | Path | None = None
-    ) -> MixtureLoader:
-        return MixtureLoader(self, seq_len, batch_rows, seed, root=root)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 
 def _check_names(entry) -> None:
-    if not isinstance(entry.dataset, str) or not entry.dataset:
+    if not entry.dataset:
         raise ConfigError(f"dataset must be a directory path, got {entry.dataset!r}")
-    if not isinstance(entry.source, str) or not entry.source:
+    if not entry.source:
         raise ConfigError(f"source must be a source name or '*', got {entry.source!r}")
-
-
-def _entries(cls, items, where: str) -> tuple:
-    if isinstance(items, (str, bytes, dict)) or not isinstance(items, (list, tuple)):
-        raise ConfigError(f"{where} must be a list of tables, got {type(items).__name__}")
-    out = []
-    for i, item in enumerate(items):
-        path = f"{where}[{i}]"
-        try:
-            out.append(item if isinstance(item, cls) else _build(cls, item, path))
-        except ConfigError as err:  # __post_init__ messages start with the field name
-            raise ConfigError(str(err) if str(err).startswith(path) else f"{path}.{err}") from None
-    return tuple(out)
 
 
 # ---- datasets: manifests checked first, then shards read whole into numpy ---------------------
 
 
 @dataclass
-class Source:
-    """One source of the mixture, in memory: its documents as one flat token array."""
+class LoadedSource:
+    """One source of a prepared dataset, read into memory for the mixture: its documents as one
+    flat token array."""
 
     key: str
     """'<dataset directory name>/<source>': the name in the cursor and in the RNG keys."""
@@ -176,7 +143,7 @@ def resolve(mixture: MixtureConfig, root: str | Path | None = None) -> tuple[dic
     entries += [(f"mixture.replay[{i}]", e, e.fraction) for i, e in enumerate(mixture.replay)]
     for where, entry, share in entries:
         directory = (root / entry.dataset).resolve()
-        manifest = read_manifest(directory, f"{where}.dataset")
+        manifest = dataset_manifest(directory, f"{where}.dataset")
         tokenizers[directory], known = manifest.get("tokenizer", {}), manifest["sources"]
         if entry.source != "*" and entry.source not in known:
             known_names = ", ".join(sorted(known)) or "none"
@@ -205,22 +172,11 @@ def _key(directory: Path, source: str) -> str:
     return f"{directory.name}/{source}"
 
 
-def read_manifest(directory: Path, where: str) -> dict:
-    path = directory / "manifest.json"
-    if not path.is_file():
-        raise ConfigError(f"{where}: no prepared dataset at {directory} (no manifest.json)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: unreadable manifest ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
-        raise DataError(f"{path}: not a {DATASET_FORMAT} manifest")
-    if manifest.get("version") != DATASET_VERSION:
-        version = manifest.get("version")
-        raise DataError(f"{path}: dataset version {version!r}; this loader reads {DATASET_VERSION}")
-    if not isinstance(manifest.get("sources"), dict):
-        raise DataError(f"{path}: no 'sources' table")
-    return manifest
+def dataset_manifest(directory: Path, where: str) -> dict:
+    """The manifest of the dataset a mixture entry names; no dataset there is a ConfigError at `where`."""
+    if not (directory / MANIFEST).is_file():
+        raise ConfigError(f"{where}: no prepared dataset at {directory} (no {MANIFEST})")
+    return read_manifest(directory)
 
 
 def _check_same_tokenizer(tokenizers: dict[Path, dict]) -> None:
@@ -246,7 +202,7 @@ def load_source(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    shards = read_manifest(directory, "dataset")["sources"][name].get("shards", [])
+    shards = read_manifest(directory)["sources"][name].get("shards", [])
     try:
         tokens = np.empty(sum(int(shard["tokens"]) for shard in shards), np.int32)
     except (KeyError, TypeError, ValueError) as err:
@@ -383,7 +339,7 @@ class MixtureLoader:
         # Sorted by key, not by path: the order must not depend on where the datasets are.
         for (directory, name), weight in sorted(weights.items(), key=lambda kv: _key(*kv[0])):
             tokens, offsets, masks = load_source(directory, name, tokenizer)
-            self.sources.append(Source(_key(directory, name), tokens, offsets, weight, masks))
+            self.sources.append(LoadedSource(_key(directory, name), tokens, offsets, weight, masks))
         self.masked = any(s.masks is not None for s in self.sources)
         self.pad_id = int(tokenizer.get("pad_id", PAD_ID))
         # Documents are drawn with probability ∝ weight / mean length, so token shares = weights.
@@ -537,7 +493,7 @@ class MixtureLoader:
         self._offset, self._tokens = offset, tokens
 
 
-def _draws(entry: dict, source: Source) -> int:
+def _draws(entry: dict, source: LoadedSource) -> int:
     """Draws of `source` so far, from its cursor entry {"epoch", "position", "documents"}."""
     try:
         epoch, position, documents = (int(entry[k]) for k in ("epoch", "position", "documents"))

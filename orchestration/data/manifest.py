@@ -20,6 +20,10 @@ from hanyeong.errors import DataError
 FORMAT = "hanyeong-dataset"
 VERSION = 1
 MANIFEST = "manifest.json"
+# What a prepared dataset's rows hold: 'text' documents (prepare.py) or 'chat' conversations with a
+# loss_mask column (chat_dataset.py). A recipe's [[run.datasets]] `format` is one of these, and a
+# stage kind (orchestration/pipeline/kinds.py) names the ones its sources may have.
+DATASET_FORMATS = ("text", "chat")
 
 
 def _digest(obj: object) -> str:
@@ -55,20 +59,24 @@ def content_hash(tokenizer: dict, sources: dict) -> str:
 
 
 def read_manifest(dataset: str | Path) -> dict:
-    """The manifest of a dataset folder; DataError when it is missing or of another format."""
+    """The manifest of a dataset folder; DataError when it is missing, unreadable, of another
+    format or version, or without its `sources` table."""
     path = Path(dataset) / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{dataset}: not a hanyeong dataset (no {MANIFEST})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: unreadable ({err})") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{path}: format {found!r}, expected {FORMAT!r}")
     if manifest.get("version") != VERSION:
         raise DataError(
             f"{path}: version {manifest.get('version')!r}, this hanyeong reads {VERSION}"
         )
+    if not isinstance(manifest.get("sources"), dict):
+        raise DataError(f"{path}: no 'sources' table")
     return manifest
 
 

@@ -10,7 +10,8 @@
 
 `load_recipe` checks everything that can be checked before a run starts (types, values, names,
 references between tables, model shapes against sequence lengths, vocabulary against tokenizer,
-start checkpoints); `check_inputs` adds that the input files exist. Relative paths are resolved
+start checkpoints); `check_inputs` adds that the input files exist. Every table is built by
+orchestration/core/config.py's `build`; a stage's errors start with "stage 1 'name': ". Relative paths are resolved
 against the recipe file's folder, so `to_dict()` holds absolute paths and rebuilds anywhere the
 same storage is mounted (a Ray worker).
 """
@@ -24,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hanyeong.errors import ConfigError, DataError
-from orchestration.pipeline.run_config import DatasetConfig, RunConfig, TokenizerConfig, datasets_table
 from orchestration.core.spec import ModelSpec
-from orchestration.pipeline.stage_config import STARTS, StageConfig
-from orchestration.core.config import build_table
+from orchestration.pipeline.run_config import DatasetConfig, RunConfig, TokenizerConfig
+from orchestration.pipeline.stage_config import STARTS, StageConfig, stage_label
 
 # [[stage]] keys that say how a stage runs, not what it computes
 NOT_IN_IDENTITY = ("checkpoint_every_tokens", "workers", "parallelism", "resources")
@@ -131,18 +131,24 @@ class Recipe:
         if "run" not in data or "stage" not in data:
             raise ConfigError("a recipe needs a [run] table and at least one [[stage]]")
         data = _resolve_paths(data, Path(base) if base is not None else Path.cwd())
-        run = build_table(RunConfig, data["run"], "run", tokenizer=TokenizerConfig.from_dict,
-                          datasets=datasets_table)  # fmt: skip
+        run = RunConfig.from_dict(data["run"])
         stages = data["stage"]
         if not isinstance(stages, list) or not stages:
             raise ConfigError("stage: a recipe needs at least one [[stage]] table")
-        return cls(
-            run, tuple(StageConfig.from_dict(s, f"stage[{i}]") for i, s in enumerate(stages))
-        )
+        return cls(run, tuple(build_stage(i, table) for i, table in enumerate(stages)))
 
     def to_dict(self) -> dict:
         """The TOML tables, paths absolute: `Recipe.from_dict(r.to_dict()) == r`."""
         return {"run": self.run.to_dict(), "stage": [s.to_dict() for s in self.stage]}
+
+
+def build_stage(index: int, table: object) -> StageConfig:
+    """The `[[stage]]` table at `index`; its errors start with "stage 1 'name': "."""
+    try:
+        return StageConfig.from_dict(table)
+    except ConfigError as err:
+        name = table.get("name") if isinstance(table, dict) else None
+        raise ConfigError(f"{stage_label(index, name)}: {err}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:

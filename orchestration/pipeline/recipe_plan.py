@@ -38,7 +38,9 @@ def plan_recipe(recipe, config: PlanConfig) -> dict:
         "gpu_hours",
     )
     total = {k: sum(s[k] for s in stages) for k in keys}
-    total["pretraining_tokens"] = sum(s["tokens"] for s in stages if s["kind"] == "pretrain")
+    total["tokens_by_kind"] = {}  # in the order the recipe first uses each kind
+    for s in stages:
+        total["tokens_by_kind"][s["kind"]] = total["tokens_by_kind"].get(s["kind"], 0) + s["tokens"]
     device = {"gpu": config.gpu, "count": config.gpus, "mfu": config.mfu}
     return {"recipe": recipe.run.name, "device": device, "stages": stages, "total": total}
 
@@ -58,9 +60,10 @@ def describe_recipe(result: dict) -> list[str]:
                      f"{s['training_flops'] + s['attention_flops']:>9.3g}{s['wall_clock_seconds'] / 86_400:>8.1f}  "
                      f"{_bytes(memory)}{'' if s['fits'] else ' (does NOT fit)'}")  # fmt: skip
     t = result["total"]
+    kinds = " + ".join(f"{kind} {_count(n)}" for kind, n in t["tokens_by_kind"].items())
     lines.append(f"{'total':<22}{'':<10}{_count(t['tokens']):>10}{t['steps']:>10,}  {'':<12}"
                  f"{t['training_flops'] + t['attention_flops']:>9.3g}{t['wall_clock_seconds'] / 86_400:>8.1f}  "
-                 f"pretraining {_count(t['pretraining_tokens'])} tokens, {t['gpu_hours']:,.0f} GPU-hours")  # fmt: skip
+                 f"{kinds} tokens, {t['gpu_hours']:,.0f} GPU-hours")  # fmt: skip
     if not all(s["fits"] for s in result["stages"]):
         lines.append("hint: shard over more devices (--gpus) or add --activation-checkpointing")
     return lines

@@ -7,18 +7,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestration.core.backends import BACKENDS
-from orchestration.data.chat import ChatConfig
 from hanyeong.errors import CheckpointError, ConfigError
+from orchestration.core.backends import BACKENDS
+from orchestration.core.config import at, build, plain, to_table
 from orchestration.core.spec import ModelSpec
+from orchestration.data.chat import ChatConfig
+from orchestration.data.manifest import DATASET_FORMATS
 from orchestration.pipeline.stage_config import NAME
-from orchestration.core.config import build_table, plain
 from tokenizer.train import TrainConfig
-
-FORMATS = ("text", "chat")
 
 
 @dataclass(frozen=True)
@@ -38,24 +37,25 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         if (self.path is None) == (not self.train_inputs):
             raise ConfigError(
-                "give either path (an existing tokenizer) or train_inputs (to train one)"
+                "path: give either path (an existing tokenizer) or train_inputs (to train one)"
             )
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "run.tokenizer") -> TokenizerConfig:
+        """From the `[run.tokenizer]` table, whose keys other than path and train_inputs are
+        TrainConfig's (not a `train` sub-table)."""
         if not isinstance(data, dict):
             raise ConfigError(f"{where} must be a table, got {type(data).__name__}")
         own = {k: v for k, v in data.items() if k in ("path", "train_inputs")}
         rest = {k: v for k, v in data.items() if k not in own}
         if "path" in own and rest:
-            raise ConfigError(
-                f"{where}: {', '.join(sorted(rest))} only apply with train_inputs, not path"
-            )
-        return build_table(cls, {**own, "train": build_table(TrainConfig, rest, where)}, where)
+            listed = ", ".join(sorted(rest))
+            raise ConfigError(at(where, f"{listed} only apply with train_inputs, not path"))
+        return build(cls, {**own, "train": build(TrainConfig, rest, where)}, where)
 
     def to_dict(self) -> dict:
         own = {"path": self.path} if self.path else {"train_inputs": list(self.train_inputs)}
-        return {**own, **({} if self.path else _table(self.train))}
+        return {**own, **({} if self.path else to_table(self.train))}
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,9 @@ class DatasetConfig:
     path: str | None = None
     """Or: the directory of an already prepared dataset (manifest.json)."""
     format: str = "text"
-    """'text' (documents: clean, filter, dedup, decontaminate, tokenize) or 'chat' (conversations:
-    chat template, input_ids + loss_mask; orchestration/data/chat.py)."""
+    """One of DATASET_FORMATS (orchestration/data/manifest.py): 'text' (documents: clean, filter,
+    dedup, decontaminate, tokenize) or 'chat' (conversations: chat template, input_ids + loss_mask;
+    orchestration/data/chat.py)."""
     text_fields: tuple[str, ...] | None = None
     """text: record fields holding the text (default: 'text'); dotted paths as --text-field."""
     config: str | None = None
@@ -83,18 +84,21 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME.match(self.name):
             raise ConfigError(f"name must be letters, digits, '.', '_' or '-', got {self.name!r}")
-        if self.format not in FORMATS:
-            raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format not in DATASET_FORMATS:
+            known = ", ".join(DATASET_FORMATS)
+            raise ConfigError(f"format must be one of {known}, got {self.format!r}")
         if self.path is not None and (self.inputs or self.config or self.chat):
             raise ConfigError("path names a prepared dataset: leave out inputs, config and chat")
         if self.format == "chat" and (self.config is not None or self.text_fields is not None):
             raise ConfigError(
-                "config and text_fields are for format 'text'; a chat dataset takes [chat]"
+                "format: config and text_fields are for format 'text'; a chat dataset takes [chat]"
             )
         if self.format == "text" and self.chat is not None:
-            raise ConfigError("[chat] is for format 'chat'")
+            raise ConfigError("chat: [chat] is for format 'chat'")
         if self.path is None and not self.inputs and self.config is None:
-            raise ConfigError("give inputs, a path, or a config whose [[sources]] name the inputs")
+            raise ConfigError(
+                "inputs: give inputs, a path, or a config whose [[sources]] name the inputs"
+            )
 
     def prepare_config(self):
         """The PrepareConfig of a text dataset (its `config` file, or the defaults)."""
@@ -127,7 +131,7 @@ class DatasetConfig:
         return {**self.to_dict(), **extra}
 
     def to_dict(self) -> dict:
-        return _table(self)
+        return to_table(self)
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,7 @@ class RunConfig:
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.preset is not None and self.init_checkpoint is not None:
-            raise ConfigError("give preset or init_checkpoint, not both")
+            raise ConfigError("init_checkpoint: give preset or init_checkpoint, not both")
         if self.preset is not None:
             try:
                 get_preset(self.preset)
@@ -195,28 +199,12 @@ class RunConfig:
                               f"({spec.vocab_size:,}); a checkpoint's vocabulary cannot be overridden")  # fmt: skip
         return spec
 
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "run") -> RunConfig:
+        """From the `[run]` table with its [run.tokenizer] and [[run.datasets]]."""
+        return build(cls, data, where)
+
     def to_dict(self) -> dict:
-        out = _table(self)
+        out = to_table(self)
         out["tokenizer"] = self.tokenizer.to_dict()
-        out["datasets"] = [d.to_dict() for d in self.datasets]
         return out
-
-
-def datasets_table(value, where: str) -> tuple[DatasetConfig, ...]:
-    if not isinstance(value, list):
-        raise ConfigError(
-            f"{where} must be an array of tables ([[run.datasets]]), got {type(value).__name__}"
-        )
-    return tuple(build_table(DatasetConfig, v, f"{where}[{i}]") for i, v in enumerate(value))
-
-
-def _table(obj) -> dict:
-    """A config dataclass as its TOML table: tuples as lists, nested tables alike, and None fields
-    that default to None left out (TOML has no null)."""
-    out = {}
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if value is None and f.default is None:
-            continue
-        out[f.name] = _table(value) if is_dataclass(value) else plain(value)
-    return out

@@ -12,8 +12,10 @@ Plain dicts in and out, so Ray can carry them:
             backend     'torch' or 'mlx' (resolved)
             progress    show a progress bar on stderr
             workers     data-parallel ranks (default 1); with more, this call is one rank of a
-                        group the launcher set up (orchestration/cluster/workers_torch.py, workers_mlx.py)
+                        group the launcher set up (orchestration/cluster/train_group.py, ring_group.py)
             parallel    'ddp' or 'fsdp' when workers > 1 (orchestration/core/parallel.py)
+            device      the device the launcher bound this rank to ('cpu', 'cuda:1'), or None: the
+                        backend's default (get_backend(backend, device))
     result  checkpoint, tokens, steps, seconds, first_loss, last_loss, resumed_from_step
 
 The loop is `backend.train_step` per batch; the rest are callbacks (orchestration/pipeline/stage_callbacks.py):
@@ -42,11 +44,13 @@ from orchestration.core import checkpoint
 from hanyeong.errors import CheckpointError, ConfigError, DataError, TrainingError
 from orchestration.core.parallel import rank_rows
 from orchestration.pipeline.stage_callbacks import Callback, Checkpointer, MetricsLog, ProgressBar, Ramps
+from orchestration.pipeline.stage_config import stage_label
 
 CHECKPOINT, METRICS, STAGE_FILE = "checkpoint", "metrics.jsonl", "stage.json"
 KEYS = {"recipe": dict, "index": int, "stage_dir": str, "init_from": (str, type(None)), "tokenizer": str,
-        "datasets": dict, "backend": str, "progress": bool, "workers": int, "parallel": (str, type(None))}  # fmt: skip
-OPTIONAL = {"init_from": None, "progress": False, "workers": 1, "parallel": None}
+        "datasets": dict, "backend": str, "progress": bool, "workers": int, "parallel": (str, type(None)),
+        "device": (str, type(None))}  # fmt: skip
+OPTIONAL = {"init_from": None, "progress": False, "workers": 1, "parallel": None, "device": None}
 
 
 @dataclass
@@ -58,7 +62,7 @@ class StageRun:
     stage: Any  # StageConfig
     backend: Any
     state: Any  # the backend's TrainState: model, optimizer, step, tokens_seen, data_cursor
-    loader: Any  # MixtureLoader
+    loader: Any  # the stage kind's Loader (orchestration/pipeline/kinds.py)
     directory: Path
     records: list[dict] = field(default_factory=list)  # this call's metrics lines
     rank: int = 0
@@ -90,7 +94,7 @@ def run_stage(config: dict) -> dict:
     stage, directory = recipe.stage[index], Path(request["stage_dir"])
     directory.mkdir(parents=True, exist_ok=True)
     identity = recipe.stage_identities()[index]
-    backend = get_backend(request["backend"])
+    backend = get_backend(request["backend"], device=request["device"])
     rank, world, parallel = join_group(backend, request["workers"], request["parallel"], index)
     loader = build_loader(stage, request["datasets"], seed=recipe.run.seed + index)
     run = StageRun(stage.name, index, stage, backend, None, loader, directory, rank=rank, world=world)
@@ -105,7 +109,7 @@ def run_stage(config: dict) -> dict:
         if run.main:
             write_identity(directory, stage.name, index, identity)
         model = start_model(backend, recipe, index, request["init_from"], directory, run.main)
-        run.state = backend.init_train_state(model, stage.optim, seed=recipe.run.seed + index, **options)
+        run.state = backend.init_train_state(model, stage.train_optim, seed=recipe.run.seed + index, **options)
         log.reset()
     check_vocabulary(run, request["tokenizer"])
     callbacks = [
@@ -152,7 +156,7 @@ def diverged(run: StageRun, loss: float) -> str:
     if checkpoint.has_training_state(run.checkpoint_dir):
         step = checkpoint.read_trainer_state(run.checkpoint_dir)["step"]
         saved = f"the checkpoint of step {step} in {run.checkpoint_dir} is intact"
-    return (f"stage {run.name!r} (stage[{run.index}]): loss is {loss} at step {run.state.step} "
+    return (f"{stage_label(run.index, run.name)}: loss is {loss} at step {run.state.step} "
             f"({run.state.tokens_seen:,} tokens); {saved}; lower [stage.optim] lr or check the data")  # fmt: skip
 
 
@@ -166,12 +170,14 @@ def join_group(backend, workers: int, parallel: str | None, index: int) -> tuple
         raise ConfigError(f"run_stage: workers must be >= 1, got {workers}")
     if workers == 1:
         return 0, 1, None
-    if parallel not in ("ddp", "fsdp"):
-        raise ConfigError(f"run_stage: parallel must be 'ddp' or 'fsdp' with {workers} workers, got {parallel!r}")
+    runs = backend.capabilities.parallelisms
+    if parallel not in runs:
+        raise ConfigError(f"run_stage: parallel must be one of {', '.join(runs)} on backend {backend.name} "
+                          f"with {workers} workers, got {parallel!r}")  # fmt: skip
     rank, world = backend.world()
     if world != workers:
         raise ConfigError(f"stage[{index}]: {workers} workers asked, but this process is in a {backend.name} "
-                          f"group of {world}; launch it through the runner (orchestration/workers_*.py)")  # fmt: skip
+                          f"group of {world}; launch it through the runner (orchestration/cluster/)")  # fmt: skip
     return rank, world, parallel
 
 
@@ -193,8 +199,8 @@ def read_request(config: dict) -> dict:
 
 
 def build_loader(stage, directories: dict, seed: int):
-    """The stage's MixtureLoader, dataset names mapped to their prepared directories."""
-    from orchestration.data.loader import MixtureLoader
+    """The stage's loader, as its kind builds it (orchestration/pipeline/kinds.py), dataset names
+    mapped to their prepared directories."""
 
     def located(entry):
         if entry.dataset not in directories:
@@ -206,14 +212,15 @@ def build_loader(stage, directories: dict, seed: int):
     mixture = dataclasses.replace(mixture, sources=tuple(map(located, mixture.sources)),
                                   replay=tuple(map(located, mixture.replay)))  # fmt: skip
     seq_len, rows = stage.shape_at(0)
-    return MixtureLoader(mixture, seq_len, rows, seed)
+    return stage.stage_kind.loader(mixture, seq_len, rows, seed)
 
 
 def start_model(backend, recipe, index: int, init_from: str | None, directory: Path, main: bool = True):
     """The weights stage `index` starts from, with its rope_theta / max_seq_len overrides."""
     from orchestration.pipeline.recipe_checks import apply_overrides
 
-    stage, where = recipe.stage[index], f"stage[{index}]"
+    stage = recipe.stage[index]
+    where = stage_label(index, stage.name)
     source = init_from or (None if stage.start in ("init", "previous") else stage.start)
     if source is None and stage.start == "previous":
         raise ConfigError(
@@ -261,7 +268,7 @@ def resume(run: StageRun, log: MetricsLog) -> int:
     """Continue from STAGE_DIR/checkpoint: its optimizer settings must be the stage's; the loader
     goes back to the saved cursor and the metrics log to the saved step."""
     state, stage = run.state, run.stage
-    if state.optim != stage.optim:
+    if state.optim != stage.train_optim:
         raise CheckpointError(f"{run.checkpoint_dir}: written with other [stage.optim] settings or budget "
                               f"({state.optim.to_dict()}); remove {run.directory} to start the stage over")  # fmt: skip
     if state.tokens_seen > stage.token_budget or state.data_cursor is None:
@@ -280,7 +287,7 @@ def check_vocabulary(run: StageRun, tokenizer: str) -> None:
     vocab = run.state.model.spec.vocab_size
     size = BBPETokenizer.load(tokenizer).vocab_size
     if size != vocab:
-        raise ConfigError(f"stage[{run.index}]: the model has vocab_size {vocab:,} but the tokenizer at "
+        raise ConfigError(f"{stage_label(run.index, run.name)}: the model has vocab_size {vocab:,} but the tokenizer at "
                           f"{tokenizer} has {size:,}; set run.vocab_size = {size}")  # fmt: skip
     for source in run.loader.sources:
         if len(source.tokens) and int(source.tokens.max()) >= vocab:

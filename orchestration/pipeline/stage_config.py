@@ -7,25 +7,34 @@ the last ramp entry with `after_tokens <= tokens` (a step is never split, so a r
 the first step starting at or past its point). The last step takes only the rows the budget has
 left, so a stage ends on its budget exactly; that remainder must be a whole number of rows, which
 `plan()` checks when the recipe is loaded (a budget that is a multiple of every seq_len in use and
-of the final batch always is).
+of the final batch always is). The LR schedule spans exactly the stage's steps: `[stage.optim]`
+leaves total_steps out and `train_optim` is the optimizer config with it filled in.
+
+NUMBERING. Messages name a stage as `pipeline status` and the stage folders do, from 1 and with its
+name: `stage 1 'stage1-general'` (`stage_label`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
-from orchestration.data.loader import MixtureConfig
 from hanyeong.errors import ConfigError
+from orchestration.core.config import build, positive_int, to_table
 from orchestration.core.optim import OptimConfig
 from orchestration.core.parallel import PARALLELISMS
-from orchestration.core.config import build_table, plain, positive_int
+from orchestration.data.loader import MixtureConfig
+from orchestration.pipeline.kinds import KINDS, StageKind, get_kind
 
-# kind -> the backend loss it trains with; SFT reads chat datasets, whole conversations per row
-STAGE_KINDS = {"pretrain": "causal_lm", "sft": "sft"}
 STARTS = ("init", "previous")  # anything else is a checkpoint path
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def stage_label(index: int, name: object = None) -> str:
+    """How messages name stage `index` (0-based): "stage 1 'stage1-general'", 1-based as the stage
+    folders (01-...) and `pipeline status`; without a usable name, "stage 1"."""
+    return f"stage {index + 1} {name!r}" if isinstance(name, str) and name else f"stage {index + 1}"
 
 
 # ---- ramps ----------------------------------------------------------------------------------------
@@ -74,10 +83,10 @@ class StageResources:
         for name in ("cpus", "gpus"):
             value = getattr(self, name)
             if value is not None and not 0 < value < math.inf:
-                raise ConfigError(f"resources.{name} must be a positive number, got {value!r}")
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return to_table(self)
 
 
 # ---- the stage ------------------------------------------------------------------------------------
@@ -98,7 +107,8 @@ class StageConfig:
     data: MixtureConfig
     """`[stage.data]`: the mixture; each `dataset` names a [[run.datasets]] entry."""
     kind: str = "pretrain"
-    """'pretrain' (causal LM on every token) or 'sft' (loss on assistant tokens of chat data)."""
+    """A registered stage kind (orchestration/pipeline/kinds.py): 'pretrain' (causal LM on every
+    token) or 'sft' (loss on assistant tokens of chat data), ..."""
     start: str = "previous"
     """'init' (fresh weights of run.preset / run.init_checkpoint), 'previous' (the stage before's
     final checkpoint) or a checkpoint directory."""
@@ -110,7 +120,8 @@ class StageConfig:
     max_seq_len: int | None = None
     """Override the model's max_seq_len from this stage on (long-context stage)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
-    """`[stage.optim]`: OptimConfig without total_steps, which plan() derives from the budget."""
+    """`[stage.optim]`: OptimConfig without total_steps, which the stage derives from its budget
+    (`train_optim`)."""
     seq_len_ramp: tuple[SeqLenStep, ...] = ()
     """`[[stage.seq_len_ramp]]`, in increasing after_tokens."""
     batch_ramp: tuple[BatchStep, ...] = ()
@@ -127,8 +138,7 @@ class StageConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME.match(self.name):
             raise ConfigError(f"name must be letters, digits, '.', '_' or '-', got {self.name!r}")
-        if self.kind not in STAGE_KINDS:
-            raise ConfigError(f"kind must be one of {', '.join(STAGE_KINDS)}, got {self.kind!r}")
+        kind = get_kind(self.kind)
         if not self.start:
             raise ConfigError("start must be 'init', 'previous' or a checkpoint directory")
         for name in ("token_budget", "seq_len", "batch_tokens", "workers"):
@@ -145,20 +155,32 @@ class StageConfig:
                                   f"({self.token_budget:,}), got {points}")  # fmt: skip
         if self.parallelism not in PARALLELISMS:
             raise ConfigError(f"parallelism must be one of {', '.join(PARALLELISMS)}, got {self.parallelism!r}")
-        if self.kind == "sft" and self.data.split_documents:
+        if kind.whole_documents and self.data.split_documents:
+            raise ConfigError(f"data.split_documents must be false for kind {kind.name!r}: its rows "
+                              "hold whole documents")  # fmt: skip
+        if self.optim.total_steps is not None:
             raise ConfigError(
-                "data.split_documents must be false for an sft stage (whole conversations per row)"
+                "optim.total_steps is derived from token_budget and batch_tokens; remove it"
             )
         total = self.total_steps  # plan(): the budget is reachable in whole rows
         if self.optim.warmup_steps > total:
             raise ConfigError(f"optim.warmup_steps ({self.optim.warmup_steps:,}) exceeds the stage's "
                               f"{total:,} steps (derived from token_budget and batch_tokens)")  # fmt: skip
-        # total_steps is derived, never given: the LR schedule spans exactly the stage's steps
-        object.__setattr__(self, "optim", replace(self.optim, total_steps=total))
+
+    @property
+    def stage_kind(self) -> StageKind:
+        """What `kind` means: the loss, the formats its sources may have, how rows are built."""
+        return get_kind(self.kind)
 
     @property
     def loss(self) -> str:
-        return STAGE_KINDS[self.kind]
+        return self.stage_kind.loss
+
+    @property
+    def train_optim(self) -> OptimConfig:
+        """[stage.optim] with total_steps = the stage's steps: what the backend trains with and a
+        checkpoint's trainer_state.json records."""
+        return replace(self.optim, total_steps=self.total_steps)
 
     @property
     def seq_lens(self) -> list[int]:
@@ -189,7 +211,7 @@ class StageConfig:
             if last and left % seq_len:
                 raise ConfigError(self._uneven(tokens, seq_len))
             if rows < max(1, self.optim.grad_accum_steps) * self.workers:
-                raise ConfigError(f"the step at {tokens:,} tokens has {rows} rows: too few for {self.workers} "
+                raise ConfigError(f"workers: the step at {tokens:,} tokens has {rows} rows: too few for {self.workers} "
                                   f"worker(s) x optim.grad_accum_steps ({self.optim.grad_accum_steps}) "
                                   "micro-batches of at least one row")  # fmt: skip
             if last:
@@ -223,54 +245,16 @@ class StageConfig:
     # ---- TOML ----
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "stage") -> StageConfig:
-        """From a `[[stage]]` table; total_steps of [stage.optim] is derived, so it is refused."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where} must be a table, got {type(data).__name__}")
-        sft = data.get("kind") == "sft"
-
-        def mixture(value, path):
-            if sft and isinstance(value, dict) and "split_documents" not in value:
-                value = {**value, "split_documents": False}
-            return MixtureConfig.from_dict(value, path)
-
-        def ramp(step_cls):
-            def build(value, path):
-                if not isinstance(value, list):
-                    raise ConfigError(
-                        f"{path} must be an array of tables, got {type(value).__name__}"
-                    )
-                return tuple(build_table(step_cls, v, f"{path}[{i}]") for i, v in enumerate(value))
-
-            return build
-
-        def optim(value, path):
-            if isinstance(value, dict) and "total_steps" in value:
-                raise ConfigError(
-                    f"{path}.total_steps is derived from token_budget and batch_tokens; remove it"
-                )
-            # a placeholder the stage replaces with its derived step count
-            value = {**value, "total_steps": 1 << 62} if isinstance(value, dict) else value
-            return build_table(OptimConfig, value, path, alias="optim")
-
-        return build_table(cls, data, where, data=mixture, optim=optim, seq_len_ramp=ramp(SeqLenStep),
-                           batch_ramp=ramp(BatchStep),
-                           resources=lambda v, path: build_table(StageResources, v, path, alias="resources"))  # fmt: skip
+    def from_dict(cls, data: dict, where: str = "") -> StageConfig:
+        """From a `[[stage]]` table. [stage.data]'s split_documents defaults to what the kind's rows
+        hold (false for a kind of whole documents, such as sft)."""
+        name = data.get("kind", "pretrain") if isinstance(data, dict) else None
+        kind = KINDS.get(name) if isinstance(name, str) else None  # else __post_init__ refuses it
+        mixture = data.get("data") if kind is not None else None
+        if isinstance(mixture, dict) and "split_documents" not in mixture:
+            data = {**data, "data": {**mixture, "split_documents": not kind.whole_documents}}
+        return build(cls, data, where)
 
     def to_dict(self) -> dict:
-        """The `[[stage]]` table (None fields left out, optim without total_steps)."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            if f.name == "data":
-                value = plain(value.to_dict())
-            elif f.name == "optim":
-                value = {k: plain(v) for k, v in value.to_dict().items() if k != "total_steps"}
-            elif f.name in ("seq_len_ramp", "batch_ramp"):
-                value = [asdict(step) for step in value]
-            elif f.name == "resources":
-                value = value.to_dict()
-            out[f.name] = value
-        return out
+        """The `[[stage]]` table (None fields left out, so optim has no total_steps)."""
+        return to_table(self)

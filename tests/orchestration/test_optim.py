@@ -23,7 +23,9 @@ configs = st.builds(
 def test_schedule_stays_between_floor_and_peak_and_ends_at_floor(config):
     lrs = [lr_at(config, s) for s in range(config.total_steps + 5)]
     floor = config.lr * config.min_lr_ratio
-    assert all(0 < lr <= config.lr * (1 + 1e-12) for lr in lrs if lr > 0)
+    peak = config.lr * (1 + 1e-12)
+    assert all(0 < lr <= peak for lr in lrs[: config.warmup_steps])  # warmup: never zero
+    assert all(floor * (1 - 1e-12) - 1e-18 <= lr <= peak for lr in lrs[config.warmup_steps :])
     if config.schedule != "constant":
         assert lrs[-1] == pytest.approx(floor)  # after the schedule it stays at its end value
     warm = lrs[: config.warmup_steps]
@@ -52,13 +54,25 @@ def test_no_weight_decay_on_norms_and_embeddings_by_default():
     assert decays("model.embed_tokens.weight", OptimConfig(decay_norms_and_embeddings=True))
 
 
-@pytest.mark.parametrize("change", [{"schedule": "linear"}, {"lr": 0}, {"warmup_steps": 2000}, {"betas": (0.9, 1.0)},
-                                    {"grad_accum_steps": 0}, {"min_lr_ratio": 2}])  # fmt: skip
+@pytest.mark.parametrize("change", [{"schedule": "linear"}, {"lr": 0}, {"warmup_steps": 2000, "total_steps": 1000},
+                                    {"betas": (0.9, 1.0)}, {"grad_accum_steps": 0}, {"min_lr_ratio": 2},
+                                    {"total_steps": 0}])  # fmt: skip
 def test_bad_setting_is_refused(change):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=f"^{next(iter(change))}"):  # the message names the field
         OptimConfig(**change)
+    with pytest.raises(ConfigError, match=f"^optim.{next(iter(change))}"):  # the builder adds the table
+        OptimConfig.from_dict(change)
 
 
 def test_round_trips_through_a_dict():
-    config = OptimConfig(schedule="wsd", betas=(0.9, 0.98))
+    config = OptimConfig(schedule="wsd", betas=(0.9, 0.98), total_steps=500)
     assert OptimConfig.from_dict({**config.to_dict(), "betas": list(config.betas)}) == config
+
+
+def test_the_schedule_needs_its_length():
+    """total_steps is given by whoever runs the schedule (a recipe stage derives it), never guessed."""
+    config = OptimConfig(warmup_steps=2)
+    assert lr_at(config, 1) == pytest.approx(config.lr)  # warmup needs no length
+    with pytest.raises(ConfigError, match="total_steps is not set"):
+        lr_at(config, 2)
+    assert lr_at(OptimConfig(schedule="constant"), 10) == config.lr

@@ -101,7 +101,7 @@ def test_bad_field_is_one_error_naming_it(change, field):
 def test_missing_field_is_named():
     data = PRESETS["tiny"].to_dict()
     del data["d_ff"]
-    with pytest.raises(ConfigError, match="missing field.*d_ff"):
+    with pytest.raises(ConfigError, match="missing key.*d_ff"):
         ModelSpec.from_dict(data)
 
 

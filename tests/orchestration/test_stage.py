@@ -217,7 +217,7 @@ def test_a_nan_loss_is_an_error_naming_the_stage_and_step(
 
     monkeypatch.setattr(BACKEND, "train_step", nan_at_step_3)
     with pytest.raises(
-        TrainingError, match=r"stage 'pretrain' \(stage\[0\]\): loss is nan at step 3"
+        TrainingError, match=r"^stage 1 'pretrain': loss is nan at step 3"
     ):
         run_stage(request(tables, 0, tmp_path / "nan", small_tokenizer_dir, datasets))
 
@@ -230,7 +230,7 @@ def test_bad_requests_are_config_errors(small_tokenizer_dir, datasets, tmp_path)
     with pytest.raises(ConfigError, match=r"datasets has no directory for 'general'"):
         run_stage({**good, "datasets": {"chat": datasets["chat"]}})
     with pytest.raises(
-        ConfigError, match=r"stage\[1\] starts from the previous stage: run_stage needs init_from"
+        ConfigError, match=r"^stage 2 'sft' starts from the previous stage: run_stage needs init_from"
     ):
         run_stage({**good, "index": 1})
     tables["run"]["vocab_size"] = 4000

@@ -117,7 +117,7 @@ def test_errors_are_one_line(setup, tmp_path, small_tokenizer_dir):
     )
     assert_one_line_error(
         run("prepare", corpus, "-t", small_tokenizer_dir, "--out", tmp_path / "o", "--config", bad),
-        "filters.length: unknown field(s) min_char",
+        "filters.length: unknown key(s) min_char",
     )
     assert_one_line_error(
         run("prepare", corpus, "-t", tmp_path, "--out", tmp_path / "o"), "no tokenizer.json"
@@ -129,7 +129,7 @@ def test_errors_are_one_line(setup, tmp_path, small_tokenizer_dir):
     )
     assert_one_line_error(run("inspect", tmp_path), "not a hanyeong dataset")
     assert_one_line_error(
-        run("decontaminate", corpus, "--config", bad, "--out", tmp_path / "d"), "unknown field(s)"
+        run("decontaminate", corpus, "--config", bad, "--out", tmp_path / "d"), "unknown key(s)"
     )
     nobench = tmp_path / "nobench.toml"
     nobench.write_text("[dedup]\nnear = false\n")

@@ -56,20 +56,20 @@ text_bytes_per_shard = 1_000_000
     [
         (
             "[filters.length]\nmin_char = 3",
-            "filters.length: unknown field(s) min_char; known: enabled, max_chars, min_chars",
+            "filters.length: unknown key(s) min_char; known: enabled, min_chars, max_chars",
         ),
-        ("[filterz]\nx = 1", "config: unknown field(s) filterz"),
+        ("[filterz]\nx = 1", "unknown key(s) filterz"),
         ("[dedup]\nthreshold = 'high'", "dedup.threshold must be float, got str 'high'"),
         ("[dedup]\nexact = 1", "dedup.exact must be bool, got int 1"),
         ("[dedup]\nthreshold = 1.5", "dedup.threshold must be in (0, 1]"),
         (
             "[filters.length]\nmin_chars = 10\nmax_chars = 5",
-            "filters.length: min_chars (10) is above max_chars (5)",
+            "filters.length.min_chars (10) is above max_chars (5)",
         ),
         ("[filters.script]\nscripts = ['klingon']", "filters.script.scripts: unknown klingon"),
         (
             "[[decontaminate.benchmarks]]\nname = 'x'",
-            "decontaminate.benchmarks[0]: missing field(s) files",
+            "decontaminate.benchmarks[0]: missing key(s) files",
         ),
         (
             "[[decontaminate.benchmarks]]\nname = 'x'\nfiles = 'a.jsonl'",

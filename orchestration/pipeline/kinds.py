@@ -1,0 +1,102 @@
+"""Stage kinds: what a `[[stage]]`'s `kind` means (STYLE rule 8: a registry from name to parts).
+
+    kind      loss       its sources' formats   rows
+    pretrain  causal_lm  text, chat             documents packed back to back, split across rows
+    sft       sft        chat                   whole conversations, padded (loss on assistant turns)
+
+A kind names the backend loss it trains with, the dataset formats its `[stage.data]` sources may
+have (orchestration/data/manifest.py's DATASET_FORMATS), whether its rows hold whole documents, and
+the function that builds its loader. The recipe checks (stage_config.py, recipe_checks.py),
+`run_stage` (stage.py) and the recipe plan read this registry, never a list of names.
+
+A new kind is: a loss in each backend (`register_loss` in cuda_model/losses.py and
+mlx_model/losses.py), a dataset format for its data (DATASET_FORMATS and the preparation that writes
+it), one `register_kind(StageKind(...))` line, and tests. A kind whose rows are not the mixture's
+(pairs, prompt groups) brings its own `loader` function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from hanyeong.errors import ConfigError
+from orchestration.core.batch import Batch
+from orchestration.data.manifest import DATASET_FORMATS
+
+
+class Loader(Protocol):
+    """What a stage's loop and its callbacks use of a loader (orchestration/data/loader.py's
+    MixtureLoader is one)."""
+
+    seq_len: int
+    """Tokens per row of the next batch; the Ramps callback sets it before each step."""
+    batch_rows: int
+    """Rows of the next batch; the Ramps callback sets it before each step."""
+    sources: list[Any]
+    """What it reads, each with `key` (a name) and `tokens` (every token id: the vocabulary check)."""
+
+    def next_batch(self) -> Batch: ...
+
+    def state(self) -> dict:
+        """The cursor, JSON-serialisable: trainer_state.json's data_cursor."""
+        ...
+
+    def load_state(self, state: dict) -> None:
+        """Resume at a cursor from state()."""
+        ...
+
+
+def mixture_loader(mixture, seq_len: int, rows: int, seed: int) -> Loader:
+    """The weighted mixture of prepared datasets (orchestration/data/loader.py), packed or whole
+    per row as `mixture.split_documents` says."""
+    from orchestration.data.loader import MixtureLoader
+
+    return MixtureLoader(mixture, seq_len, rows, seed)
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """One kind of training stage."""
+
+    name: str
+    """What a `[[stage]]`'s `kind` says: 'pretrain', 'sft', ..."""
+    loss: str
+    """The backend loss it trains with, registered in both backends (`register_loss`)."""
+    formats: tuple[str, ...]
+    """Dataset formats its `[stage.data]` sources may have (replay may read any)."""
+    whole_documents: bool
+    """Rows hold whole documents (conversations), padded, never split across rows: its stages'
+    `data.split_documents` defaults to false and may not be true. False: documents are packed."""
+    loader: Callable[..., Loader] = mixture_loader
+    """`loader(mixture, seq_len, rows, seed)`: the stage's loader, its mixture's datasets given as
+    directories."""
+
+
+KINDS: dict[str, StageKind] = {}
+
+
+def register_kind(kind: StageKind) -> None:
+    """Make `kind` what `kind = "<kind.name>"` means in a recipe; replaces a kind of that name."""
+    unknown = sorted(set(kind.formats) - set(DATASET_FORMATS))
+    if not kind.formats or unknown:
+        known = ", ".join(DATASET_FORMATS)
+        raise ConfigError(
+            f"stage kind {kind.name!r}: formats must be some of {known}, got {list(kind.formats)}"
+        )
+    KINDS[kind.name] = kind
+
+
+def get_kind(name: str) -> StageKind:
+    """The kind called `name`; an unknown name is a ConfigError listing the known ones."""
+    try:
+        return KINDS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"kind must be one of {', '.join(KINDS)}, got {name!r}") from None
+
+
+register_kind(
+    StageKind("pretrain", loss="causal_lm", formats=DATASET_FORMATS, whole_documents=False)
+)
+register_kind(StageKind("sft", loss="sft", formats=("chat",), whole_documents=True))
