@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from cuda_model import CAPABILITIES
 from cuda_model import parallel as par
 from cuda_model import step as steps
-from cuda_model.losses import Tensors, get_loss, token_logprobs
+from cuda_model.losses import Tensors, check_reads, get_loss, token_logprobs
 from cuda_model.model import Model
+from orchestration.core import generation
 from orchestration.core.batch import Batch
 from orchestration.core.checkpoint import (
     MODEL_FILE,
@@ -35,7 +37,7 @@ from orchestration.core.checkpoint import (
     write_trainer_state,
     writing,
 )
-from hanyeong.errors import CheckpointError, ConfigError, DataError
+from hanyeong.errors import CheckpointError, ConfigError
 from orchestration.core.optim import OptimConfig
 from orchestration.core.spec import ModelSpec
 
@@ -67,10 +69,12 @@ def decode_rng(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
-def sample(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
-) -> torch.Tensor:
-    """logits (B, V) fp32 -> next ids (B,): argmax at temperature 0, else nucleus sampling."""
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator,
+           suppress: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """logits (B, V) fp32 -> next ids (B,): argmax at temperature 0, else nucleus sampling; ids
+    where `suppress` (V,) bool is True are never chosen (-inf before either)."""
+    if suppress is not None:
+        logits = logits.masked_fill(suppress, float("-inf"))
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -86,8 +90,11 @@ def sample(
 
 class TorchBackend:
     name = "torch"
+    capabilities = CAPABILITIES
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | torch.device | None = None):
+        """On `device` ('cpu', 'cuda', 'cuda:1'); by default HANYEONG_TORCH_DEVICE, else CUDA when
+        there is a GPU. get_backend(name, device) builds one per device; none changes afterwards."""
         default = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device or os.environ.get(ENV_DEVICE) or default)
 
@@ -150,15 +157,19 @@ class TorchBackend:
 
     # ---- inference ------------------------------------------------------------------------------
 
-    def put(self, array: np.ndarray | None, dtype: type) -> torch.Tensor | None:
-        return None if array is None else torch.from_numpy(np.asarray(array, dtype)).to(self.device)
+    def put(self, array: np.ndarray | None, dtype: type | None = None) -> torch.Tensor | None:
+        """A numpy array on the device; without `dtype`: ints int64, floats float32, bools bool."""
+        if array is None:
+            return None
+        array = np.asarray(array)
+        if dtype is None:
+            kind = array.dtype.kind
+            dtype = np.int64 if kind in "iu" else np.float32 if kind == "f" else array.dtype
+        return torch.from_numpy(np.ascontiguousarray(array, dtype)).to(self.device)
 
     def tensors(self, batch: Batch) -> Tensors:
-        """A Batch as tensors on the device: ids int64, loss_mask float32."""
-
-        put = self.put
-        return {"inputs": put(batch.inputs, np.int64), "targets": put(batch.targets, np.int64),
-                "loss_mask": put(batch.loss_mask, np.float32), "segment_ids": put(batch.segment_ids, np.int64)}  # fmt: skip
+        """Every array of a Batch as a tensor on the device, by name (ids int64, floats float32)."""
+        return {name: self.put(array) for name, array in batch.arrays().items()}
 
     @torch.no_grad()
     def logits(
@@ -176,12 +187,14 @@ class TorchBackend:
         model.eval()
         t = self.tensors(batch)
         with steps.precision(self.device):
-            out = token_logprobs(model(t["inputs"], t["segment_ids"]), t["targets"])
+            out = token_logprobs(model(t["inputs"], t.get("segment_ids")), t["targets"])
         return out.float().cpu().numpy()
 
     @torch.no_grad()
     def eval_loss(self, model: Model, batch: Batch, loss: str = "causal_lm") -> float:
-        """Mean loss per counted target token, no gradient."""
+        """Mean loss per counted target token, no gradient (DataError: the batch lacks an array
+        the loss reads)."""
+        check_reads(loss, batch.arrays())
         model.eval()
         with steps.precision(self.device):
             summed, n = get_loss(loss)(model, self.tensors(batch))
@@ -190,50 +203,60 @@ class TorchBackend:
     @torch.no_grad()
     def generate(self, model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 stop_ids: Sequence[int] = ()) -> list[list[int]]:  # fmt: skip
-        """New tokens per prompt (a stop id ends a row and is included), batched with a KV cache."""
+                 stop_ids: Sequence[int] = (), allow_ids: Sequence[int] = (),
+                 suppress_ids: Sequence[int] | None = None) -> list[list[int]]:  # fmt: skip
+        """New tokens per prompt (a stop id ends a row and is included), batched with a KV cache.
+        Special ids are never sampled but for stop and allowed ids (core/generation.py)."""
         if not prompts or max_new_tokens <= 0:
             return [[] for _ in prompts]
-        if any(len(p) == 0 for p in prompts):
-            raise DataError("generate: every prompt needs at least one token")
-        B, L = len(prompts), max(len(p) for p in prompts)
-        if L + max_new_tokens > model.spec.max_seq_len:
-            raise ConfigError(f"generate: {L} prompt + {max_new_tokens} new tokens exceed spec.max_seq_len "
-                              f"({model.spec.max_seq_len})")  # fmt: skip
-        # Left-pad: padding is document 0 and the prompt document 1, so no prompt sees padding and
-        # each starts at RoPE position 0, exactly as if it were generated alone.
-        tokens, segments = np.zeros((B, L), np.int64), np.zeros((B, L), np.int64)
-        for i, p in enumerate(prompts):
-            tokens[i, L - len(p) :], segments[i, L - len(p) :] = p, 1
+        spec = model.spec
+        plan = generation.prepare(prompts, max_new_tokens, spec.vocab_size, spec.max_seq_len,
+                                  stop_ids, allow_ids, suppress_ids)  # fmt: skip
         model.eval()
-        cache = model.new_cache(B, L + max_new_tokens)
+        cache = model.new_cache(plan.capacity)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        x, seg = (
-            torch.from_numpy(tokens).to(self.device),
-            torch.from_numpy(segments).to(self.device),
-        )
-        stop, out, done = set(stop_ids), [[] for _ in range(B)], [False] * B
+        x, seg, suppress = self.put(plan.tokens), self.put(plan.segments), self.put(plan.suppress)
+        rows = generation.Rows(len(prompts), stop_ids)
         for _ in range(max_new_tokens):
             with steps.precision(self.device):
-                h = model.model(x, seg, cache)[
-                    :, -1
-                ]  # (B, d_model): only the last position's logits
+                h = model.model(x, seg, cache)[:, -1]  # (B, d_model): the last position's only
                 logits = F.linear(h, model.head_weight()).float()
-            next_ids = sample(logits, temperature, top_p, generator)
-            for i, t in enumerate(next_ids.tolist()):
-                if not done[i]:
-                    out[i].append(t)
-                    done[i] = t in stop
-            if all(done):
+            next_ids = sample(logits, temperature, top_p, generator, suppress)
+            if rows.add(next_ids.tolist()):
                 break
             x, seg = next_ids[:, None], None  # continue each row's document
-        return out
+        return rows.tokens
 
     # ---- training -------------------------------------------------------------------------------
 
     def world(self) -> tuple[int, int]:
         """(rank, size) of the torch.distributed group this process is in; (0, 1) alone."""
         return par.world()
+
+    def bind_device(self, accelerator: bool, cpus: float) -> str:
+        """A Ray Train worker's device: the current CUDA device when it holds a GPU (TorchTrainer
+        made it current), else the CPU (a CPU stage stays off a GPU the node may have); torch's
+        CPU threads = the worker's CPUs."""
+        torch.set_num_threads(max(1, int(cpus)))
+        if not accelerator:
+            return "cpu"
+        if not torch.cuda.is_available():
+            raise ConfigError("this worker holds a GPU but torch sees no CUDA device (a CPU build of torch?)")
+        return f"cuda:{torch.cuda.current_device()}"
+
+    def open_rendezvous(self, host: str) -> dict:
+        """Rank 0: a socket for the process group's store, on `host` only: {"host", "port",
+        "listen_fd"} (the descriptor is this process's; the other ranks connect to host:port)."""
+        fd, port = par.listen(host)
+        return {"host": host, "port": port, "listen_fd": fd}
+
+    def join_group(self, rank: int, size: int, rendezvous: dict) -> None:
+        """Join the default process group through rank 0's store: gloo on the CPU, NCCL on CUDA."""
+        fd = rendezvous.get("listen_fd") if rank == 0 else None
+        par.init_group(rank, size, rendezvous["host"], rendezvous["port"], listen_fd=fd, device=self.device)
+
+    def leave_group(self) -> None:
+        par.leave_group()
 
     def init_train_state(self, model: Model, optim: OptimConfig, seed: int = 0, compile: bool | None = None,
                          fused: bool | None = None, parallel: str | None = None) -> steps.TrainState:  # fmt: skip
@@ -269,8 +292,10 @@ class TorchBackend:
         self, state: steps.TrainState, batch: Batch, loss: str = "causal_lm"
     ) -> dict[str, float]:
         """One optimizer step on a global batch (on a parallel state: this rank's rows of it);
-        returns the global batch's loss, grad_norm, lr, tokens, counted_tokens."""
+        returns the global batch's loss, grad_norm, lr, tokens, counted_tokens. Every array of the
+        batch reaches the loss; one it reads being absent is a DataError before any compute."""
         return steps.train_step(state, self.tensors(batch), loss)
 
 
+# the default device's backend (get_backend("torch")); never changed: another device is another object
 BACKEND = TorchBackend()

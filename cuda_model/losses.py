@@ -1,13 +1,17 @@
 """Training losses: plain functions `loss(model, batch) -> (sum_loss, n_counted)`.
 
-`batch` is a dict of tensors on the model's device, split along B for gradient accumulation:
-inputs, targets (B, T) int64; loss_mask (B, T) float32 or None; segment_ids (B, T) or None; a later
-loss adds its own keys (ref_logprobs, rewards, teacher_logits, ...). A loss returns the SUM of its
-per-item losses and the count it sums over (tokens, pairs, ...), both 0-dim tensors; the step
-divides the accumulated gradients by the count of the whole global batch, so splitting a batch
-into micro-batches never changes the update (mlx-lm `default_loss` returns `ce, ntoks` likewise).
+`batch` is a dict of tensors on the model's device, split along B for gradient accumulation: every
+array of the Batch by name (orchestration/core/batch.py), ids int64 and floats float32: inputs,
+targets (B, T); loss_mask (B, T) and segment_ids (B, T) only when the Batch has them (absent keys,
+as in the MLX backend); a further loss's own arrays (ref_logprobs, rewards, teacher_logits, ...)
+arrive as the Batch's extras, unchanged. A loss returns the SUM of its per-item losses and the
+count it sums over (tokens, pairs, ...), both 0-dim tensors; the step divides the accumulated
+gradients by the count of the whole global batch, so splitting a batch into micro-batches never
+changes the update (mlx-lm `default_loss` returns `ce, ntoks` likewise).
 
-DPO, SimPER, Bradley-Terry reward, distillation and GRPO plug in as more entries of `LOSSES`.
+A loss declares the arrays it reads; the step refuses a batch without one of them before computing
+(DataError naming the loss and the array). DPO, SimPER, Bradley-Terry reward, distillation and
+GRPO plug in with `register_loss(name, fn, reads)`, the same name in both backends.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import nn
 
 from hanyeong.errors import ConfigError, DataError
 
-Tensors = dict[str, torch.Tensor | None]
+Tensors = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Tensors], tuple[torch.Tensor, torch.Tensor]]
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk of the fused head + loss (256 MB in fp32)
 
@@ -165,15 +169,19 @@ def causal_lm(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Ten
 
 def sft(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
     """Supervised fine-tuning: cross-entropy on assistant tokens only (loss_mask == 1)."""
-    if batch.get("loss_mask") is None:
-        raise DataError(
-            "the sft loss needs batch.loss_mask (1 on assistant tokens, 0 elsewhere); got none"
-        )
     h = model.model(batch["inputs"], batch.get("segment_ids"))
     return linear_cross_entropy(h, model.head_weight(), batch["targets"], batch["loss_mask"])
 
 
-LOSSES: dict[str, LossFn] = {"causal_lm": causal_lm, "sft": sft}
+LOSSES: dict[str, LossFn] = {}
+LOSS_READS: dict[str, tuple[str, ...]] = {}  # loss name -> the batch arrays it needs
+FIELD_HINTS = {"loss_mask": " (1 on counted targets, e.g. assistant tokens, 0 elsewhere)"}
+
+
+def register_loss(name: str, fn: LossFn, reads: tuple[str, ...]) -> None:
+    """Make `fn(model, batch) -> (summed loss, count)` the loss `name`; `reads`: the batch arrays
+    it needs (optional ones, read with batch.get, are left out). Replaces a loss of that name."""
+    LOSSES[name], LOSS_READS[name] = fn, tuple(reads)
 
 
 def get_loss(name: str) -> LossFn:
@@ -184,3 +192,16 @@ def get_loss(name: str) -> LossFn:
         raise ConfigError(
             f"unknown loss {name!r} for the torch backend; known: {', '.join(LOSSES)}"
         ) from None
+
+
+def check_reads(name: str, present) -> None:
+    """DataError when a batch with arrays `present` lacks one the loss `name` reads."""
+    get_loss(name)
+    for array in LOSS_READS[name]:
+        if array not in present:
+            raise DataError(f"the {name} loss needs batch.{array}{FIELD_HINTS.get(array, '')}; "
+                            f"the batch has {', '.join(present)}")  # fmt: skip
+
+
+register_loss("causal_lm", causal_lm, reads=("inputs", "targets"))
+register_loss("sft", sft, reads=("inputs", "targets", "loss_mask"))

@@ -57,8 +57,8 @@ class KVCache:
     of each cached position (left padding is its own document, so it is never attended to).
     """
 
-    def __init__(self, spec: ModelSpec, batch_size: int, capacity: int):
-        self.n_layers, self.batch_size, self.capacity = spec.n_layers, batch_size, capacity
+    def __init__(self, capacity: int):
+        self.capacity = capacity  # positions: prompt + new tokens
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.length = 0  # positions filled
@@ -235,8 +235,9 @@ class Model(nn.Module):
         """tokens (B, T) int -> logits (B, T, vocab); segment_ids (B, T) keeps packed documents apart."""
         return F.linear(self.model(tokens, segment_ids, cache), self.head_weight())
 
-    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
-        return KVCache(self.spec, batch_size, capacity)
+    def new_cache(self, capacity: int) -> KVCache:
+        """An empty cache for up to `capacity` positions (its batch size is the first call's)."""
+        return KVCache(capacity)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

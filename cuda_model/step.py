@@ -110,14 +110,15 @@ def loss_function(state: TrainState, name: str) -> LossFn:
 
 
 def split(batch: Tensors, n: int) -> list[Tensors]:
-    """n micro-batches along B (sizes differ by at most one when n does not divide B)."""
+    """n micro-batches along B of every array, names unread (sizes differ by at most one when n
+    does not divide B)."""
     B = batch["inputs"].shape[0]
     if B < n:
         raise DataError(
             f"a batch of {B} rows cannot be split into grad_accum_steps={n} micro-batches"
         )
-    parts = {k: (None if v is None else torch.tensor_split(v, n)) for k, v in batch.items()}
-    return [{k: (None if v is None else v[i]) for k, v in parts.items()} for i in range(n)]
+    parts = {k: torch.tensor_split(v, n) for k, v in batch.items()}
+    return [{k: v[i] for k, v in parts.items()} for i in range(n)]
 
 
 def local_split(batch: Tensors, n: int) -> list[Tensors]:
@@ -148,7 +149,9 @@ def forward_backward(
 
 def train_step(state: TrainState, batch: Tensors, loss: str = "causal_lm") -> dict[str, float]:
     """One optimizer step on a global batch of tensors (on a parallel state: this rank's rows of
-    it); returns the global batch's loss, grad_norm, lr, tokens and counted_tokens."""
+    it); returns the global batch's loss, grad_norm, lr, tokens and counted_tokens. A batch without
+    an array the loss reads is a DataError before anything is computed."""
+    losses.check_reads(loss, batch)
     state.model.train()
     total, count = forward_backward(state, batch, loss)
     params = [p for p in state.model.parameters() if p.grad is not None]

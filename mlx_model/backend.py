@@ -6,7 +6,7 @@ format of orchestration/core/checkpoint.py, read and written as safetensors with
 moments under optimizer_key(name, moment), so the PyTorch backend reads them as they are.
 
 Data parallel across Macs (parallel='ddp'): mlx_model/parallel.py; the ranks are started and
-joined by orchestration/cluster/workers_mlx.py.
+joined by orchestration/cluster/ring_group.py through join_group.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_model import CAPABILITIES
 from mlx_model import parallel as dp
 from mlx_model import step as steps
-from mlx_model.losses import get_loss, token_logprobs
+from mlx_model.losses import check_reads, get_loss, token_logprobs
 from mlx_model.model import Model
+from orchestration.core import generation
 from orchestration.core.batch import Batch
 from orchestration.core.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, SPEC_FILE, check_tensors,
                                       read_trainer_state, verify, write_trainer_state, writing)  # fmt: skip
-from hanyeong.errors import CheckpointError, ConfigError, DataError
+from hanyeong.errors import CheckpointError, ConfigError
 from orchestration.core.optim import OptimConfig
 from orchestration.core.spec import ModelSpec
 
@@ -41,8 +43,12 @@ def read_tensors(file: Path) -> dict[str, mx.array]:
         raise CheckpointError(f"{file}: cannot read the tensors ({err})") from None
 
 
-def sample(logits: mx.array, temperature: float, top_p: float, key: mx.array) -> mx.array:
-    """logits (B, V) fp32 -> next ids (B,): argmax at temperature 0, else nucleus sampling."""
+def sample(logits: mx.array, temperature: float, top_p: float, key: mx.array,
+           suppress: mx.array | None = None) -> mx.array:  # fmt: skip
+    """logits (B, V) fp32 -> next ids (B,): argmax at temperature 0, else nucleus sampling; ids
+    where `suppress` (V,) bool is True are never chosen (-inf before either)."""
+    if suppress is not None:
+        logits = mx.where(suppress, mx.array(float("-inf"), logits.dtype), logits)
     if temperature <= 0:
         return logits.argmax(axis=-1)
     logits = logits / temperature
@@ -59,6 +65,12 @@ def sample(logits: mx.array, temperature: float, top_p: float, key: mx.array) ->
 
 class MLXBackend:
     name = "mlx"
+    capabilities = CAPABILITIES
+
+    def __init__(self, device: str | None = None):
+        """On MLX's default device (Metal on a Mac, the CPU build elsewhere): the only one."""
+        if device is not None:
+            raise ConfigError(f"the MLX backend runs on MLX's default device; device must be None, got {device!r}")
 
     # ---- models and checkpoints -----------------------------------------------------------------
 
@@ -125,44 +137,37 @@ class MLXBackend:
         return np.array(token_logprobs(model(t["inputs"], t.get("segment_ids")), t["targets"]))
 
     def eval_loss(self, model: Model, batch: Batch, loss: str = "causal_lm") -> float:
-        """Mean loss per counted target token, no gradient."""
+        """Mean loss per counted target token, no gradient (DataError: the batch lacks an array
+        the loss reads)."""
+        check_reads(loss, batch.arrays())
         summed, n = get_loss(loss)(model, steps.arrays(batch))
         return summed.item() / max(n.item(), 1.0)
 
     def generate(self, model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 stop_ids: Sequence[int] = ()) -> list[list[int]]:  # fmt: skip
-        """New tokens per prompt (a stop id ends a row and is included), batched with a KV cache."""
+                 stop_ids: Sequence[int] = (), allow_ids: Sequence[int] = (),
+                 suppress_ids: Sequence[int] | None = None) -> list[list[int]]:  # fmt: skip
+        """New tokens per prompt (a stop id ends a row and is included), batched with a KV cache.
+        Special ids are never sampled but for stop and allowed ids (core/generation.py)."""
         if not prompts or max_new_tokens <= 0:
             return [[] for _ in prompts]
-        if any(len(p) == 0 for p in prompts):
-            raise DataError("generate: every prompt needs at least one token")
-        B, L = len(prompts), max(len(p) for p in prompts)
-        if L + max_new_tokens > model.spec.max_seq_len:
-            raise ConfigError(f"generate: {L} prompt + {max_new_tokens} new tokens exceed spec.max_seq_len "
-                              f"({model.spec.max_seq_len})")  # fmt: skip
-        # Left-pad: padding is document 0 and the prompt document 1, so no prompt sees padding and
-        # each starts at RoPE position 0, exactly as if it were generated alone.
-        tokens, segments = np.zeros((B, L), np.int32), np.zeros((B, L), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, L - len(p) :], segments[i, L - len(p) :] = p, 1
-        cache = model.new_cache(B, L + max_new_tokens)
+        spec = model.spec
+        plan = generation.prepare(prompts, max_new_tokens, spec.vocab_size, spec.max_seq_len,
+                                  stop_ids, allow_ids, suppress_ids)  # fmt: skip
+        cache = model.new_cache(plan.capacity)
         key = mx.random.key(seed)
-        x, seg = mx.array(tokens), mx.array(segments)
-        stop, out, done = set(stop_ids), [[] for _ in range(B)], [False] * B
+        x, seg = mx.array(plan.tokens, mx.int32), mx.array(plan.segments, mx.int32)
+        suppress = mx.array(plan.suppress)
+        rows = generation.Rows(len(prompts), stop_ids)
         for _ in range(max_new_tokens):
             h = model.model(x, seg, cache)[:, -1]  # (B, d_model): only the last position's logits
             key, sub = mx.random.split(key)
-            next_ids = sample(model.head(h).astype(mx.float32), temperature, top_p, sub)
+            next_ids = sample(model.head(h).astype(mx.float32), temperature, top_p, sub, suppress)
             mx.eval(next_ids, cache.k, cache.v)  # keep the lazy graph one step long
-            for i, t in enumerate(next_ids.tolist()):
-                if not done[i]:
-                    out[i].append(t)
-                    done[i] = t in stop
-            if all(done):
+            if rows.add(next_ids.tolist()):
                 break
             x, seg = next_ids[:, None].astype(mx.int32), None  # continue each row's document
-        return out
+        return rows.tokens
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -170,6 +175,25 @@ class MLXBackend:
         """(rank, size) of the mx.distributed group this process joined; (0, 1) alone."""
         group = dp.world_group()
         return group.rank(), group.size()
+
+    def bind_device(self, accelerator: bool, cpus: float) -> None:
+        """A rank's device: MLX's default (its Mac's Metal GPU); nothing to bind."""
+        return None
+
+    def open_rendezvous(self, host: str) -> dict:
+        """This rank's ring endpoint: {"endpoint": "ip:port"}, a port free now on `host` (or on
+        HANYEONG_MLX_RING_IP where the node sets it: mlx_model/parallel.endpoint)."""
+        return {"endpoint": dp.endpoint(host)}
+
+    def join_group(self, rank: int, size: int, rendezvous: dict) -> None:
+        """Join the ring of every rank's endpoint (rendezvous["ranks"], in rank order) as `rank`."""
+        endpoints = [r["endpoint"] for r in rendezvous["ranks"]]
+        if len(endpoints) != size:
+            raise ConfigError(f"a ring of {size} ranks needs {size} endpoints, got {len(endpoints)}")
+        dp.join_ring(rank, size, endpoints)
+
+    def leave_group(self) -> None:
+        """Nothing: MLX cannot leave a ring; the rank's process ends with it."""
 
     def init_train_state(self, model: Model, optim: OptimConfig, seed: int = 0,
                          compile: bool | None = None, parallel: str | None = None) -> steps.TrainState:  # fmt: skip
@@ -213,4 +237,5 @@ class MLXBackend:
         return steps.train_step(state, batch, loss)
 
 
+# the backend of get_backend("mlx"); never changed
 BACKEND = MLXBackend()

@@ -54,8 +54,8 @@ class KVCache:
     (B, S) the document of each cached position (left padding is its own document, never attended).
     """
 
-    def __init__(self, spec: ModelSpec, batch_size: int, capacity: int):
-        self.n_layers, self.batch_size, self.capacity = spec.n_layers, batch_size, capacity
+    def __init__(self, capacity: int):
+        self.capacity = capacity  # positions: prompt + new tokens
         self.k: list[mx.array] = []
         self.v: list[mx.array] = []
         self.length = 0  # positions filled
@@ -209,8 +209,9 @@ class Model(nn.Module):
         """tokens (B, T) int -> logits (B, T, vocab); segment_ids (B, T) keeps documents apart."""
         return self.head(self.model(tokens, segment_ids, cache))
 
-    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
-        return KVCache(self.spec, batch_size, capacity)
+    def new_cache(self, capacity: int) -> KVCache:
+        """An empty cache for up to `capacity` positions (its batch size is the first call's)."""
+        return KVCache(capacity)
 
     def init_weights(self, seed: int) -> None:
         """Normal(0, 0.02); residual outputs (o_proj, down_proj) 0.02/sqrt(2·n_layers) as GPT-2 and

@@ -17,7 +17,6 @@ same thing and a run moves between them mid-training.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,10 +24,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from mlx_model.losses import Arrays, get_loss
+from mlx_model.losses import Arrays, check_reads, get_loss
 from mlx_model.model import Model
 from mlx_model.parallel import all_sum_flat
 from orchestration.core.batch import Batch
@@ -118,31 +116,30 @@ def init_train_state(
 
 
 def arrays(batch: Batch) -> Arrays:
-    """A Batch as mx arrays: ids int32, loss_mask float32; absent masks are absent keys."""
-    out = {"inputs": mx.array(batch.inputs, mx.int32), "targets": mx.array(batch.targets, mx.int32)}
-    if batch.loss_mask is not None:
-        out["loss_mask"] = mx.array(batch.loss_mask, mx.float32)
-    if batch.segment_ids is not None:
-        out["segment_ids"] = mx.array(batch.segment_ids, mx.int32)
+    """Every array of a Batch as an mx array, by name: ids int32, floats float32, bools bool; absent
+    fields are absent keys (mx.compile takes a tree of arrays, not None)."""
+    out = {}
+    for name, array in batch.arrays().items():
+        kind = array.dtype.kind
+        dtype = mx.int32 if kind in "iu" else mx.float32 if kind == "f" else None
+        out[name] = mx.array(array) if dtype is None else mx.array(array, dtype)
     return out
 
 
 def split(batch: Batch, n: int, world: int = 1) -> list[Arrays]:
-    """n micro-batches along B (sizes differ by at most one, first ones larger: torch.tensor_split).
+    """n micro-batches along B of every array, names unread (sizes differ by at most one, first
+    ones larger: torch.tensor_split).
 
     A rank of `world` holds about 1/world of the global batch: it takes ceil(n / world) micro-batches
     (the global batch's micro-batch size), as many as it has rows, none when it has no row."""
-    B = batch.inputs.shape[0]
+    B = batch.rows
     if world > 1:
         n = min(-(-n // world), B)
     if B < n:
         raise DataError(
             f"a batch of {B} rows cannot be split into grad_accum_steps={n} micro-batches"
         )
-    bounds = np.cumsum([0] + [B // n + (i < B % n) for i in range(n)])
-    return [arrays(Batch(*(None if a is None else a[lo:hi] for a in
-                           (batch.inputs, batch.targets, batch.loss_mask, batch.segment_ids))))
-            for lo, hi in itertools.pairwise(bounds)]  # fmt: skip
+    return [arrays(part) for part in batch.split(n)] if n else []
 
 
 def clip(grads: dict[str, mx.array], max_norm: float) -> tuple[dict[str, mx.array], mx.array]:
@@ -189,7 +186,9 @@ def build_step(state: TrainState, loss: str):
 
 def train_step(state: TrainState, batch: Batch, loss: str = "causal_lm") -> dict[str, float]:
     """One optimizer step on a global Batch (a data-parallel state: this rank's rows of it); returns
-    the global batch's loss, grad_norm, lr, tokens, counted_tokens."""
+    the global batch's loss, grad_norm, lr, tokens, counted_tokens. A batch without an array the
+    loss reads is a DataError before anything is computed."""
+    check_reads(loss, batch.arrays())
     if loss not in state.steps:
         state.steps[loss] = build_step(state, loss)
     hyper = state.optimizer.hyper(state.step)

@@ -1,5 +1,5 @@
 """Data parallelism, framework-free: which rows of a global batch a rank trains on, and which kind
-of parallelism a stage gets.
+of parallelism a stage gets (from what its backend declares: orchestration/core/backends.py).
 
 Every rank builds the same MixtureLoader with the same seed and cursor, draws the same GLOBAL batch
 and keeps only its share of the rows. The data order, the cursor in the checkpoint and the update
@@ -10,40 +10,49 @@ rank a few milliseconds (the loader packs >100M tokens/s); what each rank trains
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from orchestration.core.batch import Batch
 from hanyeong.errors import ConfigError
+from orchestration.core.batch import Batch
 
-PARALLELISMS = ("auto", "ddp", "fsdp")
-FSDP_FROM_PARAMS = 1_000_000_000  # auto: shard weights, gradients and AdamW at this size and above
+if TYPE_CHECKING:
+    from orchestration.core.backends import Capabilities
+
+REPLICATED, SHARDED = "ddp", "fsdp"  # every rank holds the weights; weights, grads, AdamW sharded
+GROUP_PARALLELISMS = (REPLICATED, SHARDED)  # what a backend may declare (Capabilities.parallelisms)
+PARALLELISMS = ("auto", *GROUP_PARALLELISMS)  # what [[stage]] parallelism may say
 
 
 def rank_rows(batch: Batch, rank: int, world: int) -> Batch:
-    """Rank `rank`'s rows of a global batch: np.array_split's share (sizes differ by at most one)."""
+    """Rank `rank`'s rows of every array of a global batch (extras too, unread): np.array_split's
+    share (sizes differ by at most one)."""
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in a group of {world}")
     if world == 1:
         return batch
-    rows = np.array_split(np.arange(batch.inputs.shape[0]), world)[rank]
+    rows = np.array_split(np.arange(batch.rows), world)[rank]
     lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
-
-    def part(array):
-        return None if array is None else array[lo:hi]
-
-    return Batch(part(batch.inputs), part(batch.targets), part(batch.loss_mask), part(batch.segment_ids))
+    return batch.take(lo, hi)
 
 
-def resolve_parallelism(name: str, backend: str, params: int, where: str = "stage") -> str:
-    """'ddp' or 'fsdp' for a multi-worker stage: auto shards models of FSDP_FROM_PARAMS and more
-    (torch only: the MLX backend replicates weights on every Mac)."""
+def resolve_parallelism(name: str, capabilities: Capabilities, params: int,
+                        where: str = "stage") -> str:  # fmt: skip
+    """'ddp' or 'fsdp' for a multi-worker stage of a backend with these capabilities: 'auto' shards
+    a model of capabilities.shard_from_params parameters or more (never where that is None)."""
+    if name == "auto":
+        shard_from = capabilities.shard_from_params
+        name = SHARDED if shard_from is not None and params >= shard_from else REPLICATED
+    check_parallelism(name, capabilities, where)
+    return name
+
+
+def check_parallelism(name: str, capabilities: Capabilities, where: str = "stage") -> None:
+    """ConfigError unless `name` is 'auto' or a parallelism the backend trains a group with."""
     if name not in PARALLELISMS:
         raise ConfigError(f"{where}.parallelism must be one of {', '.join(PARALLELISMS)}, got {name!r}")
-    if backend == "mlx":
-        if name == "fsdp":
-            raise ConfigError(f"{where}.parallelism = 'fsdp' needs the torch backend; MLX stages run "
-                              "data-parallel ('ddp') across Macs")  # fmt: skip
-        return "ddp"
-    if name == "auto":
-        return "fsdp" if params >= FSDP_FROM_PARAMS else "ddp"
-    return name
+    if name != "auto" and name not in capabilities.parallelisms:
+        runs = " or ".join(repr(p) for p in capabilities.parallelisms)
+        raise ConfigError(f"{where}.parallelism = {name!r}: the backend trains a group with {runs} "
+                          "only")  # fmt: skip

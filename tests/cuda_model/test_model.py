@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from orchestration.core.checkpoint import parameter_names
-from tests.check_model import check_model, random_tokens
+from tests.check_model import (biased_toward_specials, check_generation_never_samples_specials,
+                               check_model, random_tokens)  # fmt: skip
 from tests.cuda_model.conftest import tiny
 
 
@@ -52,8 +53,10 @@ def naive_greedy(backend, model, prompt: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_kv_cache_generation_equals_recomputing(backend, tied):
+    from tests.cuda_model.conftest import perturbed
+
     spec = tiny(tie_embeddings=tied)
-    model = backend.init(spec, seed=1)
+    model = perturbed(backend.init(spec, seed=1))  # where attention decides the continuation
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]  # ragged: left padding must be invisible
     got = backend.generate(model, prompts, max_new_tokens=6)
     assert got == [naive_greedy(backend, model, p, 6) for p in prompts]
@@ -66,7 +69,7 @@ def test_kv_cache_logits_equal_full_forward(backend):
     tokens = torch.from_numpy(random_tokens(spec, (2, 10)))
     with torch.no_grad():
         full = model(tokens)
-        cache = model.new_cache(2, 10)
+        cache = model.new_cache(10)
         parts = [
             model(tokens[:, :4], None, cache),
             model(tokens[:, 4:5], None, cache),
@@ -87,6 +90,14 @@ def test_generation_stops_and_samples_reproducibly(backend):
         model, [[1, 2, 3]], seed=7, max_new_tokens=8, temperature=1.0, top_p=1e-6
     )
     assert nucleus == [greedy]  # a vanishing nucleus keeps only the most likely token
+
+
+def test_generation_never_samples_special_ids(backend):
+    spec = tiny(tie_embeddings=False).replace(vocab_size=600)  # the special block + 256 bytes fit
+    plain, biased = backend.init(spec, seed=1), backend.init(spec, seed=1)
+    named = {k: torch.from_numpy(v) for k, v in biased_toward_specials(spec).items()}
+    biased.load_state_dict({**biased.state_dict(), **named})
+    check_generation_never_samples_specials(backend, plain, biased, rows=16, seeds=20)
 
 
 def test_document_mask_keeps_packed_documents_apart(backend):

@@ -17,7 +17,10 @@ from orchestration.core.batch import Batch
 from orchestration.core.checkpoint import parameter_names
 from orchestration.core.optim import OptimConfig
 from orchestration.core.spec import RopeScaling
-from tests.check_model import check_model, random_tokens
+from mlx_model.losses import LOSS_READS, LOSSES, register_loss, token_logprobs
+from tests.check_model import (WEIGHTED, biased_toward_specials, check_extras_reach_the_loss,
+                               check_generation_never_samples_specials, check_model, extras_batch,
+                               random_tokens)  # fmt: skip
 from tests.mlx_model.conftest import tiny
 
 
@@ -82,7 +85,9 @@ def naive_greedy(backend, model, prompt: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_kv_cache_generation_equals_recomputing(backend, tied):
-    model = backend.init(tiny(tie_embeddings=tied), seed=1)
+    from tests.mlx_model.conftest import perturbed
+
+    model = perturbed(backend.init(tiny(tie_embeddings=tied), seed=1))  # attention decides the tokens
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]  # ragged: left padding must be invisible
     got = backend.generate(model, prompts, max_new_tokens=6)
     assert got == [naive_greedy(backend, model, p, 6) for p in prompts]
@@ -94,7 +99,7 @@ def test_kv_cache_logits_equal_full_forward(backend):
     model = backend.init(spec, seed=2)
     tokens = mx.array(random_tokens(spec, (2, 10)), mx.int32)
     full = model(tokens)
-    cache = model.new_cache(2, 10)
+    cache = model.new_cache(10)
     parts = [
         model(tokens[:, :4], None, cache),
         model(tokens[:, 4:5], None, cache),
@@ -118,6 +123,14 @@ def test_generation_stops_and_samples_reproducibly(backend):
         model, [[1, 2, 3]], seed=7, max_new_tokens=8, temperature=1.0, top_p=1e-6
     )
     assert nucleus == [greedy]  # a vanishing nucleus keeps only the most likely token
+
+
+def test_generation_never_samples_special_ids(backend):
+    spec = tiny(tie_embeddings=False).replace(vocab_size=600)  # the special block + 256 bytes fit
+    plain, biased = backend.init(spec, seed=1), backend.init(spec, seed=1)
+    biased.load_weights([(k, mx.array(v)) for k, v in biased_toward_specials(spec).items()],
+                        strict=False)  # fmt: skip
+    check_generation_never_samples_specials(backend, plain, biased, rows=4, seeds=4)
 
 
 def test_document_mask_keeps_packed_documents_apart(backend):
@@ -181,9 +194,11 @@ def test_sft_counts_only_masked_targets(backend):
     full = backend.logprobs(model, Batch.from_tokens(tokens))  # (B, T) log p(target)
     sft = backend.eval_loss(model, Batch.from_tokens(tokens, loss_mask=mask), loss="sft")
     assert sft == pytest.approx(-full[:, 4:].mean(), rel=1e-5)
-    with pytest.raises(Exception, match="loss_mask"):
+    from hanyeong.errors import ConfigError, DataError
+
+    with pytest.raises(DataError, match="loss_mask"):
         backend.eval_loss(model, Batch.from_tokens(tokens), loss="sft")
-    with pytest.raises(Exception, match="known: causal_lm, sft"):
+    with pytest.raises(ConfigError, match="known: causal_lm, sft"):
         backend.eval_loss(model, Batch.from_tokens(tokens), loss="nope")
 
 
@@ -228,3 +243,84 @@ def test_get_backend_finds_this_one():
     from orchestration.core.backends import get_backend
 
     assert get_backend("mlx") is BACKEND and BACKEND.name == "mlx"
+
+
+READS = ("inputs", "targets", "row_weight")
+
+
+def row_weighted(model, batch):
+    """Cross-entropy of each row times its weight: a loss on an array the core does not know."""
+    nll = -token_logprobs(model(batch["inputs"], batch.get("segment_ids")), batch["targets"])
+    return (nll * batch["row_weight"][:, None]).sum(), mx.array(float(nll.size))
+
+
+@pytest.fixture
+def weighted_loss():
+    """row_weighted, recording what it is given, added through the public extension point alone."""
+    seen = []
+
+    def recording(model, batch):
+        seen.append({k: np.array(v) for k, v in batch.items()})  # eager only: arrays, not tracers
+        return row_weighted(model, batch)
+
+    register_loss(WEIGHTED, recording, reads=READS)
+    yield seen
+    del LOSSES[WEIGHTED], LOSS_READS[WEIGHTED]
+
+
+def test_extra_arrays_reach_a_registered_loss_through_accumulation(backend, weighted_loss):
+    check_extras_reach_the_loss(backend, tiny(), weighted_loss, np.int32, compile=False)
+
+
+def test_the_compiled_step_takes_extra_arrays_too(backend):
+    register_loss("test_row_weighted_plain", row_weighted, reads=READS)
+    try:
+        batch, optim = extras_batch(tiny()), OptimConfig(lr=1e-2, total_steps=4, grad_accum_steps=2)
+        runs = []
+        for compile in (True, False):
+            state = backend.init_train_state(backend.init(tiny(), seed=0), optim, compile=compile)
+            runs.append([backend.train_step(state, batch, loss="test_row_weighted_plain")["loss"]
+                         for _ in range(2)])  # fmt: skip
+        np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5)
+    finally:
+        del LOSSES["test_row_weighted_plain"], LOSS_READS["test_row_weighted_plain"]
+
+
+def test_clipping_applies_the_update_of_the_gradient_scaled_to_the_clip_norm(backend):
+    """One step with grad_clip = c moves the weights as our AdamW (itself checked against torch's in
+    test_parity.py) does on the gradient of a plain cross-entropy scaled to norm c, and not as on the
+    unclipped one. Adam's first step is scale-free but for eps: eps is near the clipped entries."""
+    import mlx.nn as nn
+
+    from mlx_model.step import init_train_state
+
+    spec, c = tiny(tie_embeddings=False), 1e-2
+    optim = OptimConfig(lr=1e-2, schedule="constant", warmup_steps=0, eps=1e-5, weight_decay=0.1, grad_clip=c)
+    batch = Batch.from_tokens(random_tokens(spec, (3, 17), seed=5))
+    inputs, targets = mx.array(batch.inputs, mx.int32), mx.array(batch.targets, mx.int32)
+
+    def mean_nll(model):
+        return nn.losses.cross_entropy(model(inputs), targets, reduction="mean")
+
+    reference = init_train_state(backend.init(spec, seed=7), optim, compile=False)
+    _, grads = nn.value_and_grad(reference.model, mean_nll)(reference.model)
+    grads = dict(tree_flatten(grads))
+    norm = float(np.sqrt(sum((np.array(g, np.float64) ** 2).sum() for g in grads.values())))
+    assert norm > 20 * c  # the clip really bites
+    scaled = {k: g * (c / (norm + 1e-6)) for k, g in grads.items()}  # torch's clip coefficient
+    reference.optimizer.update(reference.model, scaled, reference.optimizer.hyper(0))
+    expected = weights(reference.model)
+
+    before = weights(backend.init(spec, seed=7))
+    updates = {}
+    for clip in (c, 0.0):
+        model = backend.init(spec, seed=7)
+        state = backend.init_train_state(model, OptimConfig(**{**optim.to_dict(), "grad_clip": clip}))
+        assert backend.train_step(state, batch)["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        updates[clip] = weights(model)
+    for name, value in expected.items():
+        # as in tests/cuda_model/test_step.py: differently rounded g, steepest where |g| ~ eps
+        atol = 1e-7 + 2 * np.spacing(np.abs(before[name]).max())
+        np.testing.assert_allclose(updates[c][name] - before[name], value - before[name], atol=atol, rtol=1e-4,
+                                   err_msg=name)  # fmt: skip
+        assert np.abs(updates[0.0][name] - value).max() > 1e-3, name  # unclipped: another update

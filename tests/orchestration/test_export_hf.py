@@ -14,6 +14,7 @@ from hanyeong.errors import CheckpointError
 from orchestration.core.export_hf import export_hf
 from orchestration.core.presets import PRESETS
 from tests.conftest import REPO
+from tokenizer.specials import SPECIAL_BLOCK
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -58,8 +59,9 @@ def test_transformers_gives_the_same_greedy_continuation(exported):
     hf = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     prompt = [1, 300, 301, 302, 303]
     with torch.no_grad():
+        # our generate never samples the special block (core/generation.py): nor may HF here
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)  # fmt: skip
+                          pad_token_id=0, suppress_tokens=list(range(SPECIAL_BLOCK)))  # fmt: skip
     expected = out[0, len(prompt):].tolist()
     assert backend.generate(model, [prompt], max_new_tokens=12)[0] == expected
 
@@ -80,3 +82,39 @@ def test_tokenizer_of_another_size_is_refused(tmp_path, small_tokenizer_dir):
     with pytest.raises(CheckpointError, match="vocab_size"):
         export_hf(tmp_path / "ckpt", tmp_path / "hf", small_tokenizer_dir)
     assert not (tmp_path / "hf").exists()
+
+
+def _export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestration.cli", "model", "export-hf", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
+
+
+@pytest.mark.parametrize("moved", [False, True], ids=["in place", "run directory moved"])
+def test_a_run_checkpoint_exports_with_its_runs_tokenizer_by_default(tmp_path, small_tokenizer_dir, moved):
+    """No --tokenizer: a checkpoint of RUN_DIR/stages/NN-name/checkpoint takes the tokenizer the run's
+    manifest names (or RUN_DIR/tokenizer once the run directory moved), and AutoTokenizer loads it."""
+    import shutil
+
+    from orchestration.pipeline.run_manifest import RunManifest
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_tokenizer_dir, run_dir / "tokenizer")
+    named = tmp_path / "elsewhere" / "tokenizer" if moved else run_dir / "tokenizer"
+    RunManifest({"path": "r.toml", "sha256": "x"}, "demo", tokenizer={"path": str(named), "sha256": "x"}).save(run_dir)
+    backend = get_backend("torch")
+    ckpt = run_dir / "stages" / "01-stage1-general" / "checkpoint"
+    backend.save(backend.init(PRESETS["tiny"].replace(vocab_size=3000)), ckpt)
+    out = _export(ckpt, tmp_path / "hf")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"wrote {tmp_path / 'hf'}: LlamaForCausalLM with the tokenizer {run_dir / 'tokenizer'}\n"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer.decode(tokenizer.encode("한영 모델", add_special_tokens=False)) == "한영 모델"
+
+
+def test_a_checkpoint_outside_a_run_says_in_one_line_it_has_no_tokenizer(tmp_path):
+    backend = get_backend("torch")
+    backend.save(backend.init(PRESETS["tiny"].replace(vocab_size=3000)), tmp_path / "ckpt")
+    out = _export(tmp_path / "ckpt", tmp_path / "hf")
+    assert out.returncode == 0 and out.stderr == "" and out.stdout.count("\n") == 1
+    assert "without a tokenizer" in out.stdout and "--tokenizer DIR" in out.stdout
+    assert (tmp_path / "hf" / "config.json").is_file() and not (tmp_path / "hf" / "tokenizer.json").exists()
