@@ -1,6 +1,11 @@
 """Data parallelism for the PyTorch backend: joining a process group, and the model wrapped for
 DistributedDataParallel ("ddp") or FSDP2 ("fsdp": weights, gradients and AdamW sharded).
 
+Joining: the launcher (orchestration/cluster/train_group.py) has rank 0 call the backend's
+open_rendezvous(host) -> `listen`, ships the address to the other ranks, and every rank calls
+join_group -> `init_group`. Rank 0 serves the TCPStore on its node's address only (never 0.0.0.0,
+where torch's own rendezvous listens), so a local Ray on 127.0.0.1 stays on loopback.
+
 The model stays single-device code (model.py). Parallelism is applied from outside, as torchtitan
 does: `wrap` puts a `LossModule` around the Model, whose forward(batch, loss_fn) is the loss, and
 hands THAT to DDP or fully_shard (one shard group per TransformerBlock, then the root), so the
@@ -22,10 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cuda_model import CAPABILITIES
 from cuda_model.model import Model, TransformerBlock
 from hanyeong.errors import ConfigError
 
-PARALLELS = ("ddp", "fsdp")
 TIMEOUT_S = 1800  # a collective waits this long for a rank (Ray Train's TorchConfig default)
 
 
@@ -75,6 +80,12 @@ def init_group(rank: int, size: int, host: str, port: int, listen_fd: int | None
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
 
 
+def leave_group() -> None:
+    """Leave the default process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # ---- wrapping -------------------------------------------------------------------------------------
 
 
@@ -92,11 +103,11 @@ class LossModule(nn.Module):
 def wrap(model: Model, parallel: str) -> nn.Module:
     """The LossModule around `model`, data-parallel over the default group. FSDP shards `model`'s
     parameters in place (they become DTensors, under the same names)."""
-    if parallel not in PARALLELS:
-        raise ConfigError(f"parallel must be one of {', '.join(PARALLELS)}, got {parallel!r}")
+    if parallel not in CAPABILITIES.parallelisms:
+        raise ConfigError(f"parallel must be one of {', '.join(CAPABILITIES.parallelisms)}, got {parallel!r}")
     if not (dist.is_available() and dist.is_initialized()):
         raise ConfigError(f"parallel = {parallel!r} needs a torch.distributed process group; launch the "
-                          "stage through the runner (orchestration/cluster/workers_torch.py)")  # fmt: skip
+                          "stage through the runner (orchestration/cluster/train_group.py)")  # fmt: skip
     device = next(model.parameters()).device
     module = LossModule(model)
     if parallel == "ddp":

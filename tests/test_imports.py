@@ -41,3 +41,23 @@ def test_each_backend_imports_only_its_own_framework():
 def test_spec_checkpoint_and_registry_need_no_framework():
     loaded = loaded_after("import orchestration.core.backends, orchestration.core.checkpoint, orchestration.core.plan, orchestration.core.export_hf")
     assert not loaded & {"torch", "mlx", "ray", "transformers"}
+
+
+BACKEND_PACKAGES = {"cuda_model", "mlx_model", "torch", "mlx"}
+
+
+def test_orchestrations_runner_modules_load_no_backend():
+    """The runner, the stage, the driver, the launchers and the registry reach a backend only by
+    name (orchestration/core/backends.py), never by importing it."""
+    modules = ["orchestration.pipeline.runner", "orchestration.pipeline.stage", "orchestration.pipeline.driver",
+               "orchestration.core.backends"]  # fmt: skip
+    cluster = sorted((REPO / "orchestration" / "cluster").glob("*.py"))
+    modules += [f"orchestration.cluster.{p.stem}" for p in cluster if p.stem != "__init__"]
+    assert "orchestration.cluster.train_group" in modules and "orchestration.cluster.ring_group" in modules
+    assert not loaded_after("import " + ", ".join(modules)) & BACKEND_PACKAGES
+
+
+def test_capabilities_are_read_without_the_frameworks():
+    code = ("from orchestration.core.backends import capabilities\n"
+            "assert capabilities('torch').launcher == 'ray_train' and capabilities('mlx').launcher == 'ring'")  # fmt: skip
+    assert not loaded_after(code) & {"torch", "mlx", "ray"}

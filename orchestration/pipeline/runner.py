@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
 
 from orchestration.pipeline import run_manifest as rm
 from hanyeong.errors import ConfigError, HanyeongError
-from orchestration.core.parallel import resolve_parallelism
 from orchestration.cluster.ray_session import ray_session  # noqa: F401  (callers import it from here too)
+from orchestration.cluster.resources import ray_options, worker_resources
+from orchestration.core.backends import BACKENDS, capabilities
+from orchestration.core.parallel import resolve_parallelism
 
 STAGE_RETRIES = 3  # a killed worker (OOM, preemption, SIGKILL) is retried this many times
 POLL_SECONDS = 0.5  # how often the driver looks at the task and its metrics
@@ -35,54 +36,37 @@ class StageFailed(HanyeongError):
 
 
 def local_resources() -> dict:
-    """Custom resources the embedded Ray declares: `apple_silicon` on a Mac that can run MLX (a Mac
-    joining a cluster declares it with `ray start --resources='{"apple_silicon": 1}'`)."""
-    from orchestration.core.backends import default_backend
-
-    return {"apple_silicon": 1} if default_backend() == "mlx" else {}
+    """Custom resources the embedded Ray declares: the default backend's device where it requires
+    one (`apple_silicon` on a Mac that can run MLX; a Mac joining a cluster declares it with
+    `ray start --resources='{"apple_silicon": 1}'`). Ray finds GPUs itself."""
+    caps = capabilities("auto")
+    return {caps.device_resource: 1} if caps.device_required else {}
 
 
 def resolve_backend(name: str, cluster: dict) -> str:
-    """auto: MLX where the cluster has Apple silicon, else PyTorch (on its GPUs when it has some)."""
+    """auto: a backend whose required device the cluster has (MLX where it has Apple silicon), else
+    PyTorch (on its GPUs when it has some)."""
     if name != "auto":
         return name
-    return "mlx" if cluster.get("apple_silicon", 0) > 0 else "torch"
-
-
-def worker_resources(backend: str, resources: dict, cluster: dict, node_cpus: int, workers: int = 1) -> dict:
-    """Ray resources of one worker of a stage: a GPU for torch on a GPU cluster, `apple_silicon`
-    for MLX, else CPUs: a node's worth, shared out when several workers split the cluster (Ray
-    sets OMP_NUM_THREADS to a task's CPUs)."""
-    gpus = resources.get("gpus")
-    if backend == "mlx":
-        need = {"CPU": 1, "apple_silicon": 1}
-    elif gpus or (gpus is None and cluster.get("GPU", 0) > 0):
-        need = {"CPU": 1, "GPU": gpus or 1}
-    else:
-        need = {"CPU": max(1, min(node_cpus, int(cluster.get("CPU", 1)) // workers))}
-    if "cpus" in resources:
-        need["CPU"] = resources["cpus"]
-    return need
+    for backend in BACKENDS:
+        caps = capabilities(backend)
+        if caps.device_required and cluster.get(caps.device_resource, 0) > 0:
+            return backend
+    return "torch"
 
 
 def task_options(backend: str, resources: dict, cluster: dict, node_cpus: int, where: str, workers: int = 1) -> dict:
     """Ray options of a stage's task: the worker's resources for one worker; for several, the task
-    only coordinates them (orchestration/workers_*.py) and asks for nothing itself. ConfigError when
-    the cluster lacks what the workers need in all."""
-    need = worker_resources(backend, resources, cluster, node_cpus, workers)
+    only coordinates them (orchestration/cluster/train_group.py, ring_group.py) and asks for nothing
+    itself. ConfigError when the cluster lacks what the workers need in all."""
+    need = worker_resources(backend, resources, cluster, node_cpus, workers, where)
     missing = {k: v * workers for k, v in need.items() if k != "CPU" and cluster.get(k, 0) < v * workers}
     if missing:
         have = ", ".join(f"{k} {cluster.get(k, 0):g}" for k in missing)
-        hint = " (a Mac joins with `ray start --resources='{\"apple_silicon\": 1}'`)" if backend == "mlx" else ""
+        custom = [k for k in missing if k != "GPU"]
+        hint = f" (a node declares it with `ray start --resources='{{\"{custom[0]}\": 1}}'`)" if custom else ""
         raise ConfigError(f"{where}: needs {missing} on backend {backend}, the Ray cluster has {have}{hint}")
-    if workers > 1:
-        return {"num_cpus": 0}
-    options = {"num_cpus": need.pop("CPU")}
-    if "GPU" in need:
-        options["num_gpus"] = need.pop("GPU")
-    if need:
-        options["resources"] = need
-    return options
+    return {"num_cpus": 0} if workers > 1 else ray_options(need)
 
 
 def _stage_task(config: dict) -> dict:
@@ -99,19 +83,16 @@ def _stage_task(config: dict) -> dict:
     return {**result, "worker": {"started": started, "finished": time.time()}}
 
 
-def _workers_task(config: dict, workers: int, parallel: str, resources: dict) -> dict:
-    """Runs in the Ray worker that coordinates a multi-worker stage: Ray Train's TorchTrainer for
-    torch, a placement group of MLX ranks joined by mx.distributed's ring for MLX. The ranks note
-    their attempts in attempts.jsonl themselves."""
+def _workers_task(config: dict, workers: int, parallel: str, need: dict) -> dict:
+    """Runs in the Ray worker that coordinates a multi-worker stage, through the launcher the
+    backend's capabilities name: Ray Train's TorchTrainer ('ray_train') or a placement group joined
+    as a ring ('ring'). The ranks note their attempts in attempts.jsonl themselves."""
     started = time.time()
-    if config["backend"] == "mlx":
-        from orchestration.cluster.workers_mlx import run_mlx_workers
-
-        result = run_mlx_workers(config, workers, resources, retries=STAGE_RETRIES)
+    if capabilities(config["backend"]).launcher == "ring":
+        from orchestration.cluster.ring_group import run_ring_group as run_group
     else:
-        from orchestration.cluster.workers_torch import run_torch_workers
-
-        result = run_torch_workers(config, workers, parallel, resources, retries=STAGE_RETRIES)
+        from orchestration.cluster.train_group import run_train_group as run_group
+    result = run_group(config, workers, parallel, need, retries=STAGE_RETRIES)
     return {**result, "worker": {"started": started, "finished": time.time()}}
 
 
@@ -127,6 +108,8 @@ class MetricsTail:
     def read(self) -> dict | None:
         try:
             with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self.offset:  # cut back to a checkpoint on resume
+                    self.offset = 0
                 f.seek(self.offset)
                 chunk = f.read()
         except FileNotFoundError:
@@ -142,21 +125,17 @@ class MetricsTail:
 
 
 def follow(ray, ref, record: rm.StageRecord, metrics: Path, progress: bool, label: str):
-    """Wait for a stage task, showing tokens done and ETA from its metrics; returns ray.get(ref)."""
-    from tqdm import tqdm
+    """Wait for a stage task, showing tokens done and the time left from its metrics; returns ray.get(ref)."""
+    from orchestration.pipeline.stage_callbacks import StageBar
 
     tail = MetricsTail(metrics)
-    bar = tqdm(total=record.token_budget, desc=label, unit="tok", unit_scale=True, dynamic_ncols=True,
-               disable=None if progress else True, file=sys.stderr)  # fmt: skip
+    bar = StageBar(label, record.token_budget, enabled=progress)
     try:
         while True:
             ready, _ = ray.wait([ref], timeout=POLL_SECONDS)
             last = tail.read()
             if last is not None:
-                bar.n = min(int(last.get("tokens", 0)), record.token_budget)  # a retried attempt may step back
-                if "loss" in last:
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
-                bar.refresh()
+                bar.show(last)
             if ready:
                 return ray.get(ref)
     finally:
@@ -211,8 +190,9 @@ def run_stages(recipe, manifest: rm.RunManifest, run_dir: Path, first: int, ray,
                   "progress": False}  # fmt: skip
         on = manifest.backend
         if stage.workers > 1:
-            parallel = resolve_parallelism(stage.parallelism, manifest.backend, specs[i].parameter_count(), where)
-            need = worker_resources(manifest.backend, resources, cluster, node_cpus, stage.workers)
+            caps = capabilities(manifest.backend)
+            parallel = resolve_parallelism(stage.parallelism, caps, specs[i].parameter_count(), where)
+            need = worker_resources(manifest.backend, resources, cluster, node_cpus, stage.workers, where)
             on = f"{stage.workers} {manifest.backend} workers ({parallel}, {need} each)"
             submit = _Submit(workers_task.options(**options), stage.workers, parallel, need)
         else:

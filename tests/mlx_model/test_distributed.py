@@ -1,8 +1,9 @@
-"""MLX data parallelism across Macs: the launcher's pure parts (bundles, ring hostfile, rank
-environment); and, with MLX's ring backend over 127.0.0.1 (it runs on the Linux CPU build too),
-DATA-PARALLEL LAW: two ranks stepping on their rows of each global batch end on the weights and
-losses of one process stepping on the whole batch; then a whole stage through Ray: run_mlx_workers
-on a local Ray declaring two `apple_silicon` gives the single worker's loss curve and checkpoint.
+"""MLX data parallelism across Macs: the pure parts of the ring (bundles of the ring launcher,
+the hostfile and rank environment of mlx_model/parallel.py); and, with MLX's ring backend over
+127.0.0.1 (it runs on the Linux CPU build too), DATA-PARALLEL LAW: two ranks stepping on their rows
+of each global batch end on the weights and losses of one process stepping on the whole batch; then
+a whole stage through Ray: run_ring_group (orchestration/cluster/ring_group.py) on a local Ray
+declaring two `apple_silicon` gives the single worker's loss curve and checkpoint.
 
 What no test here covers: real Macs, Metal, a ring across machines (Thunderbolt or Ethernet).
 
@@ -25,12 +26,16 @@ import numpy as np
 import pytest
 
 from hanyeong.errors import ConfigError
-from orchestration.cluster.workers_mlx import bundle_layout, rank_env, ring_hostfile
+from orchestration.cluster.ring_group import bundle_layout
 from tests.orchestration.ray_cluster import free_ports
 
-REPO = Path(__file__).resolve().parents[2]
+pytest.importorskip("mlx.core")
+from mlx_model.parallel import rank_env, ring_hostfile  # noqa: E402  (imports mlx)
 
-# ---- pure: no MLX, no Ray --------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[2]
+MAC = {"CPU": 1, "apple_silicon": 1}  # one rank's resources, as the runner resolves them
+
+# ---- pure: no Ray ------------------------------------------------------------------------------------
 
 
 def test_the_hostfile_lists_one_address_per_rank_in_rank_order():
@@ -59,14 +64,23 @@ def test_the_rank_environment_is_what_the_ring_backend_reads(tmp_path):
 
 
 def test_one_bundle_per_rank_each_on_a_mac_spread():
-    bundles, strategy = bundle_layout(3, {"cpus": 4})
+    bundles, strategy = bundle_layout(3, {"CPU": 4, "apple_silicon": 1})
     assert bundles == [{"apple_silicon": 1, "CPU": 4}] * 3 and strategy == "SPREAD"
-    assert bundle_layout(2, {})[0] == [{"apple_silicon": 1, "CPU": 1}] * 2
-    assert bundle_layout(2, {"CPU": 2, "apple_silicon": 1})[0] == [{"apple_silicon": 1, "CPU": 2}] * 2
+    assert bundle_layout(2, MAC)[0] == [MAC] * 2
     with pytest.raises(ConfigError, match="workers >= 2"):
-        bundle_layout(1, {})
-    with pytest.raises(ConfigError, match="cpus"):
-        bundle_layout(2, {"cpus": 0})
+        bundle_layout(1, MAC)
+
+
+def test_the_backend_declares_a_ring_of_macs_and_refuses_fsdp():
+    from orchestration.cluster.ring_group import run_ring_group
+    from orchestration.cluster.resources import worker_resources
+    from orchestration.core.backends import capabilities
+
+    caps = capabilities("mlx")
+    assert (caps.launcher, caps.parallelisms, caps.device_resource) == ("ring", ("ddp",), "apple_silicon")
+    assert worker_resources("mlx", {}, {"CPU": 8, "apple_silicon": 2}, 8, workers=2) == MAC
+    with pytest.raises(ConfigError, match="parallel must be one of ddp on backend mlx, got 'fsdp'"):
+        run_ring_group({"backend": "mlx"}, 2, "fsdp", MAC, retries=0)
 
 
 # ---- the ring on this machine -----------------------------------------------------------------------
@@ -216,13 +230,13 @@ def checkpoint_weights(stage_dir: Path) -> dict:
 def test_a_stage_on_two_mlx_ranks_through_ray_is_the_single_workers(
     mlx_ray, single, small_tokenizer_dir, datasets, tmp_path
 ):
-    from orchestration.cluster.workers_mlx import run_mlx_workers
+    from orchestration.cluster.ring_group import run_ring_group
 
     stage_dir = tmp_path / "pretrain"
     config = stage_config(small_tokenizer_dir, datasets, stage_dir)
     # from inside a Ray task that only coordinates, as the runner calls it
-    launcher = mlx_ray.remote(num_cpus=0, max_retries=0)(run_mlx_workers)
-    result = mlx_ray.get(launcher.remote(config, 2, {"CPU": 1, "apple_silicon": 1}, retries=0))
+    launcher = mlx_ray.remote(num_cpus=0, max_retries=0)(run_ring_group)
+    result = mlx_ray.get(launcher.remote(config, 2, "ddp", MAC, retries=0))
     one_dir, one = single
     assert (result["tokens"], result["steps"]) == (one["tokens"], one["steps"]) == (BUDGET, 6)
     got, expected = metrics(stage_dir), metrics(one_dir)
@@ -244,12 +258,12 @@ def test_a_stage_on_two_mlx_ranks_through_ray_is_the_single_workers(
 def test_a_ranks_exception_is_raised_as_it_is_and_not_retried(
     mlx_ray, small_tokenizer_dir, datasets, tmp_path
 ):
-    from orchestration.cluster.workers_mlx import run_mlx_workers
+    from orchestration.cluster.ring_group import run_ring_group
 
     config = stage_config(small_tokenizer_dir, datasets, tmp_path / "s")
     config["recipe"]["run"]["vocab_size"] = 4000  # not the tokenizer's: every rank raises ConfigError
     with pytest.raises(ConfigError, match="vocab_size 4,000"):
-        run_mlx_workers(config, 2, {"cpus": 1}, retries=2)
+        run_ring_group(config, 2, "ddp", MAC, retries=2)
     assert sorted(a["rank"] for a in attempts(tmp_path / "s")) == [0, 1]  # one start of the group
 
 
@@ -263,9 +277,9 @@ def test_a_killed_rank_restarts_the_group_which_resumes_to_the_single_workers_we
     import threading
     import time
 
-    from orchestration.cluster import workers_mlx
+    from orchestration.cluster import ring_group
 
-    monkeypatch.setattr(workers_mlx, "FAILURE_GRACE_S", 2.0)  # rank 0 waits on its dead peer this long
+    monkeypatch.setattr(ring_group, "FAILURE_GRACE_S", 2.0)  # rank 0 waits on its dead peer this long
     stage_dir, killed = tmp_path / "pretrain", []
     log = stage_dir / "metrics.jsonl"
 
@@ -282,8 +296,8 @@ def test_a_killed_rank_restarts_the_group_which_resumes_to_the_single_workers_we
     watcher = threading.Thread(target=kill_rank_1_after_a_step)
     watcher.start()
     try:
-        result = workers_mlx.run_mlx_workers(stage_config(small_tokenizer_dir, datasets, stage_dir), 2,
-                                             {"cpus": 1}, retries=1)  # fmt: skip
+        result = ring_group.run_ring_group(stage_config(small_tokenizer_dir, datasets, stage_dir), 2, "ddp",
+                                           MAC, retries=1)  # fmt: skip
     finally:
         watcher.join()
     assert killed and killed[0] < 6, "rank 1 was not killed mid-stage"
@@ -322,11 +336,11 @@ def test_on_a_cluster_of_two_mac_nodes_each_holds_one_rank(single, small_tokeniz
 
 if __name__ == "__main__" and sys.argv[1] == "launch":  # the driver of the cluster test
     from orchestration.cluster.ray_session import ray_session
-    from orchestration.cluster.workers_mlx import run_mlx_workers
+    from orchestration.cluster.ring_group import run_ring_group
 
     address, out = sys.argv[2], Path(sys.argv[3])
     with ray_session(address=address):
-        result = run_mlx_workers(json.loads((out / "config.json").read_text()), 2, {"cpus": 1}, retries=0)
+        result = run_ring_group(json.loads((out / "config.json").read_text()), 2, "ddp", MAC, retries=0)
     (out / "result.json").write_text(json.dumps(result))
 elif __name__ == "__main__":  # one rank of run_ranks: MLX_RANK and MLX_HOSTFILE are set
     import mlx.core as mx

@@ -142,6 +142,7 @@ def test_run_writes_manifest_checkpoints_metrics_and_plot(finished):
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
     assert (run_dir / "datasets" / "text" / "manifest.json").is_file()
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (run_dir / ".lock").exists()  # a finished run leaves no lock behind
     t = manifest.timings
     assert {"ray_start", "tokenizer", "datasets", "stages", "dispatch", "total"} <= set(t)
     assert manifest.stages[0].last_loss < manifest.stages[0].first_loss  # it learns
@@ -152,7 +153,7 @@ def test_rerun_of_a_finished_recipe_runs_nothing(finished, monkeypatch, capsys):
     before = {p: p.stat().st_mtime_ns for p in run_dir.glob("stages/*/**/*") if p.is_file()}
     code, out, err = cli(monkeypatch, capsys, "pipeline", "run", str(finished["recipe"]), "--run-dir", str(run_dir), "-q")
     assert code == 0
-    assert "no stage ran" in out and "nothing to run" in err
+    assert out.count("\n") == 1 and "up to date, no stage ran (all 3 done" in out and err == ""  # one line
     assert {p: p.stat().st_mtime_ns for p in run_dir.glob("stages/*/**/*") if p.is_file()} == before
 
 
@@ -336,7 +337,8 @@ def test_plan_skips_done_stages_and_reruns_from_the_first_change():
 
 def test_task_resources_follow_the_backend_and_refuse_what_the_cluster_lacks():
     from hanyeong.errors import ConfigError
-    from orchestration.pipeline.runner import resolve_backend, task_options, worker_resources
+    from orchestration.cluster.resources import worker_resources
+    from orchestration.pipeline.runner import resolve_backend, task_options
 
     cpu, gpu, mac = {"CPU": 16.0}, {"CPU": 16.0, "GPU": 8.0}, {"CPU": 10.0, "apple_silicon": 1.0}
     assert resolve_backend("auto", cpu) == "torch" and resolve_backend("auto", mac) == "mlx"
@@ -357,6 +359,23 @@ def test_task_resources_follow_the_backend_and_refuse_what_the_cluster_lacks():
         task_options("torch", {}, gpu, 16, "s", workers=16)
     with pytest.raises(ConfigError, match="needs {'apple_silicon': 2}"):
         task_options("mlx", {}, mac, 10, "s", workers=2)
+    # [stage.resources]: cpus for every backend, gpus where the backend takes GPUs (0: stay on CPUs)
+    assert worker_resources("torch", {"cpus": 4}, gpu, 16) == {"CPU": 4, "GPU": 1}
+    assert worker_resources("torch", {"gpus": 0}, gpu, 16) == {"CPU": 16}
+    assert worker_resources("torch", {"gpus": 2, "cpus": 8}, cpu, 16) == {"CPU": 8, "GPU": 2}
+    assert worker_resources("mlx", {"cpus": 2}, mac, 10) == {"CPU": 2, "apple_silicon": 1}
+    with pytest.raises(ConfigError, match="^s: resources.cpus must be a positive number"):
+        worker_resources("torch", {"cpus": 0}, cpu, 16, where="s")
+    with pytest.raises(ConfigError, match="^s: resources.gpus is not for backend mlx"):
+        worker_resources("mlx", {"gpus": 1}, mac, 10, where="s")
+
+
+def test_ray_options_ask_for_one_workers_resources():
+    from orchestration.cluster.resources import ray_options
+
+    assert ray_options({"CPU": 3}) == {"num_cpus": 3}
+    assert ray_options({"CPU": 1, "GPU": 2}) == {"num_cpus": 1, "num_gpus": 2}
+    assert ray_options({"CPU": 1, "apple_silicon": 1}) == {"num_cpus": 1, "resources": {"apple_silicon": 1}}
 
 
 def test_a_run_directory_takes_one_run_at_a_time(tmp_path):

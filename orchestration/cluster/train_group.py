@@ -1,14 +1,17 @@
-"""A multi-worker PyTorch stage: `workers` ranks run data-parallel (DDP, or FSDP2) through Ray Train
-V2's TorchTrainer, each training on its rows of the global batch (orchestration/pipeline/stage.py).
+"""A stage's worker group through Ray Train V2's TorchTrainer, for a backend whose capabilities say
+launcher = 'ray_train' (torch): `workers` ranks run data-parallel ('ddp', or 'fsdp'), each training
+on its rows of the global batch (orchestration/pipeline/stage.py). The backend is reached only
+through the protocol (orchestration/core/backends.py), by the name in the stage config.
 
-    run_torch_workers(config, workers, parallel, resources, retries)   inside the stage's Ray task
-                                                                        (num_cpus=0: it coordinates)
+    run_train_group(config, workers, parallel, need, retries)   inside the stage's Ray task
+                                                                 (num_cpus=0: it coordinates)
 
-1. TorchTrainer starts `workers` Ray Train workers, each with resources_per_worker = {"CPU": cpus,
-   "GPU": gpus} ([stage.resources]; a GPU each where the cluster has GPUs and none are asked).
+1. TorchTrainer starts `workers` Ray Train workers, each with resources_per_worker = `need` (the
+   runner's orchestration/cluster/resources.worker_resources: {"CPU": c} or {"CPU": c, "GPU": g}).
 2. Each worker notes its attempt in STAGE_DIR/attempts.jsonl ({"pid", "host", "started", "rank"}),
-   sets torch's threads to its CPUs, joins the process group (gloo on CPUs, NCCL on GPUs) and runs
-   `run_stage({**config, "workers": workers, "parallel": parallel})` as rank r.
+   has the backend bind its device (`bind_device`: the GPU TorchTrainer made current, else the CPU,
+   with its CPUs as threads), joins the group (`open_rendezvous` on rank 0, `join_group` on all)
+   and runs `run_stage({**config, "workers": workers, "parallel": parallel, "device": device})`.
 3. Rank 0's result (the train function's return value, Result.return_value in V2) is the stage's.
 
 Failures. A worker that dies (OOM, preemption, SIGKILL) fails the group; Ray Train starts the whole
@@ -18,9 +21,9 @@ run_stage (bad data, a NaN loss, a config mistake) would fail the same way again
 retries every worker error alike, so a controller callback (`stage_error` decides) raises it in the
 controller, whose errors the policy does not retry, and it is raised here as itself, one line.
 
-Rendezvous. Not TorchConfig's: its TCPStore listens on every interface (0.0.0.0). Rank 0 serves the
-store on its Ray node address only and sends the address to the others through Ray Train's
-collective (cuda_model/parallel.init_group), so a local Ray on 127.0.0.1 stays on loopback.
+Rendezvous. Not TorchConfig's: its TCPStore listens on every interface (0.0.0.0). Rank 0's backend
+opens the rendezvous on its Ray node address only, and Ray Train's collective sends it to the others
+(cuda_model/parallel.py), so a local Ray on 127.0.0.1 stays on loopback.
 
 Ray Train keeps its run state under STAGE_DIR/ray_train (storage_path must be absolute there). Every
 worker must see the run directory, datasets and tokenizer at the same paths (shared storage).
@@ -35,26 +38,12 @@ import time
 from pathlib import Path
 
 from hanyeong.errors import ConfigError, HanyeongError, TrainingError
+from orchestration.core.backends import capabilities, get_backend
 
 STORAGE, RUN_NAME = "ray_train", "workers"  # Ray Train's folder in the stage directory, its run name
 
 
-# ---- pure: resources, paths, which failure stops the stage ---------------------------------------
-
-
-def worker_resources(resources: dict, cluster: dict) -> dict:
-    """Ray resources of one Train worker, from [stage.resources] ({"cpus", "gpus"}: CPUs default 1,
-    GPUs when asked or, when not said, when the cluster has some; `gpus = 0` keeps a stage on CPUs)
-    or as the runner resolved them already ({"CPU", "GPU"}: runner.worker_resources)."""
-    if "CPU" in resources or "GPU" in resources:
-        resources = {"cpus": resources.get("CPU", 1), "gpus": resources.get("GPU", 0)}
-    cpus, gpus = resources.get("cpus", 1), resources.get("gpus")
-    if not (isinstance(cpus, int | float) and cpus > 0):
-        raise ConfigError(f"[stage.resources] cpus must be a positive number, got {cpus!r}")
-    need = {"CPU": cpus}
-    if gpus or (gpus is None and cluster.get("GPU", 0) > 0):
-        need["GPU"] = gpus or 1
-    return need
+# ---- pure: paths, which failure stops the stage ---------------------------------------------------
 
 
 def absolute(config: dict) -> dict:
@@ -81,7 +70,7 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def group_failure(errors: dict[int, BaseException], workers: int, retries: int) -> str:
+def group_failure(errors: dict[int, BaseException], workers: int, retries: int, backend: str) -> str:
     """One line for a group that kept failing: the ranks that died (Ray's errors; the others' are
     the fallout, a collective cut short), else each rank's error."""
     died = {r: e for r, e in errors.items() if type(e).__module__.startswith("ray.")}
@@ -90,7 +79,7 @@ def group_failure(errors: dict[int, BaseException], workers: int, retries: int) 
         f"rank {r} died ({first_line(getattr(e, 'health_check_failure', None) or e)})" if r in died
         else f"rank {r}: {first_line(e)}" for r, e in sorted(shown.items())[:2])  # fmt: skip
     times = "once" if retries == 0 else f"{retries + 1} times"
-    return (f"the {workers} torch workers failed {times} (Ray Train retries: {retries}); "
+    return (f"the {workers} {backend} workers failed {times} (Ray Train retries: {retries}); "
             f"the last time {what or 'no rank said why'}")  # fmt: skip
 
 
@@ -105,45 +94,24 @@ def note_attempt(stage_dir: Path, rank: int) -> None:
         f.write(json.dumps(line) + "\n")
 
 
-def join_group(rank: int, size: int, device) -> None:
-    """The torch process group of this Train worker group: rank 0 serves the store on its node's
-    address, sent to the others by Ray Train's broadcast."""
-    import ray
-    import ray.train.collective
-
-    from cuda_model import parallel
-
-    fd, address = None, None
-    if rank == 0:
-        host = ray.util.get_node_ip_address()
-        fd, port = parallel.listen(host)
-        address = (host, port)
-    host, port = ray.train.collective.broadcast_from_rank_zero(address)
-    parallel.init_group(rank, size, host, port, listen_fd=fd, device=device)
-
-
 def train_loop(args: dict) -> dict | None:
     """The function every Ray Train worker runs: one rank of the stage; rank 0 returns the result."""
+    import ray
     import ray.train
-    import torch
+    import ray.train.collective
 
-    from cuda_model.backend import BACKEND
     from orchestration.pipeline.stage import run_stage
 
     context = ray.train.get_context()
     rank, size = context.get_world_rank(), context.get_world_size()
     config = args["config"]
     note_attempt(Path(config["stage_dir"]), rank)
-    torch.set_num_threads(max(1, int(args["cpus"])))
-    if args["gpu"]:
-        import ray.train.torch
-
-        BACKEND.device = ray.train.torch.get_device()  # this worker's GPU (TorchTrainer set it current)
-    else:
-        BACKEND.device = torch.device("cpu")  # a CPU stage stays off a GPU the node may have
-    join_group(rank, size, BACKEND.device)
-    result = run_stage({**config, "workers": size, "parallel": args["parallel"]})
-    torch.distributed.destroy_process_group()
+    device = get_backend(config["backend"]).bind_device(args["accelerator"], args["cpus"])
+    backend = get_backend(config["backend"], device=device)
+    rendezvous = backend.open_rendezvous(ray.util.get_node_ip_address()) if rank == 0 else None
+    backend.join_group(rank, size, ray.train.collective.broadcast_from_rank_zero(rendezvous))
+    result = run_stage({**config, "workers": size, "parallel": args["parallel"], "device": device})
+    backend.leave_group()
     return result if rank == 0 else None
 
 
@@ -151,9 +119,9 @@ def train_loop(args: dict) -> dict | None:
 
 
 def ray_train_parts():
-    """Ray Train classes, built here so that importing this module does not import Ray:
-    a TorchConfig that leaves the process group to `join_group`, and the callback that stops a
-    stage on a HanyeongError instead of retrying it."""
+    """Ray Train classes, built here so that importing this module does not import Ray: a
+    TorchConfig that leaves the process group to the backend's `join_group`, and the callback that
+    stops a stage on a HanyeongError instead of retrying it."""
     from ray.train import UserCallback
     from ray.train.backend import Backend
     from ray.train.torch import TorchConfig
@@ -172,27 +140,29 @@ def ray_train_parts():
     return OwnRendezvous, StopOnStageError
 
 
-def run_torch_workers(config: dict, workers: int, parallel: str, resources: dict, retries: int) -> dict:
-    """Run stage config['index'] on `workers` data-parallel ranks; rank 0's run_stage result."""
-    import ray
+def run_train_group(config: dict, workers: int, parallel: str, need: dict, retries: int) -> dict:
+    """Run stage config['index'] on `workers` data-parallel ranks, each holding `need` (Ray's
+    resources of one worker); rank 0's run_stage result."""
     from ray.train import ControllerError, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     if workers < 2:
-        raise ConfigError(f"run_torch_workers needs workers >= 2, got {workers}; "
-                          "one worker is a plain stage task")  # fmt: skip
-    if parallel not in ("ddp", "fsdp"):
-        raise ConfigError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+        raise ConfigError(f"a worker group needs workers >= 2, got {workers}; one worker is a "
+                          "plain stage task")  # fmt: skip
+    name, caps = config["backend"], capabilities(config["backend"])
+    if parallel not in caps.parallelisms:
+        raise ConfigError(f"parallel must be one of {', '.join(caps.parallelisms)} on backend "
+                          f"{name}, got {parallel!r}")  # fmt: skip
     config = absolute(config)
     stage_dir = Path(config["stage_dir"])
-    need = worker_resources(resources, ray.cluster_resources())
     OwnRendezvous, StopOnStageError = ray_train_parts()
-    gpu = "GPU" in need
+    loop_config = {"config": config, "parallel": parallel, "cpus": need.get("CPU", 1),
+                   "accelerator": caps.device_resource in need}  # fmt: skip
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config, "parallel": parallel, "cpus": need["CPU"], "gpu": gpu},
+        train_loop_config=loop_config,
         torch_config=OwnRendezvous(),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=need),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu="GPU" in need, resources_per_worker=need),
         run_config=RunConfig(name=RUN_NAME, storage_path=str(stage_dir / STORAGE),
                              failure_config=FailureConfig(max_failures=retries),
                              callbacks=[StopOnStageError()]),
@@ -206,4 +176,4 @@ def run_torch_workers(config: dict, workers: int, parallel: str, resources: dict
         raise TrainingError(f"Ray Train could not run the {workers} workers: {first_line(cause)}") from None
     except TrainingFailedError as err:
         failures = getattr(err, "worker_failures", None) or {}
-        raise TrainingError(group_failure(failures, workers, retries)) from None
+        raise TrainingError(group_failure(failures, workers, retries, name)) from None

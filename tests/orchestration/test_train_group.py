@@ -1,8 +1,9 @@
-"""A stage on 2 PyTorch workers through a real local Ray and Ray Train V2's TorchTrainer (gloo on
-127.0.0.1): the loss curve and weights of 1 worker on the same global batches; a worker SIGKILLed
-after the first checkpoint is survived with the resume law (the weights of an uninterrupted 2-worker
-run, each step logged once, tokens == budget); a stage error is not retried and reads as itself.
-The same stage with FSDP2 runs on 2 spawned ranks without Ray (the group the Ray workers join)."""
+"""A stage on 2 PyTorch workers through a real local Ray and Ray Train V2's TorchTrainer
+(orchestration/cluster/train_group.py; gloo on 127.0.0.1): the loss curve and weights of 1 worker on
+the same global batches; a worker SIGKILLed after the first checkpoint is survived with the resume
+law (the weights of an uninterrupted 2-worker run, each step logged once, tokens == budget); a
+stage error is not retried and reads as itself. The same stage with FSDP2 runs on 2 spawned ranks
+without Ray, joined through the backend protocol as the Ray workers join."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest
 from orchestration.core import checkpoint
 from hanyeong.errors import ConfigError, DataError, HanyeongError
 from orchestration.pipeline.stage import run_stage
-from orchestration.cluster.workers_torch import absolute, group_failure, stage_error, worker_resources
+from orchestration.cluster.train_group import absolute, group_failure, stage_error
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("ray.train")
@@ -32,7 +33,7 @@ from tests.orchestration.test_stage import (  # noqa: E402, F401
     weights,
 )
 
-from tests.cuda_model.test_parallel import join, spawn  # noqa: E402
+from tests.cuda_model.test_parallel import spawn  # noqa: E402
 
 WORKERS = 2
 
@@ -49,10 +50,10 @@ def ray_local():
 
 
 def on_workers(ray, config: dict, parallel: str = "ddp", retries: int = 2):
-    """run_torch_workers in a Ray task that holds no CPU, as the runner calls it; its ObjectRef."""
-    from orchestration.cluster.workers_torch import run_torch_workers
+    """run_train_group in a Ray task that holds no CPU, as the runner calls it; its ObjectRef."""
+    from orchestration.cluster.train_group import run_train_group
 
-    task = ray.remote(num_cpus=0, max_retries=0)(run_torch_workers)
+    task = ray.remote(num_cpus=0, max_retries=0)(run_train_group)
     return task.remote(config, WORKERS, parallel, {"CPU": 1}, retries)  # as the runner passes it
 
 
@@ -97,12 +98,26 @@ def test_two_workers_follow_the_loss_curve_and_weights_of_one(pretrained, two_wo
 
 
 def fsdp_rank(rank: int, world: int, address, config: dict) -> None:
-    """What a Ray Train worker does, in a spawned process: join the group, run the stage as a rank."""
-    join(rank, world, address)
-    result = run_stage({**config, "workers": world, "parallel": "fsdp"})
+    """What a Ray Train worker does (train_group.train_loop), in a spawned process: bind the device,
+    join the group through the backend (rank 0's rendezvous on 127.0.0.1, sent through `address`),
+    run the stage as a rank, leave."""
+    from orchestration.core.backends import get_backend
+
+    device = get_backend("torch").bind_device(accelerator=False, cpus=1)
+    backend = get_backend("torch", device=device)
+    if rank == 0:
+        rendezvous = backend.open_rendezvous("127.0.0.1")
+        for _ in range(world - 1):
+            address.put(rendezvous)
+    else:
+        rendezvous = address.get()
+    backend.join_group(rank, world, rendezvous)
+    assert backend.world() == (rank, world) and device == "cpu"
+    result = run_stage({**config, "workers": world, "parallel": "fsdp", "device": device})
     if rank == 0:
         (Path(config["stage_dir"]) / "result.json").write_text(json.dumps(result))
-    torch.distributed.destroy_process_group()
+    backend.leave_group()
+    assert backend.world() == (0, 1)
 
 
 def test_fsdp_ranks_follow_the_loss_curve_and_weights_of_one(
@@ -181,25 +196,26 @@ def test_a_group_that_kept_failing_is_one_line_naming_the_rank_that_died():
     from ray.exceptions import ActorDiedError
 
     fallout = RuntimeError("[gloo/pair.cc:537] Read error: Connection reset by peer\nmore")
-    line = group_failure({0: fallout, 1: ActorDiedError()}, 2, 3)
+    line = group_failure({0: fallout, 1: ActorDiedError()}, 2, 3, "torch")
     assert line.startswith("the 2 torch workers failed 4 times (Ray Train retries: 3); "
                            "the last time rank 1 died (ActorDiedError: ")  # fmt: skip
     assert "gloo" not in line and "\n" not in line
-    assert group_failure({0: fallout}, 2, 0).endswith(
+    assert group_failure({0: fallout}, 2, 0, "torch").endswith(
         "failed once (Ray Train retries: 0); the last time rank 0: "
         "RuntimeError: [gloo/pair.cc:537] Read error: Connection reset by peer"
     )
 
 
-def test_worker_resources_and_paths():
-    assert worker_resources({}, {"CPU": 8}) == {"CPU": 1}
-    assert worker_resources({"cpus": 4}, {"CPU": 8, "GPU": 2}) == {"CPU": 4, "GPU": 1}
-    assert worker_resources({"gpus": 0}, {"GPU": 2}) == {"CPU": 1}
-    assert worker_resources({"gpus": 2, "cpus": 8}, {}) == {"CPU": 8, "GPU": 2}
-    assert worker_resources({"CPU": 3}, {"GPU": 2}) == {"CPU": 3}  # the runner's, resolved already
-    assert worker_resources({"CPU": 1, "GPU": 1}, {"GPU": 2}) == {"CPU": 1, "GPU": 1}
-    with pytest.raises(ConfigError, match="cpus"):
-        worker_resources({"cpus": 0}, {})
+def test_a_group_needs_two_workers_and_a_parallelism_of_its_backend():
+    from orchestration.cluster.train_group import run_train_group
+
+    with pytest.raises(ConfigError, match="workers >= 2"):
+        run_train_group({"backend": "torch"}, 1, "ddp", {"CPU": 1}, 0)
+    with pytest.raises(ConfigError, match="parallel must be one of ddp, fsdp on backend torch, got 'tp'"):
+        run_train_group({"backend": "torch"}, 2, "tp", {"CPU": 1}, 0)
+
+
+def test_paths_are_made_absolute():
     config = absolute({"stage_dir": "run/s", "tokenizer": "tok", "init_from": None,
                        "datasets": {"d": "data"}})  # fmt: skip
     paths = (config["stage_dir"], config["tokenizer"], config["datasets"]["d"])
