@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from hanyeong.console import note
 from hanyeong.errors import ConfigError
 
 # Runs of two or more Hangul syllables: a single syllable has no boundary a byte-level merge
@@ -78,7 +79,7 @@ class MorphemeCache:
         try:
             table = pq.read_table(path)
         except Exception as err:  # a damaged cache only costs a re-analysis
-            print(f"warning: ignoring unreadable morpheme cache {path}: {err}", file=sys.stderr)
+            note(f"warning: ignoring unreadable morpheme cache {path}: {err}")
             return
         for run, starts, tags in zip(*(table.column(c).to_pylist() for c in ("run", "starts", "tags"))):
             self.analyses[run] = tuple(zip(starts, tags.split(",")))

@@ -16,8 +16,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tokenizer.corpus import FileReport, TextFields, read_corpus
+from hanyeong.console import note
 from hanyeong.errors import ConfigError, DataError
+from tokenizer.corpus import FileReport, TextFields, read_corpus
 from tokenizer.morphemes import MorphemeCache, MorphemeMarker, count_runs, parse_categories
 from tokenizer.sampling import SampleConfig, draw_sample
 from tokenizer.specials import SPECIAL_BLOCK, special_tokens, tokenizer_config
@@ -115,7 +116,7 @@ def read_documents(inputs: list[str], fields: TextFields, workers: int, progress
         documents.extend(docs)
         files.append(report)
         if report.error:
-            print(f"skipped {report.path}: {report.error}", file=sys.stderr)
+            note(f"skipped {report.path}: {report.error}")  # the read bar is live: above it
     if not documents:
         raise DataError("no readable text in the inputs (see the skipped files above)")
     return documents, files

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hanyeong.errors import CheckpointError
+from hanyeong.files import ordinary_mode
 from orchestration.core.spec import ModelSpec
 
 FORMAT = "hanyeong-checkpoint"
@@ -76,7 +77,8 @@ def _sha256(path: Path) -> str:
 def writing(path: str | Path, spec: ModelSpec) -> Iterator[Path]:
     """Yield a temporary directory to write a checkpoint into; on success it replaces `path`.
 
-    The spec and the index (sizes, checksums) are written here. A crash or an exception inside
+    The spec and the index (sizes, checksums) are written here, and every file gets the mode
+    ordinary files get (0666 less the umask), whatever library wrote it. A crash or an exception inside
     the block leaves `path` as it was (the previous checkpoint, or nothing).
     """
     path = Path(path)
@@ -87,6 +89,9 @@ def writing(path: str | Path, spec: ModelSpec) -> Iterator[Path]:
     try:
         spec.save(tmp / SPEC_FILE)
         yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                ordinary_mode(f)  # safetensors writes 0600; a checkpoint's files are all alike
         files = {
             f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
             for f in sorted(tmp.iterdir())

@@ -63,8 +63,7 @@ def plan(
     activation_checkpointing: bool = typer.Option(False, help="Recompute activations in the backward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
 ) -> None:
-    """Parameters, training FLOPs (6·N·D), memory per device and wall-clock time of a run, or of
-    every stage of a recipe (--recipe)."""
+    """Parameters, FLOPs (6·N·D), memory per device and wall clock of a run or a recipe's stages."""
     from orchestration.core import checkpoint
     from hanyeong.errors import ConfigError
     from orchestration.core.plan import describe, parse_count
@@ -98,13 +97,21 @@ def plan(
 def export_hf(
     ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
     out: Path = typer.Argument(..., help="Directory to write (config.json, model.safetensors, tokenizer files)."),
-    tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="hanyeong tokenizer directory to include."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="hanyeong tokenizer directory to include "
+                                          "(default: the tokenizer of the run CKPT was trained in)."),
 ) -> None:
     """Export a checkpoint as a Llama directory that transformers and mlx-lm load."""
     from orchestration.core.export_hf import export_hf as export
+    from orchestration.pipeline.run_manifest import run_tokenizer
 
-    export(ckpt, out, tokenizer)
-    typer.echo(f"wrote {out}: LlamaForCausalLM{' with tokenizer' if tokenizer else ''}")
+    found = tokenizer or run_tokenizer(ckpt)
+    export(ckpt, out, found)
+    if found is None:
+        typer.echo(f"wrote {out}: LlamaForCausalLM without a tokenizer ({ckpt} is not in a run directory "
+                   f"that has one), so AutoTokenizer cannot load it; add one: hanyeong model export-hf {ckpt} {out} "
+                   "--tokenizer DIR")  # fmt: skip
+    else:
+        typer.echo(f"wrote {out}: LlamaForCausalLM with the tokenizer {found}")
 
 
 @app.command()

@@ -36,6 +36,7 @@ def run(
                                 "job's working directory in RUN_DIR/.job (orchestration/cluster/jobs.py copy_working_dir)."),
 ) -> None:
     """Run RECIPE in RUN_DIR: finished stages are skipped, an interrupted one resumes from its checkpoint."""
+    from hanyeong.console import note
     from orchestration.pipeline.driver import run_pipeline
 
     if in_job:
@@ -51,7 +52,7 @@ def run(
         return
     try:
         summary = run_pipeline(recipe, run_dir, address=address, num_cpus=num_cpus, progress=not quiet,
-                               echo=lambda line: typer.echo(line, err=True))  # fmt: skip
+                               echo=note)  # fmt: skip
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume from the last checkpoint", err=True)
         raise typer.Exit(130) from None
@@ -61,7 +62,8 @@ def run(
                    (f" (skipped {', '.join(summary['skipped'])})" if summary["skipped"] else "") +
                    f" in {t['total']:.1f} s; loss curve {run_dir / 'loss.png'} (hanyeong pipeline status --run-dir {run_dir})")  # fmt: skip
     else:
-        typer.echo(f"{run_dir}: up to date, no stage ran ({len(summary['skipped'])} done)")
+        typer.echo(f"{run_dir}: up to date, no stage ran (all {len(summary['skipped'])} done; "
+                   f"hanyeong pipeline status --run-dir {run_dir})")  # fmt: skip
 
 
 @app.command()
@@ -191,12 +193,17 @@ def stop(
 
 def _print_run(run_dir: Path, as_json: bool) -> None:
     """The manifest of RUN_DIR as a table (or JSON)."""
+    import dataclasses
+
+    from orchestration.pipeline.run_lock import read_driver
     from orchestration.pipeline.run_manifest import require_manifest
-    from orchestration.pipeline.run_report import COLUMNS, status_rows
+    from orchestration.pipeline.run_report import COLUMNS, interrupted_line, status_rows
 
     manifest = require_manifest(run_dir)
+    driver = read_driver(run_dir)  # None: no `pipeline run` holds the directory
     if as_json:
-        typer.echo(json.dumps(manifest.to_dict(), ensure_ascii=False, indent=2))
+        out = {**manifest.to_dict(), "driver": dataclasses.asdict(driver) if driver else None}
+        typer.echo(json.dumps(out, ensure_ascii=False, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -204,13 +211,18 @@ def _print_run(run_dir: Path, as_json: bool) -> None:
     table = Table(title=f"{manifest.name} ({manifest.backend or 'backend not chosen yet'}): {manifest.recipe['path']}")
     for column in COLUMNS:
         table.add_column(column, justify="right" if column in ("tokens / budget", "last loss", "wall", "attempts") else "left",
-                         no_wrap=column != "status", overflow="fold")  # fmt: skip
-    for row in status_rows(manifest, run_dir):
+                         no_wrap=column not in ("status", "checkpoint"), overflow="fold")  # fmt: skip
+    alive = driver is not None and driver.alive
+    for row in status_rows(manifest, run_dir, driver_alive=alive):
         table.add_row(*row)
     console = Console(file=sys.stdout)
     if not console.is_terminal:  # a pipe or a log: the whole row on one line
         console = Console(file=sys.stdout, width=200)
     console.print(table)
+    if alive:
+        typer.echo(f"running: `hanyeong pipeline run` {driver.describe()}, heard from {driver.heartbeat_age:.0f} s ago")
+    elif driver is not None or any(s.status == "running" for s in manifest.stages):
+        typer.echo(interrupted_line(manifest, run_dir, driver.describe() if driver else None))
     t = manifest.timings
     if t:
         parts = ", ".join(f"{k.replace('_', ' ')} {t[k]:.1f} s" for k in ("ray_start", "tokenizer", "datasets", "stages") if k in t)

@@ -17,11 +17,12 @@ import json
 import os
 import shutil
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 from orchestration.pipeline import run_manifest as rm
-from hanyeong.errors import ConfigError, HanyeongError
+from orchestration.pipeline.run_lock import run_lock
+from hanyeong.errors import HanyeongError
 
 TOKENIZER_SETTINGS = "hanyeong-settings.json"  # beside the trained tokenizer: what it was trained from
 
@@ -51,8 +52,6 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path, address: str | No
     timings: dict[str, float] = {}
     with run_lock(run_dir):
         ran, skipped = prepare_and_run(recipe, old, manifest, run_dir, address, num_cpus, progress, echo, timings)
-        if not ran:
-            echo(f"nothing to run: all {len(skipped)} stages of {recipe_path} are done in {run_dir}")
         if ran or not (run_dir / "loss.png").is_file():
             clock = time.perf_counter()
             from orchestration.pipeline.run_report import plot_losses
@@ -93,27 +92,6 @@ def prepare_and_run(recipe, old, manifest: rm.RunManifest, run_dir: Path, addres
 
             run_stages(recipe, manifest, run_dir, first, ray_holder.get(), progress, echo, ran, timings)
     return ran, skipped
-
-
-@contextmanager
-def run_lock(run_dir: Path):
-    """Hold RUN_DIR/.lock for the run: a second `pipeline run` on the same directory is refused."""
-    import fcntl
-
-    handle = open(run_dir / ".lock", "a+", encoding="utf-8")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise ConfigError(f"{run_dir} is in use by another `hanyeong pipeline run` (pid {handle.read().strip() or '?'})") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        yield
-    finally:
-        handle.close()
 
 
 class RayHolder:

@@ -106,6 +106,27 @@ def require_manifest(run_dir: str | Path) -> RunManifest:
     return manifest
 
 
+def run_tokenizer(checkpoint: str | Path) -> Path | None:
+    """The tokenizer a checkpoint was trained with, when it lies in a run directory
+    (RUN_DIR/stages/NN-name/checkpoint): the one the run's manifest names, else RUN_DIR/tokenizer
+    (a run directory that moved); None for a checkpoint outside a run."""
+    from tokenizer.bbpe import TOKENIZER_FILE
+
+    checkpoint = Path(checkpoint).resolve()
+    for run_dir in checkpoint.parents[:3]:
+        if not (run_dir / MANIFEST_FILE).is_file():
+            continue
+        try:
+            manifest = load_manifest(run_dir)
+        except ConfigError:  # not a run's manifest (a dataset's, say): look further up
+            continue
+        named = manifest.tokenizer.get("path") if manifest else None
+        for candidate in ([Path(named)] if named else []) + [run_dir / "tokenizer"]:
+            if (candidate / TOKENIZER_FILE).is_file():
+                return candidate
+    return None
+
+
 def stage_dir_name(index: int, name: str) -> str:
     return f"stages/{index + 1:02d}-{name}"
 

@@ -24,21 +24,68 @@ def read_metrics(path: Path) -> list[dict]:
     return out
 
 
-def status_rows(manifest: RunManifest, run_dir: Path) -> list[tuple[str, ...]]:
-    """One row per stage: COLUMNS. A running stage shows its metrics' latest tokens and loss."""
+def status_rows(manifest: RunManifest, run_dir: Path, driver_alive: bool = True) -> list[tuple[str, ...]]:
+    """One row per stage: COLUMNS. A running stage shows its metrics' latest tokens and loss, its
+    attempts so far and its last checkpoint's step; with its driver gone (`driver_alive` False)
+    it is `interrupted`."""
     rows = []
     for i, s in enumerate(manifest.stages):
-        tokens, loss = s.tokens, s.last_loss
+        tokens, loss, attempts, saved = s.tokens, s.last_loss, s.attempts, s.checkpoint
+        status = s.status + (f": {s.error}" if s.error else "")
         if s.status == "running":
             lines = read_metrics(run_dir / s.dir / "metrics.jsonl")
             if lines:
                 tokens, loss = lines[-1]["tokens"], lines[-1]["loss"]
+            attempts = max(attempts, count_attempts(run_dir / s.dir / "attempts.jsonl"))
+            step = checkpoint_step(run_dir / s.dir / "checkpoint")
+            saved = None if step is None else f"{s.dir}/checkpoint (step {step})"
+            status = "running" if driver_alive else "interrupted"
         share = f" ({tokens / s.token_budget:.0%})" if s.token_budget and tokens < s.token_budget else ""
-        status = s.status + (f": {s.error}" if s.error else "")
         rows.append((f"{i + 1}. {s.name}", s.kind, status, f"{tokens:,} / {s.token_budget:,}{share}",
-                     "-" if loss is None else f"{loss:.4f}", _duration(s.seconds), str(s.attempts),
-                     s.checkpoint or "-"))  # fmt: skip
+                     "-" if loss is None else f"{loss:.4f}", _duration(s.seconds), str(attempts),
+                     saved or "-"))  # fmt: skip
     return rows
+
+
+def interrupted_line(manifest: RunManifest, run_dir: Path, driver: str | None) -> str:
+    """What to do about a run whose driver (`driver` describes it; None: it left no lock) is gone."""
+    where = ""
+    for i, s in enumerate(manifest.stages):
+        if s.status == "running":
+            step = checkpoint_step(run_dir / s.dir / "checkpoint")
+            resumes = "starts over (no checkpoint yet)"
+            if step is not None:
+                resumes = f"resumes from its checkpoint of step {step}"
+            where = f": stage {i + 1} {s.name!r} {resumes}"
+            break
+    gone = f"its `hanyeong pipeline run`, {driver}, is gone" if driver else "no `hanyeong pipeline run` holds it"
+    return f"interrupted — rerun the same command to resume{where} ({gone})"
+
+
+def count_attempts(path: Path) -> int:
+    """Starts of a stage so far: attempts.jsonl lines of single workers or of rank 0 of a group."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return 0
+    count = 0
+    for line in lines:
+        try:
+            count += json.loads(line).get("rank", 0) == 0
+        except (json.JSONDecodeError, AttributeError):  # a line cut by a kill
+            continue
+    return count
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a stage's checkpoint (its trainer_state.json), None when there is none yet."""
+    from hanyeong.errors import CheckpointError
+    from orchestration.core.checkpoint import read_trainer_state
+
+    try:
+        return int(read_trainer_state(path)["step"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _duration(seconds: float) -> str:

@@ -1,4 +1,5 @@
-"""The stage loop's callbacks: ramps, the metrics log, the checkpointer, the progress bar.
+"""The stage loop's callbacks: ramps, the metrics log, the checkpointer, the progress bar (whose
+StageBar the Ray runner also draws from a stage's metrics.jsonl).
 
 Each has three hooks, `before_step(run)`, `after_step(run, record)` and `at_end(run)`, where `run`
 is the stage's `StageRun` (orchestration/pipeline/stage.py) and `record` the step's metrics line. None keeps
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -96,24 +98,65 @@ class Checkpointer(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar of the stage's tokens on stderr (a terminal only), with the latest loss."""
+    """A StageBar of the stage's tokens on stderr (a terminal only), with the time left and the loss."""
 
     def __init__(self, enabled: bool):
         self.enabled, self.bar = enabled, None
 
     def before_step(self, run) -> None:
         if self.enabled and self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=run.stage.token_budget, initial=run.state.tokens_seen, unit="tok",
-                            unit_scale=True, desc=run.name, file=sys.stderr, disable=None,
-                            dynamic_ncols=True)  # fmt: skip
+            self.bar = StageBar(run.name, run.stage.token_budget, initial=run.state.tokens_seen)
 
     def after_step(self, run, record: dict) -> None:
         if self.bar is not None:
-            self.bar.update(record["seq_len"] * record["batch_rows"])
-            self.bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            self.bar.show(record)
 
     def at_end(self, run) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# elapsed is the stage's wall time so far; the time left comes from the pace of its steps
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tokens [{elapsed}{postfix}]"
+
+
+class StageBar:
+    """A stage's progress line: tokens against the budget, wall time, time left, latest loss.
+
+    The time left is (budget - tokens) at the pace of the steps seen so far (metrics lines'
+    `time` and `tokens`), so worker start-up, data loading and a resume's jump to its checkpoint
+    do not skew it the way a rate since the bar's start does."""
+
+    def __init__(self, desc: str, budget: int, initial: int = 0, enabled: bool = True):
+        from tqdm import tqdm
+
+        self.budget, self.first, self.started = budget, None, time.time()
+        self.bar = tqdm(total=budget, initial=initial, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True,
+                        disable=None if enabled else True, file=sys.stderr, bar_format=BAR_FORMAT,
+                        postfix="? left")  # fmt: skip
+
+    def show(self, record: dict) -> None:
+        """Move to a metrics line (a retried attempt may step back: its pace is measured afresh).
+        Lines written before the bar started (a resumed stage's old ones) give no pace."""
+        tokens, now = int(record.get("tokens", 0)), record.get("time")
+        if now is not None and now >= self.started and (self.first is None or tokens < self.first[1]):
+            self.first = (now, tokens)
+        self.bar.n = min(tokens, self.budget)
+        parts = [f"{time_left(self.first, (now, tokens), self.budget)} left"]
+        if "loss" in record:
+            parts.append(f"loss {record['loss']:.3f}")
+        self.bar.set_postfix_str(", ".join(parts), refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def time_left(first: tuple[float, int] | None, last: tuple[float | None, int], budget: int) -> str:
+    """'1m50s': the budget's remaining tokens at the pace between two metrics lines; '?' before."""
+    if first is None or last[0] is None or last[1] <= first[1] or last[0] <= first[0]:
+        return "?"
+    seconds = (budget - last[1]) * (last[0] - first[0]) / (last[1] - first[1])
+    minutes, sec = divmod(max(0, round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"

@@ -108,3 +108,25 @@ def test_inspect_cli_reports_a_damaged_checkpoint_in_one_line(tmp_path):
                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error:") and "truncated" in out.stderr
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_every_file_of_a_checkpoint_has_the_ordinary_mode(tmp_path, mask):
+    """safetensors writes 0600 through a private temporary file; a checkpoint on shared storage must
+    be readable like its other files: 0666 less the umask, whatever library wrote it."""
+    import os
+    import stat
+
+    from hanyeong.files import write_atomic
+
+    old = os.umask(mask)
+    try:
+        with checkpoint.writing(tmp_path / "ckpt", SPEC) as tmp:
+            save_file(random_weights(SPEC), str(tmp / checkpoint.MODEL_FILE))
+            save_file({"a.exp_avg": np.zeros(3, np.float32)}, str(tmp / checkpoint.OPTIMIZER_FILE))
+            checkpoint.write_trainer_state(tmp, {"step": 1})
+        write_atomic(tmp_path / "manifest.json", "{}")
+    finally:
+        os.umask(old)
+    files = [*sorted((tmp_path / "ckpt").iterdir()), tmp_path / "manifest.json"]
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: oct(0o666 & ~mask) for f in files}

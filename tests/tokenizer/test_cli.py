@@ -76,3 +76,51 @@ def test_user_mistakes_are_one_line_and_exit_1(tmp_path, small_tokenizer_dir):
         hanyeong("tokenizer", "export", "-t", small_tokenizer_dir, "--format", "sp", "--out", tmp_path, check=False),
         "only 'tiktoken'",
     )
+
+
+def run_in_terminal(*args, cwd=REPO, timeout: float = 120) -> str:
+    """`hanyeong ARGS` on a pseudo-terminal, as a user sees it: its stdout and stderr as one text."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    import time
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))  # 40 rows, 100 columns
+    process = subprocess.Popen([sys.executable, "-m", "orchestration.cli", *map(str, args)], cwd=cwd,
+                               stdin=follower, stdout=follower, stderr=follower,
+                               env={**os.environ, "COLUMNS": "100"})  # fmt: skip
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert process.wait(timeout=30) == 0, b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def screen_lines(text: str) -> list[str]:
+    """What stays on the terminal's lines: of each line, what its last carriage return left."""
+    return [line.split("\r")[-1] for line in text.replace("\r\n", "\n").split("\n")]
+
+
+def test_a_skipped_file_is_reported_on_its_own_line_above_the_progress_bar(tmp_path, small_corpus):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    english = (small_corpus / "en.txt").read_text(encoding="utf-8").splitlines()
+    (corpus / "a.txt").write_text("\n".join(english[:400]) + "\n", encoding="utf-8")
+    (corpus / "bad.txt").write_bytes(b"\xff\xfe not UTF-8 \xc3\x28\n" * 10)
+    (corpus / "c.txt").write_text("\n".join(english[400:800]) + "\n", encoding="utf-8")
+    screen = screen_lines(run_in_terminal("tokenizer", "train", corpus, "--out", tmp_path / "tok", "--vocab-size", 600,
+                                          "--no-morphemes", "--workers", 1, "--no-cache"))  # fmt: skip
+    skipped = [line for line in screen if "bad.txt" in line]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped {corpus / 'bad.txt'}: not valid UTF-8"), screen
+    assert any(line.startswith("read: 100%") for line in screen), screen  # the bar went on below it
