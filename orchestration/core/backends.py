@@ -135,7 +135,7 @@ class Backend(Protocol):
         """One optimizer step on a global batch (split into optim.grad_accum_steps micro-batches).
 
         On a parallel state `batch` is this rank's rows of the global batch
-        (orchestration/parallel.rank_rows); gradients are summed over the ranks so the update is
+        (orchestration/core/parallel.rank_rows); gradients are summed over the ranks so the update is
         that of the whole batch, and the metrics are the global batch's.
         Returns at least loss, grad_norm, lr and tokens.
         """

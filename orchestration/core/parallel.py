@@ -51,8 +51,8 @@ def resolve_parallelism(name: str, capabilities: Capabilities, params: int,
 def check_parallelism(name: str, capabilities: Capabilities, where: str = "stage") -> None:
     """ConfigError unless `name` is 'auto' or a parallelism the backend trains a group with."""
     if name not in PARALLELISMS:
-        raise ConfigError(f"{where}.parallelism must be one of {', '.join(PARALLELISMS)}, got {name!r}")
+        raise ConfigError(f"{where}: parallelism must be one of {', '.join(PARALLELISMS)}, got {name!r}")
     if name != "auto" and name not in capabilities.parallelisms:
         runs = " or ".join(repr(p) for p in capabilities.parallelisms)
-        raise ConfigError(f"{where}.parallelism = {name!r}: the backend trains a group with {runs} "
+        raise ConfigError(f"{where}: parallelism = {name!r}: the backend trains a group with {runs} "
                           "only")  # fmt: skip

@@ -44,7 +44,7 @@ def check_stages(recipe: Recipe) -> None:
         ):
             raise ConfigError(f"{label}: start = 'init' needs run.preset or run.init_checkpoint")
         if recipe.run.backend != "auto":  # 'auto' is resolved on the cluster: runner.resolve_backend
-            check_backend_can_run(recipe.run.backend, stage, f"stage[{i}]")
+            check_backend_can_run(recipe.run.backend, stage, label)
 
 
 def check_backend_can_run(backend: str, stage, where: str) -> None:
@@ -55,7 +55,7 @@ def check_backend_can_run(backend: str, stage, where: str) -> None:
     caps = capabilities(backend)
     check_parallelism(stage.parallelism, caps, where)
     if stage.resources.gpus and not caps.takes_gpus:
-        raise ConfigError(f"{where}.resources.gpus: backend {backend!r} takes no GPUs (each worker asks "
+        raise ConfigError(f"{where}: resources.gpus: backend {backend!r} takes no GPUs (each worker asks "
                           f"for one {caps.device_resource})")  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """`[run]` of a recipe: the model, the tokenizer and the datasets every stage shares.
 
-[run]             RunConfig        name, seed, backend, preset | init_checkpoint, vocab_size
+[run]             RunConfig        name, seed, backend, preset | init_checkpoint, vocab_size, imports
 [run.tokenizer]   TokenizerConfig  path, or train_inputs + tokenizer.train.TrainConfig's keys
 [[run.datasets]]  DatasetConfig    name, inputs | path, format, text_fields, config, [chat]
 """
@@ -154,9 +154,17 @@ class RunConfig:
     """Or: a checkpoint whose weights 'init' stages start from."""
     vocab_size: int | None = None
     """Override the preset's vocab_size; must equal the tokenizer's."""
+    imports: tuple[str, ...] = ()
+    """Python modules imported before the stages are read: the place for a project's own stage
+    kinds and losses (`register_kind`, `register_loss`), so they exist in the driver and in every
+    Ray worker that rebuilds the recipe. Each must be importable there (on a cluster: shipped in the
+    job's working directory)."""
 
     def __post_init__(self) -> None:
         from orchestration.core.presets import get_preset
+
+        for i, module in enumerate(self.imports):
+            import_module(module, f"imports[{i}]")
 
         if not isinstance(self.name, str) or not NAME.match(self.name):
             raise ConfigError(f"name must be letters, digits, '.', '_' or '-', got {self.name!r}")
@@ -208,3 +216,13 @@ class RunConfig:
         out = to_table(self)
         out["tokenizer"] = self.tokenizer.to_dict()
         return out
+
+
+def import_module(name: str, where: str) -> None:
+    """Import `name` for what it registers; a module that cannot be imported is a ConfigError."""
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except ImportError as err:
+        raise ConfigError(f"{where}: cannot import {name!r} ({err})") from None

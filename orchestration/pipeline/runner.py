@@ -23,6 +23,7 @@ from orchestration.cluster.ray_session import ray_session  # noqa: F401  (caller
 from orchestration.cluster.resources import ray_options, worker_resources
 from orchestration.core.backends import BACKENDS, capabilities
 from orchestration.core.parallel import resolve_parallelism
+from orchestration.pipeline.stage_config import stage_label
 
 STAGE_RETRIES = 3  # a killed worker (OOM, preemption, SIGKILL) is retried this many times
 POLL_SECONDS = 0.5  # how often the driver looks at the task and its metrics
@@ -168,7 +169,7 @@ def run_stages(recipe, manifest: rm.RunManifest, run_dir: Path, first: int, ray,
     for i in range(first, len(records)):
         moved = rm.reset_stage(run_dir, records[i], keep=i == first and records[i].status in ("running", "failed"))
         if moved:
-            echo(f"stage {records[i].name}: its definition or input changed; the old folder is now {moved}")
+            echo(f"{stage_label(i, records[i].name)}: its definition or input changed; the old folder is now {moved}")
     cluster = ray.cluster_resources()
     manifest.backend = resolve_backend(recipe.run.backend, cluster)
     manifest.save(run_dir)
@@ -180,7 +181,7 @@ def run_stages(recipe, manifest: rm.RunManifest, run_dir: Path, first: int, ray,
     datasets = {name: d["path"] for name, d in manifest.datasets.items()}
     for i in range(first, len(records)):
         record, stage = records[i], recipe.stages[i]
-        where = f"stage {i + 1}/{len(records)} {record.name!r}"
+        where = stage_label(i, record.name)
         resources = stage.resources.to_dict()
         options = task_options(manifest.backend, resources, cluster, node_cpus, where, stage.workers)
         stage_dir = run_dir / record.dir

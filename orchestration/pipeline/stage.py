@@ -176,7 +176,7 @@ def join_group(backend, workers: int, parallel: str | None, index: int) -> tuple
                           f"with {workers} workers, got {parallel!r}")  # fmt: skip
     rank, world = backend.world()
     if world != workers:
-        raise ConfigError(f"stage[{index}]: {workers} workers asked, but this process is in a {backend.name} "
+        raise ConfigError(f"{stage_label(index)}: {workers} workers asked, but this process is in a {backend.name} "
                           f"group of {world}; launch it through the runner (orchestration/cluster/)")  # fmt: skip
     return rank, world, parallel
 

@@ -55,9 +55,9 @@ def test_auto_shards_large_models_where_the_backend_shards():
     assert resolve_parallelism("auto", torch, big) == "fsdp"
     assert resolve_parallelism("ddp", torch, 10**10) == "ddp"
     assert resolve_parallelism("auto", mlx, 10**10) == "ddp"  # MLX never shards: shard_from_params None
-    with pytest.raises(ConfigError, match=r"^stage 1.parallelism = 'fsdp': the backend trains a group with 'ddp' only"):
+    with pytest.raises(ConfigError, match=r"^stage 1: parallelism = 'fsdp': the backend trains a group with 'ddp' only"):
         resolve_parallelism("fsdp", mlx, 10, "stage 1")
-    with pytest.raises(ConfigError, match=r"^s.parallelism must be one of auto, ddp, fsdp, got 'tp'"):
+    with pytest.raises(ConfigError, match=r"^s: parallelism must be one of auto, ddp, fsdp, got 'tp'"):
         resolve_parallelism("tp", torch, 10, "s")
 
 

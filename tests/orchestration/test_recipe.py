@@ -130,8 +130,8 @@ DELETE = object()
     (edit("stage.0.parallelism", "tp"), r"^stage 1 'stage1-general': parallelism must be one of auto, ddp, fsdp"),
     (edit("stage.0.resources", {"gpu": 1}), r"^stage 1 'stage1-general': resources: unknown key\(s\) gpu"),
     (edit("stage.0.resources", {"cpus": -1}), r"^stage 1 'stage1-general': resources.cpus must be a positive number"),
-    (lambda d: edit("stage.0.parallelism", "fsdp")(edit("run.backend", "mlx")(d)), r"^stage\[0\].parallelism = 'fsdp': .* 'ddp' only"),
-    (lambda d: edit("stage.0.resources", {"gpus": 1})(edit("run.backend", "mlx")(d)), r"^stage\[0\].resources.gpus: backend 'mlx' takes no GPUs"),
+    (lambda d: edit("stage.0.parallelism", "fsdp")(edit("run.backend", "mlx")(d)), r"^stage 1 \S+: parallelism = 'fsdp': .* 'ddp' only"),
+    (lambda d: edit("stage.0.resources", {"gpus": 1})(edit("run.backend", "mlx")(d)), r"^stage 1 \S+: resources.gpus: backend 'mlx' takes no GPUs"),
     (edit("stage", []), r"^stage: a recipe needs at least one"),
     (edit("runs", {}), r"^unknown table\(s\) runs"),
 ])  # fmt: skip

@@ -1,0 +1,1 @@
+"""Project code a user would write outside hanyeong: extensions through its public points only."""
