@@ -1,11 +1,12 @@
-"""hanyeong's orchestration, in four parts (each a subpackage that says what it owns and may import):
+"""hanyeong's orchestration, in five parts (each a subpackage that says what it owns and may import):
 
     core/      the model spec, checkpoints, optimizer settings, the open Batch, the backend protocol
                and registry, plan, HF export, the config builder; the `model` CLI
     data/      corpora -> cleaned, deduplicated, decontaminated, tokenized Parquet; the mixture loader
     pipeline/  recipes, stage kinds, one stage's loop, the Ray runner, manifest and reports
     cluster/   Ray sessions, the Jobs API, data-parallel worker groups
+    eval/      benchmark tasks scored through the backend protocol, results files, generate and chat
 
-`cli.py` is the `hanyeong` command. Dependency direction: pipeline -> data, cluster -> core ->
+`cli.py` is the `hanyeong` command. Dependency direction: eval -> pipeline -> data, cluster -> core ->
 tokenizer -> hanyeong; backends (cuda_model, mlx_model) -> core, and nothing here imports a backend.
 """

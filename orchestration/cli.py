@@ -8,6 +8,7 @@ import typer
 from typer.core import TyperGroup
 
 from orchestration.data.cli import app as data_app
+from orchestration.eval.cli import chat_command, eval_command
 from orchestration.core.cli import app as model_app
 from orchestration.pipeline.cli import app as pipeline_app
 from tokenizer.cli import app as tokenizer_app
@@ -95,6 +96,8 @@ app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
+app.command("eval")(eval_command)
+app.command("chat")(chat_command)
 
 
 def main() -> None:

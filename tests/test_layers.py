@@ -14,13 +14,15 @@ import pytest
 
 from tests.conftest import REPO
 
-ROOMS = ("core", "data", "pipeline", "cluster")
+ROOMS = ("core", "data", "pipeline", "cluster", "eval")
 # room -> the rooms its modules import at module level (besides itself)
 AT_IMPORT = {"core": set(), "cluster": {"core"}, "data": {"core", "cluster"},
-             "pipeline": {"core", "data", "cluster"}}  # fmt: skip
+             "pipeline": {"core", "data", "cluster"},
+             # eval scores checkpoints of runs: the chat template (data), a run's tokenizer (pipeline)
+             "eval": {"core", "data", "pipeline"}}  # fmt: skip
 # ... and may also reach from inside a function: a cluster worker runs the pipeline's stage, a job
 # submits its recipe
-IN_FUNCTIONS = {"core": set(), "cluster": {"pipeline"}, "data": set(), "pipeline": set()}
+IN_FUNCTIONS = {"core": set(), "cluster": {"pipeline"}, "data": set(), "pipeline": set(), "eval": set()}
 BACKENDS = ("cuda_model", "mlx_model")
 BASE = {"hanyeong": set(), "tokenizer": {"hanyeong"}}  # the packages under orchestration
 

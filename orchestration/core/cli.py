@@ -1,4 +1,4 @@
-"""`hanyeong model ...`: init, plan, export-hf, inspect.
+"""`hanyeong model ...`: init, plan, export-hf, inspect, generate (orchestration/eval/cli.py).
 
 Commands parse options, make one library call and print a summary; frameworks are imported inside
 the command bodies so `hanyeong --help` stays fast.
@@ -12,8 +12,10 @@ from pathlib import Path
 import typer
 
 from orchestration.core.plan import GPUS, PlanConfig
+from orchestration.eval.cli import generate_command
 
 app = typer.Typer(help="Create, size, inspect and export models of the shared spec.", no_args_is_help=True)
+app.command("generate")(generate_command)
 
 
 @app.command()

@@ -1,0 +1,111 @@
+"""`hanyeong eval`, `hanyeong chat` and `hanyeong model generate`: thin commands over
+orchestration/eval (frameworks and the tokenizer are imported inside the bodies)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from orchestration.eval.evaluate import EvalConfig
+
+
+def eval_command(
+    ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated tasks (kobest_boolq, kobest_copa, "
+                              "kobest_hellaswag, kobest_sentineg, kobest_wic, kmmlu, click, truthfulqa_mc1, "
+                              "kobbq, bpb_ko, bpb_en); NAME=PATH reads a local file of that task's shape."),
+    limit: int | None = typer.Option(EvalConfig.limit, help="First N items (documents) of each task."),
+    backend: str = typer.Option(EvalConfig.backend, help="torch or mlx."),
+    batch_size: int = typer.Option(EvalConfig.batch_rows, help="Sequences per forward pass."),
+    num_fewshot: int = typer.Option(EvalConfig.num_fewshot, help="Solved examples before each question."),
+    chat_template: bool = typer.Option(EvalConfig.chat_template, "--chat-template",
+                                       help="Ask each question as a user turn of the chat template."),
+    items: bool = typer.Option(EvalConfig.items, "--items", help="Keep per-item log-likelihoods in results.json."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="Tokenizer directory "
+                                          "(default: the tokenizer of the run CKPT was trained in)."),
+    benchmarks: Path | None = typer.Option(None, help="Benchmarks folder (default: $HANYEONG_BENCHMARKS, "
+                                           "else ../shared/data/benchmarks beside the checkout)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for results.json and results.md."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
+) -> None:
+    """Score a checkpoint on benchmarks: multiple choice (acc, acc_norm) and bits per byte."""
+    from orchestration.eval.evaluate import evaluate, markdown, write_results
+
+    config = EvalConfig(tasks=tasks, limit=limit, backend=backend, batch_rows=batch_size,
+                        num_fewshot=num_fewshot, chat_template=chat_template, items=items)  # fmt: skip
+    results = evaluate(ckpt, config, tokenizer, benchmarks)
+    if out is not None:
+        write_results(results, out)
+    if as_json:
+        typer.echo(json.dumps(results, ensure_ascii=False))
+    else:
+        typer.echo(markdown(results).rstrip())
+        if out is not None:
+            typer.echo(f"wrote {out}/results.json and results.md")
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int):
+    from orchestration.eval.talk import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+def generate_command(
+    ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="A prompt (repeat for several)."),
+    prompts: Path | None = typer.Option(None, "--prompts", help="A file of prompts, one a line."),
+    chat: bool = typer.Option(False, "--chat", help="Each prompt is a user turn of the chat template."),
+    system: str | None = typer.Option(None, help="System turn (with --chat)."),
+    max_new_tokens: int = typer.Option(128, help="Most new tokens per prompt."),
+    temperature: float = typer.Option(0.0, help="0: greedy; above: sampling at this temperature."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling: keep this much probability."),
+    seed: int = typer.Option(0, help="Seeds sampling."),
+    backend: str = typer.Option("torch", help="torch or mlx."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="Tokenizer directory "
+                                          "(default: the tokenizer of the run CKPT was trained in)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON line per prompt: prompt and completion."),
+) -> None:
+    """Complete prompts given as arguments or in a file (one batch)."""
+    from hanyeong.errors import ConfigError
+    from orchestration.eval.talk import Talker
+
+    texts = list(prompt)
+    if prompts is not None:
+        texts += [line for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ConfigError("give --prompt TEXT or --prompts FILE")
+    talker = Talker.load(ckpt, backend, tokenizer, _sampling(max_new_tokens, temperature, top_p, seed))
+    for text, completion in zip(texts, talker.complete(texts, chat=chat, system=system)):
+        if as_json:
+            typer.echo(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False))
+        else:
+            typer.echo(f"{text}{completion}" if not chat else completion)
+            if len(texts) > 1:
+                typer.echo("")
+
+
+def chat_command(
+    ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
+    system: str | None = typer.Option(None, help="System turn that opens the conversation."),
+    max_new_tokens: int = typer.Option(256, help="Most new tokens per reply."),
+    temperature: float = typer.Option(0.7, help="0: greedy; above: sampling at this temperature."),
+    top_p: float = typer.Option(0.9, help="Nucleus sampling: keep this much probability."),
+    seed: int = typer.Option(0, help="Seeds sampling."),
+    backend: str = typer.Option("torch", help="torch or mlx."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="Tokenizer directory "
+                                          "(default: the tokenizer of the run CKPT was trained in)."),
+) -> None:
+    """Chat with a checkpoint in the terminal (chat template, streamed replies; /reset, /exit)."""
+    import sys
+
+    from orchestration.eval.talk import Talker, chat_loop
+
+    talker = Talker.load(ckpt, backend, tokenizer, _sampling(max_new_tokens, temperature, top_p, seed))
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    chat_loop(talker, system, input, write)

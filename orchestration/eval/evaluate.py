@@ -1,0 +1,142 @@
+"""`hanyeong eval`: score a checkpoint on benchmark tasks and write results.json + results.md.
+
+    results = evaluate(ckpt, EvalConfig(tasks="kobest_boolq,kmmlu", limit=100))
+    write_results(results, out_dir)        # results.json (per task; per item with items=True)
+
+The model runs through the backend protocol (get_backend(name).load / .logprobs), so the same code
+scores a checkpoint on PyTorch and on MLX.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hanyeong.errors import ConfigError, DataError
+from hanyeong.files import write_atomic
+from orchestration.eval import scoring
+from orchestration.eval.tasks import Item, Selected, benchmarks_dir, load_items, read_texts, select
+
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `hanyeong eval` runs; the CLI options map onto these fields."""
+
+    tasks: str
+    """Comma-separated task names, each optionally NAME=PATH (a local file of that task's shape)."""
+    limit: int | None = None
+    """Items (documents, for bits-per-byte tasks) per task: the first N of the file; None: all."""
+    backend: str = "torch"
+    """'torch' or 'mlx'."""
+    batch_rows: int = 16
+    """Sequences per forward pass."""
+    num_fewshot: int = 0
+    """Solved examples before each question (from the task's train split, else other items)."""
+    chat_template: bool = False
+    """Ask each question as a user turn of the chat template; the choice is the assistant's."""
+    items: bool = False
+    """Keep every item's log-likelihoods in results.json."""
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be at least 1, got {self.limit}")
+        if self.batch_rows < 1:
+            raise ConfigError(f"batch_rows (--batch-size) must be at least 1, got {self.batch_rows}")
+        if self.num_fewshot < 0:
+            raise ConfigError(f"num_fewshot must be 0 or more, got {self.num_fewshot}")
+
+
+def evaluate(ckpt: str | Path, config: EvalConfig, tokenizer_dir: str | Path | None = None,
+             benchmarks: str | Path | None = None) -> dict:  # fmt: skip
+    """Every task's metrics (and items) on the checkpoint, as one JSON-ready dict."""
+    from orchestration.core.backends import get_backend
+    from orchestration.core.checkpoint import load_spec
+
+    selected = select(config.tasks, benchmarks_dir(Path(benchmarks) if benchmarks else None))
+    tokenizer, tokenizer_dir = load_tokenizer(ckpt, tokenizer_dir)
+    spec = load_spec(ckpt)
+    if tokenizer.vocab_size > spec.vocab_size:
+        raise DataError(f"{tokenizer_dir}: {tokenizer.vocab_size} ids do not fit the model's "
+                        f"vocab_size {spec.vocab_size}")  # fmt: skip
+    backend = get_backend(config.backend)
+    model = backend.load(ckpt)
+    out = {"checkpoint": str(ckpt), "tokenizer": str(tokenizer_dir), "config": asdict(config), "tasks": {}}
+    for chosen in selected:
+        started = time.perf_counter()
+        scorer = score_choice if chosen.task.kind == "choice" else score_bpb
+        result = scorer(backend, model, tokenizer, chosen, config, spec.max_seq_len)
+        result["seconds"] = round(time.perf_counter() - started, 3)
+        out["tasks"][chosen.task.name] = result
+    return out
+
+
+def load_tokenizer(ckpt: str | Path, given: str | Path | None):
+    """The tokenizer given, else that of the run the checkpoint lies in; DataError when neither."""
+    from orchestration.pipeline.run_manifest import run_tokenizer
+    from tokenizer.bbpe import BBPETokenizer
+
+    found = Path(given) if given else run_tokenizer(ckpt)
+    if found is None:
+        raise DataError(f"{ckpt}: not in a run directory with a tokenizer; give --tokenizer DIR")
+    return BBPETokenizer.load(found), found
+
+
+def prompts(items: list[Item], chosen: Selected, config: EvalConfig) -> tuple[list[Item], str]:
+    """The items as the model sees them (few-shot examples, chat template) and the delimiter."""
+    delimiter = chosen.task.delimiter
+    if config.num_fewshot:
+        from orchestration.eval.tasks import read_records, to_item
+
+        same = chosen.fewshot_path is None
+        pool = items if same else [to_item(chosen, r, i) for i, r in enumerate(read_records(chosen.fewshot_path))]
+        items = scoring.with_fewshot(items, pool, config.num_fewshot, delimiter, same)
+    if config.chat_template:
+        from orchestration.data.chat import render
+
+        items = [Item(render([{"role": "user", "content": it.context}], add_generation_prompt=True),
+                      it.choices, it.gold) for it in items]  # fmt: skip
+        delimiter = ""  # the answer opens the assistant turn
+    return items, delimiter
+
+
+def score_choice(backend, model, tokenizer, chosen: Selected, config: EvalConfig, max_len: int) -> dict:
+    items, delimiter = prompts(load_items(chosen, config.limit), chosen, config)
+    pairs = [(item.context, delimiter + choice) for item in items for choice in item.choices]
+    requests = scoring.encode_pairs(tokenizer, pairs)
+    flat = iter(scoring.loglikelihoods(backend, model, requests, max_len, config.batch_rows))
+    lls = [[next(flat) for _ in item.choices] for item in items]
+    result = {"kind": "choice", "path": str(chosen.path), "n": len(items),
+              "metrics": scoring.choice_metrics(items, lls)}  # fmt: skip
+    if config.items:
+        result["items"] = [{"gold": item.gold, "loglikelihoods": scores}
+                           for item, scores in zip(items, lls)]  # fmt: skip
+    return result
+
+
+def score_bpb(backend, model, tokenizer, chosen: Selected, config: EvalConfig, max_len: int) -> dict:
+    texts = read_texts(chosen.path)[: config.limit]
+    bos = tokenizer.hf.token_to_id("[BOS]")
+    metrics = scoring.bits_per_byte(backend, model, tokenizer, texts, max_len, config.batch_rows, bos)
+    return {"kind": "bpb", "path": str(chosen.path), "n": len(texts), "metrics": metrics}
+
+
+def markdown(results: dict) -> str:
+    """The results as a Markdown table: one row per task."""
+    lines = ["| task | n | acc | acc_norm | bits/byte |", "|---|---:|---:|---:|---:|"]
+    for name, result in results["tasks"].items():
+        m = result["metrics"]
+        cells = [f"{m[k]:.4f}" if k in m else "" for k in ("acc", "acc_norm", "bits_per_byte")]
+        lines.append(f"| {name} | {result['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, out: str | Path) -> tuple[Path, Path]:
+    """results.json and results.md in `out`, each written atomically."""
+    out = Path(out)
+    write_atomic(out / RESULTS_JSON, json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+    write_atomic(out / RESULTS_MD, f"# eval of {results['checkpoint']}\n\n" + markdown(results))
+    return out / RESULTS_JSON, out / RESULTS_MD
