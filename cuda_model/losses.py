@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hanyeong.errors import ConfigError, DataError
+from orchestration.core.losses import LossRegistry
 
 Tensors = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Tensors], tuple[torch.Tensor, torch.Tensor]]
@@ -173,35 +173,102 @@ def sft(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
     return linear_cross_entropy(h, model.head_weight(), batch["targets"], batch["loss_mask"])
 
 
-LOSSES: dict[str, LossFn] = {}
-LOSS_READS: dict[str, tuple[str, ...]] = {}  # loss name -> the batch arrays it needs
-FIELD_HINTS = {"loss_mask": " (1 on counted targets, e.g. assistant tokens, 0 elsewhere)"}
-
-
-def register_loss(name: str, fn: LossFn, reads: tuple[str, ...]) -> None:
-    """Make `fn(model, batch) -> (summed loss, count)` the loss `name`; `reads`: the batch arrays
-    it needs (optional ones, read with batch.get, are left out). Replaces a loss of that name."""
-    LOSSES[name], LOSS_READS[name] = fn, tuple(reads)
-
-
-def get_loss(name: str) -> LossFn:
-    """The loss called `name`; an unknown name lists the known ones."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown loss {name!r} for the torch backend; known: {', '.join(LOSSES)}"
-        ) from None
-
-
-def check_reads(name: str, present) -> None:
-    """DataError when a batch with arrays `present` lacks one the loss `name` reads."""
-    get_loss(name)
-    for array in LOSS_READS[name]:
-        if array not in present:
-            raise DataError(f"the {name} loss needs batch.{array}{FIELD_HINTS.get(array, '')}; "
-                            f"the batch has {', '.join(present)}")  # fmt: skip
+REGISTRY = LossRegistry("torch")  # orchestration/core/losses.py: name -> (loss, the arrays it reads)
+LOSSES, LOSS_READS = REGISTRY.losses, REGISTRY.reads
+register_loss, get_loss, check_reads = REGISTRY.register, REGISTRY.get, REGISTRY.check_reads
 
 
 register_loss("causal_lm", causal_lm, reads=("inputs", "targets"))
 register_loss("sft", sft, reads=("inputs", "targets", "loss_mask"))
+
+
+# ---- preference objectives (DPO, IPO, SimPER) ---------------------------------------------------
+# A batch row is one PAIR, so the generic splits along B (rank_rows, grad accumulation) never
+# separate a chosen answer from its rejected one:
+#   inputs, targets, loss_mask                      [B, T] the prompt + CHOSEN answer; the mask is 1 on
+#                                                   answer targets only (prompt and padding 0)
+#   rejected_inputs, rejected_targets, rejected_mask [B, T] the same prompt + REJECTED answer
+#   ref_chosen_logps, ref_rejected_logps             [B] float32: the reference model's summed
+#                                                   log-probs of each answer (dpo, ipo)
+#   beta [B], label_smoothing [B], sft_weight [B]    the stage's [stage.preference] settings, one per
+#                                                   row (losses are looked up by name only), so a
+#                                                   row carries everything its loss needs
+# Each loss returns (sum of per-pair losses, number of pairs).
+PAIR_READS = ("inputs", "targets", "loss_mask",
+              "rejected_inputs", "rejected_targets", "rejected_mask")  # fmt: skip
+REFERENCE_READS = ("ref_chosen_logps", "ref_rejected_logps", "beta")
+
+
+def pair_logps(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, ...]:
+    """Summed answer log-probs and answer lengths of chosen and rejected, (B,) each, float32:
+    one forward over the 2B rows [chosen; rejected]."""
+    B = batch["inputs"].shape[0]
+    x = torch.cat([batch["inputs"], batch["rejected_inputs"]])
+    y = torch.cat([batch["targets"], batch["rejected_targets"]])
+    mask = torch.cat([batch["loss_mask"], batch["rejected_mask"]]).float()
+    per_token = token_logprobs(model(x, None), y) * mask  # prompt/padding targets count 0
+    logps, lengths = per_token.sum(-1), mask.sum(-1)
+    return logps[:B], logps[B:], lengths[:B], lengths[B:]
+
+
+def dpo_pair_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0):
+    """DPO (Rafailov et al. 2023), per pair: -log sigmoid(beta * delta), delta the chosen log-ratio
+    minus the rejected one; label_smoothing e is conservative DPO: -(1-e) log s(bd) - e log s(-bd)."""
+    z = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def ipo_pair_loss(chosen, rejected, ref_chosen, ref_rejected, beta, chosen_len, rejected_len):
+    """IPO (Azar et al. 2023) as TRL writes it: log-ratios averaged over answer tokens, then
+    ((dc/|c| - dr/|r|) - 1/(2 beta))^2 per pair."""
+    delta = (chosen - ref_chosen) / chosen_len.clamp(min=1.0) - (
+        rejected - ref_rejected
+    ) / rejected_len.clamp(min=1.0)
+    return (delta - 1 / (2 * beta)) ** 2
+
+
+def simper_pair_loss(chosen, rejected, chosen_len, rejected_len):
+    """SimPER (Xiao et al. 2025; EXAONE Deep): -exp(mean log pi(c)) + exp(mean log pi(r)) per pair:
+    no reference model, no beta."""
+    return -torch.exp(chosen / chosen_len.clamp(min=1.0)) + torch.exp(
+        rejected / rejected_len.clamp(min=1.0)
+    )
+
+
+def with_sft(per_pair, batch: Tensors, chosen, chosen_len):
+    """Adds sft_weight * (chosen answer's mean token NLL) per pair when the batch carries sft_weight."""
+    if "sft_weight" not in batch:
+        return per_pair
+    return per_pair + batch["sft_weight"] * (-chosen / chosen_len.clamp(min=1.0))
+
+
+def pairs(batch: Tensors) -> torch.Tensor:
+    return torch.tensor(float(batch["inputs"].shape[0]), device=batch["inputs"].device)
+
+
+def dpo(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO on summed answer log-probs (the pair layout above); -> (sum over pairs, pairs)."""
+    c, r, nc, _ = pair_logps(model, batch)
+    smoothing = batch.get("label_smoothing", torch.zeros_like(c))
+    ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    loss = dpo_pair_loss(c, r, ref_c, ref_r, batch["beta"], smoothing)
+    return with_sft(loss, batch, c, nc).sum(), pairs(batch)
+
+
+def ipo(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """IPO on length-averaged answer log-probs; -> (sum over pairs, pairs)."""
+    c, r, nc, nr = pair_logps(model, batch)
+    ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    loss = ipo_pair_loss(c, r, ref_c, ref_r, batch["beta"], nc, nr)
+    return with_sft(loss, batch, c, nc).sum(), pairs(batch)
+
+
+def simper(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """SimPER on length-averaged answer log-probs, no reference; -> (sum over pairs, pairs)."""
+    c, r, nc, nr = pair_logps(model, batch)
+    return with_sft(simper_pair_loss(c, r, nc, nr), batch, c, nc).sum(), pairs(batch)
+
+
+register_loss("dpo", dpo, reads=PAIR_READS + REFERENCE_READS)
+register_loss("ipo", ipo, reads=PAIR_READS + REFERENCE_READS)
+register_loss("simper", simper, reads=PAIR_READS)

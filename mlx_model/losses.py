@@ -22,7 +22,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from hanyeong.errors import ConfigError, DataError
+from orchestration.core.losses import LossRegistry
 
 Arrays = dict[str, mx.array]
 LossFn = Callable[[nn.Module, Arrays], tuple[mx.array, mx.array]]
@@ -57,35 +57,94 @@ def sft(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array]:
     return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
 
-LOSSES: dict[str, LossFn] = {}
-LOSS_READS: dict[str, tuple[str, ...]] = {}  # loss name -> the batch arrays it needs
-FIELD_HINTS = {"loss_mask": " (1 on counted targets, e.g. assistant tokens, 0 elsewhere)"}
-
-
-def register_loss(name: str, fn: LossFn, reads: tuple[str, ...]) -> None:
-    """Make `fn(model, batch) -> (summed loss, count)` the loss `name`; `reads`: the batch arrays
-    it needs (optional ones, read with batch.get, are left out). Replaces a loss of that name."""
-    LOSSES[name], LOSS_READS[name] = fn, tuple(reads)
-
-
-def get_loss(name: str) -> LossFn:
-    """The loss called `name`; an unknown name lists the known ones."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown loss {name!r} for the mlx backend; known: {', '.join(LOSSES)}"
-        ) from None
-
-
-def check_reads(name: str, present) -> None:
-    """DataError when a batch with arrays `present` lacks one the loss `name` reads."""
-    get_loss(name)
-    for array in LOSS_READS[name]:
-        if array not in present:
-            raise DataError(f"the {name} loss needs batch.{array}{FIELD_HINTS.get(array, '')}; "
-                            f"the batch has {', '.join(present)}")  # fmt: skip
+REGISTRY = LossRegistry("mlx")  # orchestration/core/losses.py: name -> (loss, the arrays it reads)
+LOSSES, LOSS_READS = REGISTRY.losses, REGISTRY.reads
+register_loss, get_loss, check_reads = REGISTRY.register, REGISTRY.get, REGISTRY.check_reads
 
 
 register_loss("causal_lm", causal_lm, reads=("inputs", "targets"))
 register_loss("sft", sft, reads=("inputs", "targets", "loss_mask"))
+
+
+# ---- preference objectives (DPO, IPO, SimPER): the pair layout of cuda_model/losses.py ----------
+# One PAIR per batch row (so splits along B never separate a chosen answer from its rejected one):
+# inputs/targets/loss_mask [B, T] hold the prompt + chosen answer (mask 1 on answer targets only),
+# rejected_inputs/rejected_targets/rejected_mask [B, T] the same prompt + rejected answer,
+# ref_chosen_logps/ref_rejected_logps [B] the reference's summed answer log-probs (dpo, ipo), and
+# beta/label_smoothing/sft_weight [B] the stage's [stage.preference] settings per row.
+# Each loss returns (sum of per-pair losses, number of pairs).
+PAIR_READS = ("inputs", "targets", "loss_mask",
+              "rejected_inputs", "rejected_targets", "rejected_mask")  # fmt: skip
+REFERENCE_READS = ("ref_chosen_logps", "ref_rejected_logps", "beta")
+
+
+def pair_logps(model: nn.Module, batch: Arrays) -> tuple[mx.array, ...]:
+    """Summed answer log-probs and answer lengths of chosen and rejected, (B,) each, float32:
+    one forward over the 2B rows [chosen; rejected]."""
+    B = batch["inputs"].shape[0]
+    x = mx.concatenate([batch["inputs"], batch["rejected_inputs"]])
+    y = mx.concatenate([batch["targets"], batch["rejected_targets"]])
+    mask = mx.concatenate([batch["loss_mask"], batch["rejected_mask"]]).astype(mx.float32)
+    per_token = token_logprobs(model(x, None), y) * mask  # prompt/padding targets count 0
+    logps, lengths = per_token.sum(-1), mask.sum(-1)
+    return logps[:B], logps[B:], lengths[:B], lengths[B:]
+
+
+def dpo_pair_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0):
+    """DPO per pair: -(1-e) log s(b d) - e log s(-b d) (e = label_smoothing: conservative DPO)."""
+    z = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    return -(1 - label_smoothing) * nn.log_sigmoid(z) - label_smoothing * nn.log_sigmoid(-z)
+
+
+def ipo_pair_loss(chosen, rejected, ref_chosen, ref_rejected, beta, chosen_len, rejected_len):
+    """IPO as TRL writes it: ((dc/|c| - dr/|r|) - 1/(2 beta))^2 per pair."""
+    delta = (chosen - ref_chosen) / mx.maximum(chosen_len, 1.0) - (
+        rejected - ref_rejected
+    ) / mx.maximum(rejected_len, 1.0)
+    return (delta - 1 / (2 * beta)) ** 2
+
+
+def simper_pair_loss(chosen, rejected, chosen_len, rejected_len):
+    """SimPER: -exp(mean log pi(c)) + exp(mean log pi(r)) per pair; no reference, no beta."""
+    return -mx.exp(chosen / mx.maximum(chosen_len, 1.0)) + mx.exp(
+        rejected / mx.maximum(rejected_len, 1.0)
+    )
+
+
+def with_sft(per_pair, batch: Arrays, chosen, chosen_len):
+    """Adds sft_weight * (chosen answer's mean token NLL) per pair when the batch carries sft_weight."""
+    if "sft_weight" not in batch:
+        return per_pair
+    return per_pair + batch["sft_weight"] * (-chosen / mx.maximum(chosen_len, 1.0))
+
+
+def pairs(batch: Arrays) -> mx.array:
+    return mx.array(float(batch["inputs"].shape[0]), mx.float32)
+
+
+def dpo(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array]:
+    """DPO on summed answer log-probs; -> (sum over pairs, pairs)."""
+    c, r, nc, _ = pair_logps(model, batch)
+    smoothing = batch.get("label_smoothing", mx.zeros_like(c))
+    ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    loss = dpo_pair_loss(c, r, ref_c, ref_r, batch["beta"], smoothing)
+    return with_sft(loss, batch, c, nc).sum(), pairs(batch)
+
+
+def ipo(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array]:
+    """IPO on length-averaged answer log-probs; -> (sum over pairs, pairs)."""
+    c, r, nc, nr = pair_logps(model, batch)
+    ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    loss = ipo_pair_loss(c, r, ref_c, ref_r, batch["beta"], nc, nr)
+    return with_sft(loss, batch, c, nc).sum(), pairs(batch)
+
+
+def simper(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array]:
+    """SimPER on length-averaged answer log-probs, no reference; -> (sum over pairs, pairs)."""
+    c, r, nc, nr = pair_logps(model, batch)
+    return with_sft(simper_pair_loss(c, r, nc, nr), batch, c, nc).sum(), pairs(batch)
+
+
+register_loss("dpo", dpo, reads=PAIR_READS + REFERENCE_READS)
+register_loss("ipo", ipo, reads=PAIR_READS + REFERENCE_READS)
+register_loss("simper", simper, reads=PAIR_READS)
