@@ -23,7 +23,8 @@ MANIFEST = "manifest.json"
 # What a prepared dataset's rows hold: 'text' documents (prepare.py) or 'chat' conversations with a
 # loss_mask column (chat_dataset.py). A recipe's [[run.datasets]] `format` is one of these, and a
 # stage kind (orchestration/pipeline/kinds.py) names the ones its sources may have.
-DATASET_FORMATS = ("text", "chat")
+# 'preference' pairs (a prompt, a chosen and a rejected answer: preference.py).
+DATASET_FORMATS = ("text", "chat", "preference")
 
 
 def _digest(obj: object) -> str:

@@ -3,6 +3,9 @@
     kind      loss       its sources' formats   rows
     pretrain  causal_lm  text, chat             documents packed back to back, split across rows
     sft       sft        chat                   whole conversations, padded (loss on assistant turns)
+    dpo       dpo        preference             one (chosen, rejected) pair per row, padded
+    ipo       ipo        preference             the same; IPO's squared, length-averaged objective
+    simper    simper     preference             the same; SimPER (no reference model)
 
 A kind names the backend loss it trains with, the dataset formats its `[stage.data]` sources may
 have (orchestration/data/manifest.py's DATASET_FORMATS), whether its rows hold whole documents, and
@@ -72,6 +75,12 @@ class StageKind:
     loader: Callable[..., Loader] = mixture_loader
     """`loader(mixture, seq_len, rows, seed)`: the stage's loader, its mixture's datasets given as
     directories."""
+    tables: tuple[str, ...] = ()
+    """Optional `[stage.<table>]` tables of its own that its stages may set (e.g. 'preference')."""
+    prepare: Callable[..., None] | None = None
+    """`prepare(run, recipe, init_from)`, called by run_stage once the model and loader are ready and
+    before the first step: what the kind computes up front (preference kinds: the reference
+    model's log-probs and the per-row settings)."""
 
 
 KINDS: dict[str, StageKind] = {}
@@ -97,6 +106,25 @@ def get_kind(name: str) -> StageKind:
 
 
 register_kind(
-    StageKind("pretrain", loss="causal_lm", formats=DATASET_FORMATS, whole_documents=False)
+    StageKind("pretrain", loss="causal_lm", formats=("text", "chat"), whole_documents=False)
 )
 register_kind(StageKind("sft", loss="sft", formats=("chat",), whole_documents=True))
+
+
+def pair_loader(mixture, seq_len: int, rows: int, seed: int) -> Loader:
+    """Whole preference pairs, one per row (orchestration/data/pair_loader.py)."""
+    from orchestration.data.pair_loader import PairLoader
+
+    return PairLoader(mixture, seq_len, rows, seed)
+
+
+def prepare_pairs(run, recipe, init_from: str | None) -> None:
+    """The reference log-probs and per-row settings (orchestration/pipeline/preference_stage.py)."""
+    from orchestration.pipeline.preference_stage import prepare_pairs as prepare
+
+    prepare(run, recipe, init_from)
+
+
+for _name in ("dpo", "ipo", "simper"):  # [stage.preference] sets beta, label_smoothing, sft_weight
+    register_kind(StageKind(_name, loss=_name, formats=("preference",), whole_documents=True,
+                            loader=pair_loader, tables=("preference",), prepare=prepare_pairs))  # fmt: skip

@@ -109,6 +109,10 @@ class DatasetConfig:
     def prepare(self, tokenizer: str | Path, out: str | Path, progress: bool = False,
                 num_cpus: int | None = None, address: str | None = None, force: bool = False) -> dict:  # fmt: skip
         """Build the dataset into `out` with `tokenizer` (a no-op when up to date); its manifest."""
+        if self.format == "preference":
+            from orchestration.data.preference import prepare_preference
+
+            return prepare_preference(list(self.inputs), tokenizer, out, force=force)
         if self.format == "chat":
             from orchestration.data.chat_dataset import prepare_chat
 

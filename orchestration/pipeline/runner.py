@@ -240,7 +240,7 @@ def _run_one(ray, task, config: dict, record: rm.StageRecord, stage_dir: Path, p
         failure = "interrupted (Ctrl-C); rerun to resume from the last checkpoint"
         raise
     except ray.exceptions.RayError as err:
-        failure = failure_message(err)
+        failure = failure_message(err).removeprefix(f"{where}: ")  # the stage's own error names it too
         (stage_dir / "error.txt").write_text("".join(traceback.format_exception(err)), encoding="utf-8")
         raise StageFailed(f"{where} failed: {failure} (earlier stages are kept; details in "
                           f"{stage_dir / 'error.txt'})") from None  # fmt: skip

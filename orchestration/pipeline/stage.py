@@ -112,6 +112,8 @@ def run_stage(config: dict) -> dict:
         run.state = backend.init_train_state(model, stage.train_optim, seed=recipe.run.seed + index, **options)
         log.reset()
     check_vocabulary(run, request["tokenizer"])
+    if stage.stage_kind.prepare is not None:  # what the kind computes up front (reference log-probs)
+        stage.stage_kind.prepare(run, recipe, request["init_from"])
     callbacks = [
         Ramps(),
         log,

@@ -26,6 +26,7 @@ from orchestration.core.optim import OptimConfig
 from orchestration.core.parallel import PARALLELISMS
 from orchestration.data.loader import MixtureConfig
 from orchestration.pipeline.kinds import KINDS, StageKind, get_kind
+from orchestration.pipeline.preference_stage import PreferenceSettings
 
 STARTS = ("init", "previous")  # anything else is a checkpoint path
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -134,6 +135,9 @@ class StageConfig:
     'auto' (fsdp from 1B parameters on torch, ddp otherwise)."""
     resources: StageResources = field(default_factory=StageResources)
     """`[stage.resources]`: CPUs / GPUs per worker."""
+    preference: PreferenceSettings | None = None
+    """`[stage.preference]`: beta, label_smoothing, sft_weight of the preference kinds (dpo, ipo,
+    simper); None: their defaults. Left out of other stages' tables, so their identities stay."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME.match(self.name):
@@ -155,6 +159,10 @@ class StageConfig:
                                   f"({self.token_budget:,}), got {points}")  # fmt: skip
         if self.parallelism not in PARALLELISMS:
             raise ConfigError(f"parallelism must be one of {', '.join(PARALLELISMS)}, got {self.parallelism!r}")
+        if self.preference is not None and "preference" not in kind.tables:
+            takes = [k.name for k in KINDS.values() if "preference" in k.tables]
+            raise ConfigError(f"preference: [stage.preference] is for kinds {', '.join(takes)}, not "
+                              f"{kind.name!r}")  # fmt: skip
         if kind.whole_documents and self.data.split_documents:
             raise ConfigError(f"data.split_documents must be false for kind {kind.name!r}: its rows "
                               "hold whole documents")  # fmt: skip

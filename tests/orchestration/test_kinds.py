@@ -17,17 +17,17 @@ from tests.orchestration.test_recipe import RECIPES, quickstart
 
 def test_the_recipes_kinds():
     pretrain, sft = get_kind("pretrain"), get_kind("sft")
-    assert (pretrain.loss, pretrain.formats, pretrain.whole_documents) == ("causal_lm", DATASET_FORMATS, False)
+    assert (pretrain.loss, pretrain.formats, pretrain.whole_documents) == ("causal_lm", ("text", "chat"), False)
     assert (sft.loss, sft.formats, sft.whole_documents) == ("sft", ("chat",), True)
     assert pretrain.loader is sft.loader is mixture_loader
 
 
 def test_an_unknown_kind_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"^kind must be one of pretrain, sft.*got 'dpo'"):
-        get_kind("dpo")
-    with pytest.raises(ConfigError, match=r"formats must be some of text, chat, got \['pairs'\]"):
-        register_kind(StageKind("dpo", loss="dpo", formats=("pairs",), whole_documents=True))
-    assert "dpo" not in KINDS
+    with pytest.raises(ConfigError, match=r"^kind must be one of pretrain, sft, dpo, ipo, simper.*got 'grpo'"):
+        get_kind("grpo")
+    with pytest.raises(ConfigError, match=r"formats must be some of text, chat, preference, got \['pairs'\]"):
+        register_kind(StageKind("grpo", loss="grpo", formats=("pairs",), whole_documents=True))
+    assert "grpo" not in KINDS
 
 
 @pytest.fixture
