@@ -53,13 +53,13 @@ def write_shard(path: Path, ids: list[str], languages: list[str], input_ids: lis
     return entry
 
 
-def read_conversations(
-    source, config: ChatConfig, ingest, dropped: Counter
-) -> list[tuple[str, list[dict]]]:
-    """(id, messages) of every usable record of a source's files; each skip counted by reason."""
-    from tokenizer.corpus import READERS, FileReport, TextFields, _FileSkipped, detect_format
+def read_records(source, fields, parse, ingest, dropped: Counter, tag: str) -> list[tuple[str, object]]:
+    """(id, parse(record)) of every usable record of a source's files (`fields`: a TextFields of
+    what to read); `parse(record) -> (value, reason)`, a record with a reason is skipped and counted
+    by it (in the file's report and as "{tag}:{reason}" in `dropped`); unreadable files by name."""
 
-    fields = TextFields(tuple((name,) for name in config.fields))
+    from tokenizer.corpus import READERS, FileReport, _FileSkipped, detect_format
+
     out = []
     for path, prefix in source.files:
         fmt, gzipped = detect_format(path)
@@ -69,12 +69,12 @@ def read_conversations(
                 raise _FileSkipped(f"unsupported format {fmt}")
             for i, record in enumerate(READERS[fmt](path, gzipped, fields, report)):
                 report.records += 1
-                messages, reason = conversation(record, config)
+                value, reason = parse(record)
                 if reason is not None:
                     report.skipped[reason] += 1
-                    dropped[f"chat:{reason}"] += 1
+                    dropped[f"{tag}:{reason}"] += 1
                     continue
-                out.append((f"{prefix}#{i}", messages))
+                out.append((f"{prefix}#{i}", value))
                 report.documents += 1
         except _FileSkipped as err:
             report.error = str(err)
@@ -82,6 +82,16 @@ def read_conversations(
             report.error = f"unreadable ({type(err).__name__}: {err})"
         ingest.add(report)
     return out
+
+
+def read_conversations(
+    source, config: ChatConfig, ingest, dropped: Counter
+) -> list[tuple[str, list[dict]]]:
+    """(id, messages) of every usable record of a source's files; each skip counted by reason."""
+    from tokenizer.corpus import TextFields
+
+    fields = TextFields(tuple((name,) for name in config.fields))
+    return read_records(source, fields, lambda r: conversation(r, config), ingest, dropped, "chat")
 
 
 def prepare_chat(inputs: list[str], tokenizer: str | Path, out: str | Path, config: ChatConfig | None = None,

@@ -200,32 +200,11 @@ def write_pairs(path: Path, ids: list[str], languages: list[str], encoded: list[
 
 def read_pairs(source, config: PreferenceConfig, ingest, dropped: Counter) -> list[tuple[str, tuple]]:
     """(id, (prompt, chosen, rejected)) of every usable record of a source's files."""
-    import zlib
-
-    from tokenizer.corpus import READERS, FileReport, TextFields, _FileSkipped, detect_format
+    from orchestration.data.chat_dataset import read_records
+    from tokenizer.corpus import TextFields
 
     fields = TextFields((("prompt",), ("chosen",), ("rejected",)))
-    out = []
-    for path, prefix in source.files:
-        fmt, gzipped = detect_format(path)
-        report = FileReport(path=str(path), format=fmt + (".gz" if gzipped else ""))
-        try:
-            if fmt not in READERS:
-                raise _FileSkipped(f"unsupported format {fmt}")
-            for i, record in enumerate(READERS[fmt](path, gzipped, fields, report)):
-                report.records += 1
-                found, reason = pair(record, config)
-                if reason is not None:
-                    dropped[f"pair:{reason}"] += 1
-                    continue
-                out.append((f"{prefix}#{i}", found))
-                report.documents += 1
-        except _FileSkipped as err:
-            report.error = str(err)
-        except (OSError, EOFError, zlib.error) as err:
-            report.error = f"unreadable ({type(err).__name__}: {err})"
-        ingest.add(report)
-    return out
+    return read_records(source, fields, lambda r: pair(r, config), ingest, dropped, "pair")
 
 
 def prepare_source(source, config: PreferenceConfig, tokenizer, ingest, seen: set, root: Path) -> dict:
