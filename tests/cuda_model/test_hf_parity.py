@@ -8,7 +8,7 @@ import torch
 
 from orchestration.core.spec import ModelSpec, RopeScaling
 from tests.check_model import random_tokens
-from tests.cuda_model.conftest import tiny
+from tests.cuda_model.conftest import perturbed, tiny
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,6 +70,23 @@ def test_logits_match_transformers(backend, spec):
     ours = backend.logits(model, tokens)
     assert np.abs(ours - expected).max() <= 1e-4
     assert np.abs(expected).max() > 1.0  # the comparison is not between two near-zero arrays
+
+
+@pytest.mark.parametrize("spec", [tiny(), tiny(tie_embeddings=False, n_kv_heads=4, rope_scaling=LLAMA3)],
+                         ids=["tied-gqa", "untied-llama3-rope"])  # fmt: skip
+def test_greedy_generation_matches_transformers(backend, spec):
+    """Our KV-cache generation (ragged prompts, left padding) against transformers' generate, token
+    for token, at weights where a wrong rotation or cache position changes the continuation."""
+    model = perturbed(backend.init(spec, seed=3))
+    hf = hf_model(spec, model.state_dict())
+    hf.generation_config.eos_token_id = None  # generate all 12 tokens, as ours does without stop ids
+    hf.generation_config.pad_token_id = 0
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]
+    ours = backend.generate(model, prompts, max_new_tokens=12)
+    for prompt, got in zip(prompts, ours):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+        assert got == out[0, len(prompt) :].tolist(), prompt
 
 
 def test_inverse_frequencies_match_transformers(backend):

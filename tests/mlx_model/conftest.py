@@ -39,3 +39,18 @@ def torch_backend():
     from cuda_model.backend import TorchBackend
 
     return TorchBackend("cpu")
+
+
+def perturbed(model, seed: int = 0):
+    """`model` with weights x5 and norm weights drawn from U(0.5, 1.5) (as tests/cuda_model/conftest.py
+    `perturbed`): attention and RoPE move the logits by O(0.1-1), not ~1e-3 as at init."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    rng = np.random.default_rng(seed)
+    model.update(tree_unflatten([
+        (name, mx.array(rng.uniform(0.5, 1.5, p.shape), mx.float32) if name.endswith("norm.weight") else p * 5.0)
+        for name, p in tree_flatten(model.parameters())
+    ]))  # fmt: skip
+    return model

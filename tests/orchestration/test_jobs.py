@@ -20,7 +20,7 @@ from orchestration.cluster import job_client
 
 from orchestration.cluster import jobs
 from hanyeong.errors import ConfigError
-from tests.conftest import REPO, cli
+from tests.conftest import REPO, cli, shrink_recipe
 
 QUICKSTART = REPO / "recipes" / "quickstart.toml"
 JOB_TIMEOUT_S = 900  # the quickstart takes 2-5 min on 2 shared cores
@@ -151,8 +151,8 @@ def test_ray_errors_become_one_line():
     with pytest.raises(job_client.ClusterError, match="has a job with that --submission-id already"):
         with job_client.cluster_errors("http://h:8265"):
             raise RuntimeError("... ValueError: Job with submission_id j1 already exists. Please use a different submission_id.")
-    failed = {"message": "Job entrypoint command failed with exit code 1, last available logs:\nstage 1\nerror: stage 2/4 failed: x\n"}
-    assert job_client.job_reason(failed) == "error: stage 2/4 failed: x"
+    failed = {"message": "Job entrypoint command failed with exit code 1, last available logs:\nstage 1\nerror: stage 2 's2' failed: x\n"}
+    assert job_client.job_reason(failed) == "error: stage 2 's2' failed: x"
     assert job_client.job_reason({"message": "Job finished successfully."}) == "Job finished successfully."
 
 
@@ -226,13 +226,19 @@ def test_a_failing_job_exits_1_with_its_error_line(cluster, tmp_path):
 
 
 @pytest.mark.ray
-def test_submit_the_quickstart_stop_it_mid_stage_and_resume_it(cluster, tmp_path):
+@pytest.mark.parametrize(
+    "shrink", [pytest.param(1, marks=pytest.mark.slow, id="full"), pytest.param(4, id="quarter")]
+)
+def test_submit_the_quickstart_stop_it_mid_stage_and_resume_it(cluster, tmp_path, shrink):
     """Submit; stop after stage 1's first checkpoint; change a file of the working directory (Ray then
     unpacks it elsewhere); submit again with the same run dir and --wait: stage 1 resumes from its
-    checkpoint, all four stages finish and learn."""
+    checkpoint, all five stages finish and learn. The default run takes the recipe on a quarter of its
+    tokens (stage 1 checkpointing every 4 steps, so the stop lands well inside it); `-m slow` the whole."""
     address, run_dir, work = cluster.dashboard_url, tmp_path / "run", tmp_path / "work"
     for folder in ("recipes", "data"):
         shutil.copytree(REPO / folder, work / folder)
+    if shrink > 1:
+        shrink_recipe(work / "recipes" / "quickstart.toml", shrink, first_checkpoint_tokens=8192)
     recipe = str(work / "recipes" / "quickstart.toml")
     stage1 = run_dir / "stages" / "01-stage1-general"
     first = hanyeong(cluster, "pipeline", "submit", recipe, "--working-dir", str(work), "--address", address,
@@ -257,7 +263,7 @@ def test_submit_the_quickstart_stop_it_mid_stage_and_resume_it(cluster, tmp_path
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     stages = manifest["stages"]
-    assert [s["status"] for s in stages] == ["done"] * 4
+    assert [s["status"] for s in stages] == ["done"] * 5
     assert all(s["last_loss"] < s["first_loss"] for s in stages), [(s["first_loss"], s["last_loss"]) for s in stages]
     assert stages[0]["resumed_from_step"] and stages[0]["resumed_from_step"] > 0, second.stdout
     assert len((stage1 / "attempts.jsonl").read_text().splitlines()) == 2  # one worker per job
@@ -269,14 +275,14 @@ def test_submit_the_quickstart_stop_it_mid_stage_and_resume_it(cluster, tmp_path
     assert out.startswith(f"submitted hanyeong-test-resume: recipes/quickstart.toml -> {run_dir} (on the cluster)\n")
     assert f"  dashboard: {address}/#/jobs/hanyeong-test-resume\n" in out
     assert f"hanyeong pipeline logs --address {address} hanyeong-test-resume --follow" in out
-    assert "stage 1/4 'stage1-general': resuming" in out, out  # the job's output, followed
+    assert "stage 1 'stage1-general': resuming" in out, out  # the job's output, followed
     assert "hanyeong-test-resume: SUCCEEDED" in second.stderr
 
     status = hanyeong(cluster, "pipeline", "status", "--address", address, "hanyeong-test-resume")
     assert status.returncode == 0 and "job hanyeong-test-resume: SUCCEEDED" in status.stdout
-    assert f"run dir {run_dir}" in status.stdout and sum(" done " in line for line in status.stdout.splitlines()) == 4
+    assert f"run dir {run_dir}" in status.stdout and sum(" done " in line for line in status.stdout.splitlines()) == 5
     logs = hanyeong(cluster, "pipeline", "logs", "--address", address, "hanyeong-test-resume")
-    assert logs.returncode == 0 and "stage 4/4 'stage4-sft': done" in logs.stdout
+    assert logs.returncode == 0 and "stage 4 'stage4-sft': done" in logs.stdout
     listed = hanyeong(cluster, "pipeline", "status", "--address", address)
     assert f"{job}  STOPPED" in listed.stdout and "hanyeong-test-resume  SUCCEEDED" in listed.stdout
 

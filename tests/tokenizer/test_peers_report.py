@@ -142,3 +142,29 @@ def test_report_structure_markdown_and_plot(small_tokenizer, small_tokenizer_dir
     assert "| tokens/word |" in markdown_tables(report)
     plot(report, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def byte_peer():
+    """One token per UTF-8 byte: a peer that compresses far worse than a trained BPE."""
+    from tokenizer.peers import Peer
+
+    encode = lambda texts: [list(t.encode("utf-8")) for t in texts]  # noqa: E731
+    return Peer("bytes", "test", 256, False, encode, [bytes([i]) for i in range(256)])
+
+
+def test_vs_baseline_is_each_tokenizers_tokens_per_word_over_the_firsts(small_tokenizer):
+    """Checked against tokens per word measured apart; bytes need more tokens than BPE: positive."""
+    from tokenizer.report import as_encoder
+
+    texts = [("ko", "ko", quickstart_korean(200)), ("en", "en", quickstart_english()[:200])]
+    report = compression_report(small_tokenizer, texts, compare=[byte_peer()], alignment_bytes=0)
+    for name, _, docs in texts:
+        ours = measure(as_encoder(small_tokenizer), docs).tokens_per_word
+        theirs = measure(byte_peer(), docs).tokens_per_word
+        rows = {r["tokenizer"]: r for r in report["results"] if r["text"] == name}
+        assert rows["hanyeong"]["vs_baseline"] == 0.0
+        assert rows["bytes"]["vs_baseline"] == pytest.approx(theirs / ours - 1, rel=1e-12)
+        assert rows["bytes"]["vs_baseline"] > 0.5
+    # the Markdown column shows the same figure, signed
+    expected = f"{rows['bytes']['vs_baseline']:+.1%}"
+    assert f"| bytes | {rows['bytes']['tokens_per_word']:.3f} | {expected} |" in markdown_tables(report)

@@ -8,13 +8,14 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestration.data import fingerprint
 from orchestration.data.config import PrepareConfig, load_config
 from orchestration.data.decontaminate import Decontaminator, build_index
 from orchestration.data.fingerprint import normalize
+from hanyeong.errors import ConfigError
 from tests.conftest import (
     REPO,
     SHARED_DATA,
@@ -58,23 +59,136 @@ def test_planted_items_are_removed_in_every_disguise(tmp_path, clean_docs):
     assert removed(index, clean_docs) == [None] * len(clean_docs)
 
 
+def raw_span(item: str, start: int, length: int) -> str:
+    """The stretch of `item` as written (spaces, punctuation) whose normalized form is
+    normalize(item)[start : start + length]; the ITEMS normalize one character at a time."""
+    kept = [i for i, c in enumerate(item) if normalize(c)]
+    assert "".join(item[i] for i in kept).casefold() == normalize(item)
+    return item[kept[start] : kept[start + length - 1] + 1]
+
+
+@st.composite
+def pieces(draw):
+    """(item, raw piece): any stretch of >= 50 normalized characters of an item, drawn directly,
+    so no case is thrown away; ends of the item (first and last window) are drawn as often as any."""
+    item = draw(st.sampled_from(ITEMS))
+    size = len(normalize(item))
+    length = draw(st.integers(50, min(140, size)))
+    anchor = draw(st.sampled_from(["head", "tail", "inside"]))
+    start = {"head": 0, "tail": size - length}.get(anchor) or draw(st.integers(0, size - length))
+    return item, raw_span(item, start, length)
+
+
 @settings(max_examples=150, deadline=None)
 @given(
-    item=st.sampled_from(ITEMS),
-    start=st.integers(0, 60),
-    length=st.integers(50, 140),
+    drawn=pieces(),
     before=st.text(alphabet="가나다라 abcXYZ.,!?\n", max_size=80),
     after=st.text(alphabet="마바사 defUVW;:-\t", max_size=80),
     upper=st.booleans(),
 )
-def test_any_50_char_substring_planted_anywhere_is_caught(
-    tmp_path_factory, item, start, length, before, after, upper
-):
-    piece = item[start : start + length]
-    assume(len(normalize(piece)) >= 50)
+def test_any_50_char_substring_planted_anywhere_is_caught(tmp_path_factory, drawn, before, after, upper):
+    _, piece = drawn
     index = _cached_toy_index(tmp_path_factory)
     doc = before + (piece.upper() if upper else piece) + after
     assert removed(index, [doc]) == ["toy"]
+
+
+@pytest.mark.parametrize("end", ["first", "last"])
+def test_an_items_first_or_last_window_alone_is_caught_at_either_end_of_a_document(tmp_path, end):
+    """Exactly one 50-character window of each item, planted at the start, middle and end of a
+    document: every window of an item is indexed, the first and the last included, and every
+    window of a document is checked, its first and last included."""
+    index = toy_index(tmp_path)
+    docs, expected = [], []
+    for item in ITEMS:
+        size = len(normalize(item))
+        window = raw_span(item, 0 if end == "first" else size - 50, 50)
+        assert len(normalize(window)) == 50
+        docs += [window, f"{window} 그리고 나머지 글", f"앞의 글 {window}", f"앞 {window} 뒤"]
+        expected += ["toy"] * 4
+        one_short = raw_span(item, 0 if end == "first" else size - 49, 49)  # 49 characters: no window
+        docs.append(f"앞 {one_short} 뒤")
+        expected.append(None)
+    assert removed(index, docs) == expected
+
+
+def test_the_index_holds_each_distinct_window_of_each_item_once_and_counts_what_it_read(tmp_path):
+    # the fifth item repeats its windows; the last is short
+    items = [*ITEMS, "가나다라마바사" * 12, "오늘 날씨"]
+    index = toy_index(tmp_path, items=items)
+    W, norms = 50, [normalize(t) for t in items]
+    long = [n for n in norms if len(n) >= W]
+    pairs = {(n[i : i + W], k) for k, n in enumerate(long) for i in range(len(n) - W + 1)}
+    assert index.item_texts == long and index.item_benchmark == [0] * len(long)
+    assert len(index.hashes) == len(index.owners) == len(pairs) < sum(len(n) - W + 1 for n in long)
+    assert sorted(index.owners.tolist()) == sorted(k for _, k in pairs)
+    assert list(index.hashes) == sorted(index.hashes)
+    assert index.stats == {"toy": {"files": 1, "items": 6, "items_with_windows": 5, "short_items_matched_whole": 0,
+                                   "windows": sum(len(n) - W + 1 for n in long)}}  # fmt: skip
+    # memory as reported (decontaminate_corpus's index_bytes): the arrays, and the texts as UCS-4
+    text_bytes = 4 * sum(map(len, long))
+    assert index.nbytes == index.hashes.nbytes + index.owners.nbytes + index.bitmap.nbytes + text_bytes
+    checker = Decontaminator(index)
+    checker.check([normalize(ITEMS[0]), "깨끗한 글"])
+    checker.check([normalize(items[4])])
+    assert checker.checked == 3 and dict(checker.removed) == {"toy": 2}
+
+
+def test_each_benchmark_counts_its_own_items(tmp_path):
+    shorts = ["오늘 날씨는 정말 맑아요", "What is the capital of France"]
+    write_benchmark(tmp_path / "b", [*ITEMS[:2], shorts[0]], name="first")
+    write_benchmark(tmp_path / "b", [*ITEMS[2:], shorts[1], "hi"], name="second")
+    benchmarks = [{"name": n, "files": [f"{n}.jsonl"], "fields": ["question"]} for n in ("first", "second")]
+    table = {"root": str(tmp_path / "b"), "benchmarks": benchmarks, "short_item_min_chars": 5}
+    index = build_index(PrepareConfig.from_dict({"decontaminate": table}).decontaminate)
+    windows = [sum(len(normalize(t)) - 49 for t in items) for items in (ITEMS[:2], ITEMS[2:])]
+    assert index.stats == {
+        "first": {"files": 1, "items": 3, "items_with_windows": 2, "short_items_matched_whole": 1, "windows": windows[0]},
+        "second": {"files": 1, "items": 4, "items_with_windows": 2, "short_items_matched_whole": 1, "windows": windows[1]},
+    }  # fmt: skip
+    assert removed(index, shorts + ["hi"]) == ["first", "second", None]  # "hi": under 5 characters
+
+
+def test_results_do_not_depend_on_the_bitmap_screen(tmp_path, monkeypatch, clean_docs):
+    """Hashes that all share their top bits pass every window through the bitmap to the binary
+    search; a window whose hash lies past every benchmark hash is a miss, not an error."""
+    real = fingerprint.window_hashes
+    monkeypatch.setattr(
+        fingerprint, "window_hashes", lambda codes, width: real(codes, width) | np.uint64(0xFFFFF << 44)
+    )
+    index = toy_index(tmp_path)
+    docs = clean_docs[:300] + [f"앞 {respace(item)} 뒤" for item in ITEMS]
+    assert removed(index, docs) == [None] * 300 + ["toy"] * len(ITEMS)
+
+
+def test_items_exactly_a_window_long_and_short_items_exactly_the_minimum(tmp_path):
+    exact = ITEMS[2][: len(raw_span(ITEMS[2], 0, 50))]  # 50 normalized characters
+    short = "오늘 날씨는 정말 맑아요"  # 10 normalized characters
+    assert (len(normalize(exact)), len(normalize(short))) == (50, 10)
+    index = toy_index(tmp_path / "a", items=[exact, short], short_item_min_chars=10)
+    assert index.item_texts == [normalize(exact)] and index.short == {normalize(short): 0}
+    assert removed(index, [f"앞 {exact} 뒤", short]) == ["toy", "toy"]
+    match = Decontaminator(index).check([normalize(short)])[0]
+    assert (match.item, match.window) == (-1, normalize(short))  # a whole short item: no item index
+    # short_item_min_chars = 0 (the default): short items are not matched at all
+    index = toy_index(tmp_path / "b", items=[exact, short])
+    assert index.short == {} and removed(index, [short]) == [None]
+
+
+def test_benchmark_files_missing_or_matching_nothing_are_config_errors(tmp_path):
+    table = write_benchmark(tmp_path / "bench")
+    nested = tmp_path / "bench" / "a" / "b"
+    nested.mkdir(parents=True)
+    (tmp_path / "bench" / "toy.jsonl").rename(nested / "toy.jsonl")
+    for files, error in [(["**/*.jsonl"], None), (["a/b/toy.jsonl"], None), (["toy.jsonl"], "no such file"),
+                         (["**/*.parquet"], "no such file")]:  # fmt: skip
+        config = {**table, "benchmarks": [{**table["benchmarks"][0], "files": files}]}
+        build = lambda: build_index(PrepareConfig.from_dict({"decontaminate": config}).decontaminate)  # noqa: E731
+        if error is None:
+            assert build().stats["toy"]["items"] == len(ITEMS), files  # ** reaches every depth
+        else:
+            with pytest.raises(ConfigError, match=f"decontaminate.benchmarks 'toy': .*: {error}"):
+                build()
 
 
 _INDEX = {}

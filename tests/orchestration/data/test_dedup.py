@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from orchestration.data.config import DedupConfig
-from orchestration.data.dedup import Deduplicator, MinHasher, lsh_bands
+from orchestration.data.dedup import BUCKET_CAP, Deduplicator, MinHasher, lsh_bands
 from orchestration.data.fingerprint import normalize
 from tests.conftest import quickstart_english, quickstart_korean
 
@@ -69,8 +69,63 @@ def test_batches_remember_earlier_batches():
 
 def test_lsh_bands_agree_with_datasketch():
     lsh = pytest.importorskip("datasketch.lsh")
-    for threshold, num_perm in [(0.8, 128), (0.5, 64), (0.9, 256)]:
-        assert lsh_bands(threshold, num_perm) == lsh._optimal_param(threshold, num_perm, 0.5, 0.5)
+    # the extremes reach the grid's edges: 0.05 -> one row per band, 0.99 -> one band
+    for threshold in (0.05, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99):
+        for num_perm in (8, 16, 32, 64, 128, 256):
+            if (threshold, num_perm) == (0.99, 256):
+                continue  # (1, 167) here, (1, 166) there: 201-point trapezoids against quadrature
+            expected = lsh._optimal_param(threshold, num_perm, 0.5, 0.5)
+            assert lsh_bands(threshold, num_perm) == expected, (threshold, num_perm)
+
+
+def test_minhash_permutations_are_seeded_bijections():
+    """Each permutation is a bijection of uint32 (a odd, x ^ b invertible): distinct shingles never
+    collide; a seed gives one family; the defaults are DedupConfig's."""
+    hasher = MinHasher(num_perm=64, seed=3)
+    assert (hasher.a % 2 == 1).all() and len(set(hasher.a.tolist())) == 64 and len(set(hasher.b.tolist())) == 64
+    x = np.random.default_rng(0).choice(2**32, size=50_000, replace=False).astype(np.uint32)
+    values = hasher.permute(x)
+    assert values.dtype == np.uint32 and values.shape == (50_000, 64)
+    assert all(len(np.unique(values[:, i])) == len(x) for i in range(64))
+    again, other = MinHasher(num_perm=64, seed=3), MinHasher(num_perm=64, seed=4)
+    assert np.array_equal(again.permute(x[:100]), values[:100]) and not np.array_equal(other.a, hasher.a)
+    default, config = MinHasher(), DedupConfig()
+    assert (len(default.a), default.shingle_chars) == (config.num_perm, config.shingle_chars)
+    assert np.array_equal(default.a, MinHasher(seed=config.seed).a)
+
+
+def test_a_signature_is_the_minimum_over_the_texts_own_shingles():
+    """Computed text by text, apart: shingles straddling two texts of a batch never count, a text's
+    last shingle does, and a batch longer than one pass (ROWS_PER_PASS) splits nowhere."""
+    from orchestration.data import dedup
+    from orchestration.data.fingerprint import codepoints, window_hashes
+
+    hasher = MinHasher(num_perm=32, shingle_chars=5, seed=1)
+    texts = [normalize(t) for t in quickstart_korean(400)] + ["abcde", "abcd", "", normalize(KO)]
+    texts.append("".join(texts[:400]))  # alone longer than one pass
+    assert sum(max(0, len(t) - 4) for t in texts) > dedup.ROWS_PER_PASS
+    sig, has = hasher.signatures(texts)
+    for i, text in enumerate(texts):
+        shingles = (window_hashes(codepoints(text), 5) >> np.uint64(32)).astype(np.uint32)
+        assert has[i] == (len(text) >= 5), i
+        expected = hasher.permute(shingles).min(axis=0) if len(shingles) else np.full(32, 2**32 - 1, np.uint32)
+        assert np.array_equal(sig[i], expected), i
+
+
+def test_kept_documents_are_remembered_in_every_band_and_counted():
+    docs = [normalize(d) for d in quickstart_korean(3000) + quickstart_english()[:600] if len(normalize(d)) >= 40]
+    dedup = Deduplicator(DedupConfig())
+    reasons = dedup.check(docs)
+    assert dedup.n_kept == reasons.count(None) > 1024  # past the first growth of the store
+    kept = [d for d, r in zip(docs, reasons) if r is None]
+    assert np.array_equal(dedup.kept[: dedup.n_kept], dedup.hasher.signatures(kept)[0])
+    for table in dedup.tables:  # band hash -> a kept document, or a list of at most BUCKET_CAP
+        for value in table.values():
+            members = value if isinstance(value, list) else [value]
+            assert all(isinstance(m, int) and 0 <= m < dedup.n_kept for m in members)
+            assert len(members) <= BUCKET_CAP
+    assert sum(len(v) if isinstance(v, list) else 1 for v in dedup.tables[0].values()) == dedup.n_kept
+    assert dedup.check([]) == []
 
 
 def test_minhash_estimates_jaccard():
@@ -93,3 +148,21 @@ def test_short_texts_have_no_signature_and_only_exact_applies():
         None,
         None,
     ]
+
+
+def test_the_threshold_is_inclusive_and_a_band_bucket_holds_bucket_cap_documents():
+    """Agreeing in exactly threshold x num_perm signature entries is a near duplicate (96 of 128 at
+    0.75), one fewer is not; a band hash shared by many kept documents remembers the first BUCKET_CAP."""
+    dedup = Deduplicator(DedupConfig(threshold=0.75))
+    rng = np.random.default_rng(0)
+    keys = [7] * dedup.bands  # every band hash equal: each query meets every kept document
+    first = rng.integers(0, 2**32, 128, dtype=np.uint32)
+    dedup._remember(first, keys)
+    for agreeing, near in ((96, True), (95, False)):
+        other = first.copy()
+        other[agreeing:] += np.uint32(1)
+        assert dedup._near_duplicate(other, keys) is near, agreeing
+    for _ in range(3 * BUCKET_CAP):
+        dedup._remember(rng.integers(0, 2**32, 128, dtype=np.uint32), keys)
+    assert all(table[7] == list(range(BUCKET_CAP)) for table in dedup.tables)
+    assert dedup.n_kept == 1 + 3 * BUCKET_CAP

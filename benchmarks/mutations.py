@@ -1,0 +1,463 @@
+"""Mutation testing of the modules that carry the laws: does a deliberate one-line bug fail a test?
+
+    python benchmarks/mutations.py                      # the default modules (about 20 min on 2 cores)
+    python benchmarks/mutations.py --modules tokenizer/stream.py orchestration/data/dedup.py
+    python benchmarks/mutations.py --modules all        # every module in MODULES (hours)
+    python benchmarks/mutations.py --list               # the mutants, without running anything
+
+Each module is parsed, and each mutant is one change to its syntax tree, as mutmut makes them:
+a comparison flipped (< to <=, == to !=, in to not in), an operator swapped (+ to -, * to /, & to |,
+and to or), `not` or a unary minus dropped, a number n to n + 1, True to False, a string that is not
+an error message or docstring to "XX...XX", a `return x` to `return None`, a call statement removed,
+break to continue. The mutated module is written (ast.unparse) into a copy of the working tree and
+the module's own tests (MODULES) run in a fresh `pytest -x` there: a failing test kills the mutant,
+passing tests let it survive, a run over its time limit is a timeout. Docstrings, type annotations
+and the text of raised errors are not mutated.
+
+Not mutmut: mutmut 3 runs each mutant in a worker forked from a process that has already imported
+and run the code under test, and the tests here start the Rust `tokenizers` thread pool and torch's
+OpenMP pool, which do not survive a fork; it also collects which test reaches which function by
+running the whole test suite once first (about 16 minutes here). A plain pytest process per mutant
+is slower per mutant but needs no such care, and the mutants are the same kinds.
+
+The run is polite to a shared machine: niced to 19, one test process at a time, one thread each
+(OMP, MKL, Rayon). Hypothesis runs derandomized (CI=true: tests/conftest.py's "ci" profile), so a
+mutant is killed or not the same way every run. Tests that need ../shared/data skip unless
+--shared. Survivors are listed with their line; those judged equivalent (no test can tell them from
+the original) are marked in EQUIVALENT with the reason, and the kill rate counts only the others.
+
+Results: benchmarks/results/mutations-<machine>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hardware import cpu_name, machine_name  # benchmarks/hardware.py
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+# module -> the tests that own its laws (run with -x, in this order: quick, sharp tests first)
+MODULES = {
+    "tokenizer/bbpe.py": ["tests/tokenizer/test_laws.py"],
+    "tokenizer/stream.py": ["tests/tokenizer/test_laws.py"],
+    "orchestration/data/decontaminate.py": ["tests/orchestration/data/test_decontaminate.py"],
+    "orchestration/data/dedup.py": ["tests/orchestration/data/test_dedup.py"],
+    # being refactored when this was written (issue 12): run them with --modules once settled
+    "orchestration/data/fingerprint.py": ["tests/orchestration/data/test_fingerprint.py",
+                                          "tests/orchestration/data/test_dedup.py",
+                                          "tests/orchestration/data/test_decontaminate.py"],
+    "orchestration/core/spec.py": ["tests/orchestration/test_spec.py"],
+    "orchestration/core/optim.py": ["tests/orchestration/test_optim.py"],
+    "orchestration/core/checkpoint.py": ["tests/orchestration/test_checkpoint.py",
+                                         "tests/cuda_model/test_checkpoint_io.py"],
+    "orchestration/data/loader.py": ["tests/orchestration/data/test_loader.py"],
+    "cuda_model/losses.py": ["tests/cuda_model/test_losses.py", "tests/cuda_model/test_step.py"],
+    "cuda_model/step.py": ["tests/cuda_model/test_step.py", "tests/cuda_model/test_model.py"],
+    "mlx_model/losses.py": ["tests/mlx_model/test_model.py", "tests/mlx_model/test_parity.py"],
+    "mlx_model/step.py": ["tests/mlx_model/test_model.py", "tests/mlx_model/test_parity.py"],
+}  # fmt: skip
+DEFAULT = ["tokenizer/bbpe.py", "tokenizer/stream.py", "orchestration/data/decontaminate.py",
+           "orchestration/data/dedup.py"]  # fmt: skip
+
+# (module, source line, change) -> why no test can tell the mutant from the original. Keyed by the
+# line's text, not its number, so edits elsewhere in the module keep them; a changed line is judged anew.
+_PERF = "performance only: the bitmap is a screen whose every hit is confirmed by binary search and string comparison"
+_BANDS = "performance only: band hashes only pick candidates, each confirmed by its estimated similarity"
+_MIX = ("another invertible mixing step: the same estimates (mean error over 300 pairs 0.0066 and 0.0056 "
+        "against 0.0056, noise 0.0023)")
+_EMPTY = "the placeholders of an index without windows: its all-zero bitmap screens out every window"
+EQUIVALENT: dict[tuple[str, str, str], str] = {
+    ("tokenizer/bbpe.py", "write_atomic(directory / TOKENIZER_FILE, self.hf.to_str(pretty=True))", "True -> False"):
+        "layout of the JSON file only: the same tokenizer is read back",
+    ("tokenizer/bbpe.py", "write_atomic(directory / CONFIG_FILE, json.dumps(self.config, ensure_ascii=False, indent=2))",
+     "False -> True"): "\\u escapes instead of UTF-8 in the JSON file: the same config is read back",
+    ("tokenizer/bbpe.py", "write_atomic(directory / CONFIG_FILE, json.dumps(self.config, ensure_ascii=False, indent=2))",
+     "2 -> 3"): "indentation of the JSON file only",
+    **{("orchestration/data/decontaminate.py", line, change): _EMPTY for line, change in [
+        ("hashes: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # sorted", "0 -> 1"),
+        ("owners: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))  # item of each hash", "0 -> 1"),
+        ("bitmap: np.ndarray = field(default_factory=lambda: np.zeros(1, np.uint8))", "1 -> 2"),
+        ("shift: int = 61", "61 -> 62")]},
+    **{("orchestration/data/decontaminate.py", line, change): _PERF for line, change in [
+        ("bits = max(16, min(34, int(np.ceil(np.log2(len(index.hashes) * 32)))))", "* -> /"),
+        ("bits = max(16, min(34, int(np.ceil(np.log2(len(index.hashes) * 32)))))", "16 -> 17"),
+        ("bits = max(16, min(34, int(np.ceil(np.log2(len(index.hashes) * 32)))))", "32 -> 33"),
+        ("bits = max(16, min(34, int(np.ceil(np.log2(len(index.hashes) * 32)))))", "34 -> 35"),
+        ("index.shift = 64 - bits", "- -> +"), ("index.shift = 64 - bits", "64 -> 65"),
+        ("index.bitmap = np.zeros(1 << (bits - 3), dtype=np.uint8)", "- -> +"),
+        ("index.bitmap = np.zeros(1 << (bits - 3), dtype=np.uint8)", "1 -> 2"),
+        ("(ix.bitmap[slots >> np.uint64(3)] >> (slots & np.uint64(7)).astype(np.uint8)) & 1", "& -> |")]},
+    ("orchestration/data/decontaminate.py", "if len(ix.hashes) and normalized:", "and -> or"):
+        "a shortcut: without hashes nothing passes the screen, without documents nothing is found",
+    ("orchestration/data/decontaminate.py", "if found[d] is None and len(text) < W and text in ix.short:", "< -> <="):
+        "short items are shorter than a window: a text of exactly W characters is never one",
+    ("orchestration/data/decontaminate.py", "if d in best and best[d][0] <= earliest[k]:", "<= -> <"):
+        "skips less work: the inner loop breaks at once on the same item",
+    ("orchestration/data/decontaminate.py", "if d in best and item >= best[d][0]:", ">= -> >"):
+        "reached only when a 64-bit hash collision puts an earlier item first; it then reports another "
+        "window of the same item",
+    ("orchestration/data/decontaminate.py", "break", "break -> continue"):
+        "the items after it are all later than the best one: the loop breaks on the next",
+    ("orchestration/data/dedup.py", "BUCKET_CAP = 16  # kept documents remembered per band hash; bounds the comparisons per query",
+     "16 -> 17"): "a tuning constant; the tests read it",
+    **{("orchestration/data/dedup.py", "ROWS_PER_PASS = 1 << 14  # shingles permuted at once: a (ROWS_PER_PASS, num_perm) "
+        "uint32 temporary", change): "the size of a pass, not its result" for change in ("1 -> 2", "14 -> 15")},
+    ("orchestration/data/dedup.py", "best, best_error = (1, num_perm), float(\"inf\")", "1 -> 2"):
+        "overwritten by the first pair (its error is below infinity)",
+    ("orchestration/data/dedup.py", "for bands in range(1, num_perm + 1):", "1 -> 2"):
+        "the second 1 (the first is killed): bands = num_perm + 1 has no rows, num_perm // bands = 0",
+    ("orchestration/data/dedup.py", "if fp + fn < best_error:", "< -> <="):
+        "only a tie would tell, and no two (bands, rows) pairs have equal error on the 53 (threshold, num_perm) "
+        "pairs compared with datasketch",
+    **{("orchestration/data/dedup.py", line, "201 -> 202"): "one more point of the trapezoid rule: the same "
+        "(bands, rows) on all 53 pairs compared with datasketch" for line in (
+            "below = np.linspace(0.0, threshold, 201)", "above = np.linspace(threshold, 1.0, 201)")},
+    **{("orchestration/data/dedup.py", line, change): _MIX for line, change in [
+        ("v ^= v >> np.uint32(16)", ">> -> <<"), ("v ^= v >> np.uint32(13)", ">> -> <<"),
+        ("v ^= v >> np.uint32(13)", "13 -> 14")]},
+    ("orchestration/data/dedup.py", "self.a = rng.integers(0, 2**32, size=num_perm, dtype=np.uint32) | np.uint32(",
+     "0 -> 1"): "one fewer possible multiplier",
+    ("orchestration/data/dedup.py", "self.b = rng.integers(0, 2**32, size=num_perm, dtype=np.uint32)", "0 -> 1"):
+        "one fewer possible offset",
+    ("orchestration/data/dedup.py", "keep = positions + k <= ends[np.minimum(owner, D - 1)] if D else positions < 0",
+     "0 -> 1"): "without texts there are no positions",
+    ("orchestration/data/dedup.py", "keep = positions + k <= ends[np.minimum(owner, D - 1)] if D else positions < 0",
+     "< -> <="): "without texts there are no positions",
+    ("orchestration/data/dedup.py", "fp = _integrate(1 - (1 - below**rows) ** bands, below)", "1 -> 2"):
+        "the outer 1: adds the same constant to every (bands, rows) pair's error, so the same pair wins",
+    ("orchestration/data/dedup.py", "fn = _integrate(1 - (1 - (1 - above**rows) ** bands), above)", "1 -> 2"):
+        "the outer two 1s: add the same constant to every (bands, rows) pair's error, so the same pair wins",
+    ("orchestration/data/dedup.py", "keep = positions + k <= ends[np.minimum(owner, D - 1)] if D else positions < 0",
+     "- -> +"): "owner never exceeds D - 1 (the last window starts k before the end): the clamp never acts",
+    ("orchestration/data/dedup.py", "(1024, config.num_perm), dtype=np.uint32", "1024 -> 1025"):
+        "the store's first capacity; it grows when full",
+    **{("orchestration/data/dedup.py", line, change): _BANDS for line, change in [
+        ("0, 2**63, size=self.rows, dtype=np.uint64", "0 -> 1"), ("0, 2**63, size=self.rows, dtype=np.uint64", "** -> *"),
+        ("0, 2**63, size=self.rows, dtype=np.uint64", "63 -> 64"),
+        ("mix = np.random.default_rng(config.seed + 1).integers(", "1 -> 2"),
+        ("self.band_mix = mix * np.uint64(2) + np.uint64(1)", "+ -> -"),
+        ("self.band_mix = mix * np.uint64(2) + np.uint64(1)", "* -> /"),
+        ("self.band_mix = mix * np.uint64(2) + np.uint64(1)", "1 -> 2"),
+        ("self.band_mix = mix * np.uint64(2) + np.uint64(1)", "2 -> 3"),
+        ("sig[:, :usable].reshape(len(normalized), self.bands, self.rows).astype(np.uint64)", "* -> /")]},
+}  # fmt: skip
+
+COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
+           ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}  # fmt: skip
+BINARY = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
+          ast.Mod: ast.Div, ast.Pow: ast.Mult, ast.LShift: ast.RShift, ast.RShift: ast.LShift,
+          ast.BitAnd: ast.BitOr, ast.BitOr: ast.BitAnd, ast.BitXor: ast.BitAnd}  # fmt: skip
+SYMBOL = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!=", ast.In: "in",
+          ast.NotIn: "not in", ast.Is: "is", ast.IsNot: "is not", ast.Add: "+", ast.Sub: "-", ast.Mult: "*",
+          ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**", ast.LShift: "<<", ast.RShift: ">>",
+          ast.BitAnd: "&", ast.BitOr: "|", ast.BitXor: "^", ast.And: "and", ast.Or: "or"}  # fmt: skip
+
+
+@dataclass
+class Mutant:
+    module: str
+    site: int  # the node's index in ast.walk order of the parsed module
+    detail: int  # which operator of a comparison chain
+    line: int
+    change: str
+    source: str  # the original line
+    status: str = "not run"  # killed | survived | timeout | error (killed: the module does not import)
+    seconds: float = 0.0
+    killer: str = ""  # the first failing test
+    equivalent: str = ""  # why it is equivalent, for a survivor judged so
+
+
+def skipped_nodes(tree: ast.AST) -> set[int]:
+    """ids of nodes never mutated: docstrings, annotations, raised errors' text."""
+    skip: set[int] = set()
+
+    def all_of(node):
+        skip.update(id(n) for n in ast.walk(node))
+
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body:
+            if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                all_of(body[0])
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns:
+            all_of(node.returns)
+        if isinstance(node, ast.arg) and node.annotation:
+            all_of(node.annotation)
+        if isinstance(node, ast.AnnAssign):
+            all_of(node.annotation)
+        if isinstance(node, ast.Raise):  # the message's text; the condition that raises is mutated
+            skip.update(id(n) for n in ast.walk(node) if isinstance(n, (ast.Constant, ast.JoinedStr)))
+        if isinstance(node, ast.JoinedStr):  # f-strings are messages and names
+            all_of(node)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            all_of(node)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):  # comment-like strings
+            all_of(node)
+    return skip
+
+
+def changes(node: ast.AST) -> list[tuple[int, str]]:
+    """(detail, description) of every mutation of this node."""
+    if isinstance(node, ast.Compare):
+        return [(i, f"{SYMBOL[type(op)]} -> {SYMBOL[COMPARE[type(op)]]}")
+                for i, op in enumerate(node.ops) if type(op) in COMPARE]  # fmt: skip
+    if isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in BINARY:
+        return [(0, f"{SYMBOL[type(node.op)]} -> {SYMBOL[BINARY[type(node.op)]]}")]
+    if isinstance(node, ast.BoolOp):
+        return [(0, "and -> or" if isinstance(node.op, ast.And) else "or -> and")]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub, ast.Invert)):
+        return [(0, f"drop {'not' if isinstance(node.op, ast.Not) else 'unary ' + ('-' if isinstance(node.op, ast.USub) else '~')}")]
+    if isinstance(node, ast.Constant):
+        v = node.value
+        if isinstance(v, bool):
+            return [(0, f"{v} -> {not v}")]
+        if isinstance(v, (int, float)):
+            return [(0, f"{v!r} -> {v + 1!r}")]
+        if isinstance(v, str):
+            return [(0, f"{v!r} -> {'XX' + v + 'XX'!r}")]
+        return []
+    if isinstance(node, ast.Return) and node.value is not None:
+        if not (isinstance(node.value, ast.Constant) and node.value.value is None):
+            return [(0, "return None")]
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+        return [(0, "call removed")]
+    if isinstance(node, ast.Break):
+        return [(0, "break -> continue")]
+    if isinstance(node, ast.Continue):
+        return [(0, "continue -> break")]
+    return []
+
+
+def mutants(module: str, source: str) -> list[Mutant]:
+    tree = ast.parse(source)
+    skip, lines = skipped_nodes(tree), source.splitlines()
+    found = []
+    for site, node in enumerate(ast.walk(tree)):
+        if id(node) in skip:
+            continue
+        for detail, change in changes(node):
+            line = getattr(node, "lineno", 0)
+            found.append(Mutant(module, site, detail, line, change, lines[line - 1].strip() if line else ""))
+    return found
+
+
+class Mutate(ast.NodeTransformer):
+    """Apply one mutant: the node at `site` in ast.walk order of a fresh parse."""
+
+    def __init__(self, target: ast.AST, detail: int):
+        self.target, self.detail = target, detail
+
+    def visit(self, node):
+        if node is not self.target:
+            return self.generic_visit(node)
+        if isinstance(node, ast.Compare):
+            node.ops[self.detail] = COMPARE[type(node.ops[self.detail])]()
+        elif isinstance(node, (ast.BinOp, ast.AugAssign)):
+            node.op = BINARY[type(node.op)]()
+        elif isinstance(node, ast.BoolOp):
+            node.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+        elif isinstance(node, ast.UnaryOp):
+            return node.operand
+        elif isinstance(node, ast.Constant):
+            v = node.value
+            node.value = (not v) if isinstance(v, bool) else v + 1 if isinstance(v, (int, float)) else f"XX{v}XX"
+        elif isinstance(node, ast.Return):
+            node.value = ast.Constant(None)
+        elif isinstance(node, ast.Expr):
+            return ast.Pass()
+        elif isinstance(node, ast.Break):
+            return ast.Continue()
+        elif isinstance(node, ast.Continue):
+            return ast.Break()
+        return node
+
+
+def mutated_source(source: str, mutant: Mutant | None) -> str:
+    tree = ast.parse(source)
+    if mutant is not None:
+        target = next(n for i, n in enumerate(ast.walk(tree)) if i == mutant.site)
+        tree = Mutate(target, mutant.detail).visit(tree)
+        ast.fix_missing_locations(tree)
+    return ast.unparse(tree) + "\n"
+
+
+def copy_tree(dest: Path) -> Path:
+    """The working tree (without .git, the venv, caches and runs) in `dest`."""
+    ignore = shutil.ignore_patterns(".git", ".venv*", "__pycache__", ".hypothesis", ".pytest_cache", "runs",
+                                    "*.egg-info", "results")  # fmt: skip
+    shutil.copytree(REPO, dest, ignore=ignore)
+    return dest
+
+
+def run_tests(work: Path, tests: list[str], env: dict, timeout: float) -> tuple[str, float, str]:
+    """(killed | survived | timeout | error, seconds, first failing test) of one pytest process."""
+    start = time.monotonic()
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--tb=no", "-rfE", *tests]
+    try:
+        done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.monotonic() - start, ""
+    seconds = time.monotonic() - start
+    failed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    if done.returncode == 0:
+        return "survived", seconds, ""
+    if done.returncode == 1:
+        return "killed", seconds, failed[0] if failed else ""
+    return "error", seconds, (failed[0] if failed else done.stdout.strip().splitlines()[-1:] or [""])[0]
+
+
+def environment(work: Path, shared: bool, tokenizer: Path) -> dict:
+    env = {**os.environ, "CI": "true", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HANYEONG_TEST_TOKENIZER": str(tokenizer), "PYTHONPATH": str(work)}  # fmt: skip
+    if not shared:
+        env["HANYEONG_SHARED"] = str(work / "no-shared")
+    return env
+
+
+def train_tokenizer_once(work: Path, out: Path) -> None:
+    """The tests' shared tokenizer, trained once (tests/conftest.py reuses it via
+    HANYEONG_TEST_TOKENIZER) instead of once per test process."""
+    code = ("import sys; from pathlib import Path; from tests.conftest import write_small_corpus, train_small_tokenizer; "
+            "c = Path(sys.argv[1]); (c / 'corpus').mkdir(); "
+            "train_small_tokenizer(write_small_corpus(c / 'corpus'), c / 'tok', c / 'cache')")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code, str(out)], cwd=work, check=True,
+                   env={**os.environ, "PYTHONPATH": str(work)})  # fmt: skip
+
+
+def run_module(module: str, work: Path, env: dict, deadline: float, log) -> list[Mutant]:
+    """Every mutant of `module` in the copy `work` (whose pristine file is the source mutated)."""
+    target = work / module
+    pristine = target.read_text(encoding="utf-8")
+    found, tests = mutants(module, pristine), MODULES[module]
+    target.write_text(mutated_source(pristine, None), encoding="utf-8")  # unparsed, unmutated
+    status, baseline, failed = run_tests(work, tests, env, timeout=1800)
+    if status != "survived":
+        raise SystemExit(f"{module}: its tests do not pass unmutated ({status} {failed}); fix that first")
+    log(f"{module}: {len(found)} mutants; tests pass unmutated in {baseline:.0f} s")
+    limit = 3 * baseline + 30
+    try:
+        for k, mutant in enumerate(found):
+            if time.monotonic() > deadline:
+                break
+            target.write_text(mutated_source(pristine, mutant), encoding="utf-8")
+            mutant.status, mutant.seconds, mutant.killer = run_tests(work, tests, env, limit)
+            mutant.equivalent = EQUIVALENT.get((module, mutant.source, mutant.change), "")
+            log(f"  [{k + 1}/{len(found)}] {mutant.status:8} {mutant.seconds:5.1f}s  L{mutant.line} {mutant.change}")
+    finally:
+        target.write_text(pristine, encoding="utf-8")
+    return found
+
+
+def summary(found: list[Mutant]) -> dict:
+    ran = [m for m in found if m.status != "not run"]
+    counts = {s: sum(m.status == s for m in ran) for s in ("killed", "error", "timeout", "survived")}
+    equivalent = sum(m.status == "survived" and bool(m.equivalent) for m in ran)
+    relevant = len(ran) - equivalent
+    caught = counts["killed"] + counts["error"] + counts["timeout"]
+    return {"mutants": len(found), "ran": len(ran), **counts, "equivalent": equivalent,
+            "kill_rate": round(caught / relevant, 4) if relevant else None}  # fmt: skip
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Mutation testing", "",
+             f"Machine: {results['cpu']}, {results['cores']} cores. Run {results['date']} with "
+             f"`{results['command']}`: {results['minutes']:.0f} minutes, niced, one test process at a time. "
+             f"Shared data: {'used' if results['shared'] else 'absent (those tests skip)'}.", "",
+             "A mutant is killed when the module's own tests fail on it (error: the module no longer imports, "
+             "or collection fails), survives when they pass. The kill rate counts timeouts as killed and leaves "
+             "out the survivors judged equivalent (listed with the reason).", "",
+             "| module | tests | mutants | killed | error | timeout | survived | equivalent | kill rate |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for module, entry in results["modules"].items():
+        s = entry["summary"]
+        rate = "–" if s["kill_rate"] is None else f"{s['kill_rate']:.1%}"
+        tests = ", ".join(Path(t).name for t in entry["tests"])
+        lines.append(f"| `{module}` | {tests} | {s['ran']}/{s['mutants']} | {s['killed']} | {s['error']} | "
+                     f"{s['timeout']} | {s['survived']} | {s['equivalent']} | {rate} |")  # fmt: skip
+    if results.get("notes"):
+        for note in results["notes"]:
+            lines += ["", note]
+    for module, entry in results["modules"].items():
+        survivors = [m for m in entry["mutants"] if m["status"] == "survived"]
+        if survivors:
+            lines += ["", f"## Survivors in `{module}`", ""]
+            for m in survivors:
+                why = f" — equivalent: {m['equivalent']}" if m["equivalent"] else ""
+                lines.append(f"- line {m['line']}: `{m['source']}`: {m['change']}{why}")
+    return "\n".join(lines) + "\n"
+
+
+def rejudge(path: Path) -> None:
+    """After survivors were looked at: mark them from EQUIVALENT, recount, rewrite the .json and .md."""
+    results = json.loads(path.read_text(encoding="utf-8"))
+    for module, entry in results["modules"].items():
+        found = [Mutant(**m) for m in entry["mutants"]]
+        for m in found:
+            m.equivalent = EQUIVALENT.get((module, m.source, m.change), "") if m.status == "survived" else ""
+        entry["mutants"], entry["summary"] = [asdict(m) for m in found], summary(found)
+        print(f"{module}: {entry['summary']}")
+    path.write_text(json.dumps(results, ensure_ascii=False, indent=1))
+    path.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--modules", nargs="*", default=DEFAULT, help="paths from MODULES, or 'all'")
+    parser.add_argument("--minutes", type=float, default=120, help="stop starting mutants after this")
+    parser.add_argument("--shared", action="store_true", help="let tests use ../shared/data")
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--rejudge", type=Path, help="apply EQUIVALENT anew to a results .json and rewrite it")
+    args = parser.parse_args()
+    if args.rejudge:
+        return rejudge(args.rejudge)
+    modules = list(MODULES) if args.modules == ["all"] else args.modules
+    unknown = [m for m in modules if m not in MODULES]
+    if unknown:
+        raise SystemExit(f"unknown modules {unknown}; known: {', '.join(MODULES)}")
+    if args.list:
+        for module in modules:
+            for m in mutants(module, (REPO / module).read_text(encoding="utf-8")):
+                print(f"{module}:{m.line}: {m.change}    {m.source}")
+        return
+    os.nice(19)
+    started, deadline = time.monotonic(), time.monotonic() + 60 * args.minutes
+    results = {"machine": machine_name(), "cpu": cpu_name(), "cores": os.cpu_count(),
+               "date": time.strftime("%Y-%m-%d"), "shared": args.shared, "modules": {},
+               "command": "python benchmarks/mutations.py" + (f" --modules {' '.join(args.modules)}"
+                                                              if args.modules != DEFAULT else "")}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="hanyeong-mutations-") as tmp:
+        work = copy_tree(Path(tmp) / "repo")
+        tokenizer = Path(tmp) / "tokenizer"
+        tokenizer.mkdir()
+        if any(t.startswith("tests/tokenizer") for m in modules for t in MODULES[m]):
+            train_tokenizer_once(work, tokenizer)
+        env = environment(work, args.shared, tokenizer / "tok")
+        for module in modules:
+            found = run_module(module, work, env, deadline, lambda s: print(s, flush=True))
+            results["modules"][module] = {"tests": MODULES[module], "summary": summary(found),
+                                          "mutants": [asdict(m) for m in found]}  # fmt: skip
+            print(f"{module}: {results['modules'][module]['summary']}", flush=True)
+    results["minutes"] = (time.monotonic() - started) / 60
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"mutations-{results['machine']}"
+    stem.with_suffix(".json").write_text(json.dumps(results, ensure_ascii=False, indent=1))
+    stem.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
+    print(f"wrote {stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
