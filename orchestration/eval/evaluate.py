@@ -16,10 +16,11 @@ from pathlib import Path
 
 from hanyeong.errors import ConfigError, DataError
 from hanyeong.files import write_atomic
-from orchestration.eval import scoring
+from orchestration.eval import generative, scoring
 from orchestration.eval.tasks import Item, Selected, benchmarks_dir, load_items, read_texts, select
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+METRICS = ("acc", "acc_norm", "exact_match", "pass@1", "bits_per_byte")  # the table's columns
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,21 @@ class EvalConfig:
     chat_template: bool = False
     """Ask each question as a user turn of the chat template; the choice is the assistant's."""
     items: bool = False
-    """Keep every item's log-likelihoods in results.json."""
+    """Keep every item's log-likelihoods (generation tasks: completions) in results.json."""
+    max_new_tokens: int = 256
+    """Generation tasks: most tokens of an answer (at most half the model's context)."""
+    code_timeout: float = 10.0
+    """HumanEval: seconds each program may run in its sandbox."""
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be at least 1, got {self.limit}")
         if self.batch_rows < 1:
             raise ConfigError(f"batch_rows (--batch-size) must be at least 1, got {self.batch_rows}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.code_timeout <= 0:
+            raise ConfigError(f"code_timeout must be above 0, got {self.code_timeout}")
         if self.num_fewshot < 0:
             raise ConfigError(f"num_fewshot must be 0 or more, got {self.num_fewshot}")
 
@@ -64,13 +73,22 @@ def evaluate(ckpt: str | Path, config: EvalConfig, tokenizer_dir: str | Path | N
                         f"vocab_size {spec.vocab_size}")  # fmt: skip
     backend = get_backend(config.backend)
     model = backend.load(ckpt)
-    out = {"checkpoint": str(ckpt), "tokenizer": str(tokenizer_dir), "config": asdict(config), "tasks": {}}
+    out = {"checkpoint": str(ckpt), "tokenizer": str(tokenizer_dir), "config": asdict(config)}
+    return out | {"tasks": evaluate_model(backend, model, tokenizer, spec, config, selected)}
+
+
+def evaluate_model(backend, model, tokenizer, spec, config: EvalConfig, selected: list[Selected]) -> dict:
+    """{task: result} of a loaded model (a recipe's [stage.eval] scores the model it trains)."""
+    out = {}
     for chosen in selected:
         started = time.perf_counter()
-        scorer = score_choice if chosen.task.kind == "choice" else score_bpb
-        result = scorer(backend, model, tokenizer, chosen, config, spec.max_seq_len)
+        if chosen.task.kind == "generate":
+            result = generative.score_generate(backend, model, tokenizer, chosen, config, spec)
+        else:
+            scorer = score_choice if chosen.task.kind == "choice" else score_bpb
+            result = scorer(backend, model, tokenizer, chosen, config, spec.max_seq_len)
         result["seconds"] = round(time.perf_counter() - started, 3)
-        out["tasks"][chosen.task.name] = result
+        out[chosen.task.name] = result
     return out
 
 
@@ -126,10 +144,11 @@ def score_bpb(backend, model, tokenizer, chosen: Selected, config: EvalConfig, m
 
 def markdown(results: dict) -> str:
     """The results as a Markdown table: one row per task."""
-    lines = ["| task | n | acc | acc_norm | bits/byte |", "|---|---:|---:|---:|---:|"]
+    lines = ["| task | n | acc | acc_norm | exact_match | pass@1 | bits/byte |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, result in results["tasks"].items():
         m = result["metrics"]
-        cells = [f"{m[k]:.4f}" if k in m else "" for k in ("acc", "acc_norm", "bits_per_byte")]
+        cells = [f"{m[k]:.4f}" if k in m else "" for k in METRICS]
         lines.append(f"| {name} | {result['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hanyeong.errors import ConfigError, DataError
+from orchestration.eval import generative
 
 ENV_BENCHMARKS = "HANYEONG_BENCHMARKS"
 DEFAULT_BENCHMARKS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "benchmarks"
@@ -48,15 +49,22 @@ class Task:
 
     name: str
     kind: str
-    """'choice' (multiple choice by log-likelihood) or 'bpb' (bits per byte of text)."""
+    """'choice' (multiple choice by log-likelihood), 'bpb' (bits per byte of text) or 'generate'
+    (the model writes an answer that `check` scores: generative.py)."""
     path: str
     """The evaluated file (or folder of .json files), relative to the benchmarks folder."""
     item: Callable[[dict], Item] | None = None
-    """Record -> Item ('choice' tasks)."""
+    """Record -> Item ('choice' tasks) or generative.GenItem ('generate' tasks)."""
     fewshot_path: str | None = None
     """Where few-shot examples come from (a train split); None: other items of the same file."""
     delimiter: str = " "
     """Between the context and a choice (lm-evaluation-harness's target_delimiter)."""
+    until: tuple[str, ...] = ()
+    """'generate': the answer ends before the first of these strings."""
+    check: Callable | None = None
+    """'generate': (items, completions, config) -> [{"correct": bool, ...}] per item."""
+    metric: str = "acc"
+    """'generate': the name of the share of correct answers ('exact_match', 'pass@1')."""
 
 
 # ---- reading files -------------------------------------------------------------------------------
@@ -182,6 +190,10 @@ for _task in (
     Task("click", "choice", "click", click),
     Task("truthfulqa_mc1", "choice", "truthfulqa/TruthfulQA.csv", truthfulqa_mc1),
     Task("kobbq", "choice", "kobbq/KoBBQ_test_samples.tsv.gz", kobbq),
+    Task("gsm8k", "generate", "gsm8k/test.jsonl", generative.gsm8k, "gsm8k/train.jsonl.gz",
+         until=generative.GSM8K_UNTIL, check=generative.check_gsm8k, metric="exact_match"),
+    Task("humaneval", "generate", "humaneval/HumanEval.jsonl.gz", generative.humaneval,
+         until=generative.HUMANEVAL_UNTIL, check=generative.check_humaneval, metric="pass@1"),
     # held-back text, in neither the quickstart corpus nor the recipes' sources
     Task("bpb_ko", "bpb", "../ko/korean-hate-speech/news_title/dev.news_title.txt"),
     Task("bpb_en", "bpb", "../en/wikitext-2/valid.txt.gz"),
