@@ -197,7 +197,7 @@ class TorchBackend:
         check_reads(loss, batch.arrays())
         model.eval()
         with steps.precision(self.device):
-            summed, n = get_loss(loss)(model, self.tensors(batch))
+            summed, n, *_ = get_loss(loss)(model, self.tensors(batch))
         return summed.item() / max(n.item(), 1.0)
 
     @torch.no_grad()

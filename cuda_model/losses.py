@@ -9,6 +9,12 @@ count it sums over (tokens, pairs, ...), both 0-dim tensors; the step divides th
 gradients by the count of the whole global batch, so splitting a batch into micro-batches never
 changes the update (mlx-lm `default_loss` returns `ce, ntoks` likewise).
 
+A loss may return a third element: a dict of metrics, name -> 0-dim SUM over the same items the
+count counts (pairs: implicit rewards, accuracy, ...), no gradient through them; the step sums them
+over micro-batches and ranks like the loss and reports each as its global mean beside the loss
+(they land in the stage's metrics.jsonl). The backends stay loss-agnostic: whatever a loss already
+computed is logged at no extra forward.
+
 A loss declares the arrays it reads; the step refuses a batch without one of them before computing
 (DataError naming the loss and the array). DPO, SimPER, Bradley-Terry reward, distillation and
 GRPO plug in with `register_loss(name, fn, reads)`, the same name in both backends.
@@ -193,7 +199,10 @@ register_loss("sft", sft, reads=("inputs", "targets", "loss_mask"))
 #   beta [B], label_smoothing [B], sft_weight [B]    the stage's [stage.preference] settings, one per
 #                                                   row (losses are looked up by name only), so a
 #                                                   row carries everything its loss needs
-# Each loss returns (sum of per-pair losses, number of pairs).
+# Each loss returns (sum of per-pair losses, number of pairs, PAIR_METRICS summed over the pairs).
+# The metrics are TRL's DPOTrainer's: implicit rewards beta * (log pi - log pi_ref) of each answer
+# (SimPER, reference-free: its mean token log-prob), their margin, the share of pairs whose chosen
+# reward is the higher (strictly, as TRL counts), summed answer log-probs and answer lengths.
 PAIR_READS = ("inputs", "targets", "loss_mask",
               "rejected_inputs", "rejected_targets", "rejected_mask")  # fmt: skip
 REFERENCE_READS = ("ref_chosen_logps", "ref_rejected_logps", "beta")
@@ -246,27 +255,48 @@ def pairs(batch: Tensors) -> torch.Tensor:
     return torch.tensor(float(batch["inputs"].shape[0]), device=batch["inputs"].device)
 
 
-def dpo(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPO on summed answer log-probs (the pair layout above); -> (sum over pairs, pairs)."""
-    c, r, nc, _ = pair_logps(model, batch)
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "lengths/chosen", "lengths/rejected")  # fmt: skip
+
+
+@torch.no_grad()
+def pair_metrics(c, r, nc, nr, reward_c, reward_r) -> dict[str, torch.Tensor]:
+    """PAIR_METRICS summed over the batch's pairs (the step reports their means)."""
+    values = (reward_c, reward_r, reward_c - reward_r, (reward_c > reward_r).float(), c, r, nc, nr)
+    return {name: v.detach().float().sum() for name, v in zip(PAIR_METRICS, values)}
+
+
+def reference_rewards(batch: Tensors, c, r) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO's implicit rewards beta * (log pi - log pi_ref) of the chosen and rejected answers."""
+    beta = batch["beta"]
+    return beta * (c - batch["ref_chosen_logps"]), beta * (r - batch["ref_rejected_logps"])
+
+
+def dpo(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """DPO on summed answer log-probs (the pair layout above); -> (sum over pairs, pairs, metrics)."""
+    c, r, nc, nr = pair_logps(model, batch)
     smoothing = batch.get("label_smoothing", torch.zeros_like(c))
     ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     loss = dpo_pair_loss(c, r, ref_c, ref_r, batch["beta"], smoothing)
-    return with_sft(loss, batch, c, nc).sum(), pairs(batch)
+    metrics = pair_metrics(c, r, nc, nr, *reference_rewards(batch, c, r))
+    return with_sft(loss, batch, c, nc).sum(), pairs(batch), metrics
 
 
-def ipo(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """IPO on length-averaged answer log-probs; -> (sum over pairs, pairs)."""
+def ipo(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """IPO on length-averaged answer log-probs; -> (sum over pairs, pairs, metrics)."""
     c, r, nc, nr = pair_logps(model, batch)
     ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     loss = ipo_pair_loss(c, r, ref_c, ref_r, batch["beta"], nc, nr)
-    return with_sft(loss, batch, c, nc).sum(), pairs(batch)
+    metrics = pair_metrics(c, r, nc, nr, *reference_rewards(batch, c, r))
+    return with_sft(loss, batch, c, nc).sum(), pairs(batch), metrics
 
 
-def simper(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """SimPER on length-averaged answer log-probs, no reference; -> (sum over pairs, pairs)."""
+def simper(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """SimPER on length-averaged answer log-probs, no reference; -> (sum over pairs, pairs,
+    metrics whose rewards are the answers' mean token log-probs)."""
     c, r, nc, nr = pair_logps(model, batch)
-    return with_sft(simper_pair_loss(c, r, nc, nr), batch, c, nc).sum(), pairs(batch)
+    metrics = pair_metrics(c, r, nc, nr, c / nc.clamp(min=1.0), r / nr.clamp(min=1.0))
+    return with_sft(simper_pair_loss(c, r, nc, nr), batch, c, nc).sum(), pairs(batch), metrics
 
 
 register_loss("dpo", dpo, reads=PAIR_READS + REFERENCE_READS)

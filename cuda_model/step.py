@@ -130,39 +130,45 @@ def local_split(batch: Tensors, n: int) -> list[Tensors]:
 
 def forward_backward(
     state: TrainState, batch: Tensors, loss: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate d(sum loss)/dw over the micro-batches; return summed loss and count (detached).
-    On a parallel state the gradients are reduced over the ranks with the last micro-batch."""
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Accumulate d(sum loss)/dw over the micro-batches; return summed loss, count and the loss's
+    summed metrics (detached). On a parallel state the gradients are reduced over the ranks with
+    the last micro-batch."""
     fn, device, wrapped = loss_function(state, loss), batch["inputs"].device, state.wrapped
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    extra: dict[str, torch.Tensor] = {}
     accum = state.optim.grad_accum_steps
     micros = split(batch, accum) if wrapped is None else local_split(batch, accum)
     for i, micro in enumerate(micros):
         last = i == len(micros) - 1
         with contextlib.nullcontext() if wrapped is None else par.syncing(wrapped, last):
             with precision(device):
-                summed, n = fn(state.model, micro) if wrapped is None else wrapped(micro, fn)
+                summed, n, *metrics = fn(state.model, micro) if wrapped is None else wrapped(micro, fn)
             summed.backward()  # outside autocast, as PyTorch recommends
         total, count = total + summed.detach().float(), count + n.detach().float()
-    return total, count
+        for name, value in (metrics[0] if metrics else {}).items():  # a loss's own summed metrics
+            extra[name] = extra.get(name, 0.0) + value.detach().float()
+    return total, count, extra
 
 
 def train_step(state: TrainState, batch: Tensors, loss: str = "causal_lm") -> dict[str, float]:
     """One optimizer step on a global batch of tensors (on a parallel state: this rank's rows of
-    it); returns the global batch's loss, grad_norm, lr, tokens and counted_tokens. A batch without
-    an array the loss reads is a DataError before anything is computed."""
+    it); returns the global batch's loss, grad_norm, lr, tokens and counted_tokens, and the means
+    of the metrics the loss returns (cuda_model/losses.py). A batch without an array the loss reads
+    is a DataError before anything is computed."""
     losses.check_reads(loss, batch)
     state.model.train()
-    total, count = forward_backward(state, batch, loss)
+    total, count, extra = forward_backward(state, batch, loss)
     params = [p for p in state.model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
+    names, sums = sorted(extra), [float(extra[k]) for k in sorted(extra)]
     if state.wrapped is None:
         tokens, n, total = batch["inputs"].numel(), count.item(), total.item()
         # mean over the global batch's counted targets; an all-masked batch gives zero gradients
         torch._foreach_div_(grads, count.clamp(min=1.0))
     else:
-        local = [total.item(), count.item(), float(batch["inputs"].numel())]
-        total, n, tokens = par.all_sum(local, batch["inputs"].device)
+        local = [total.item(), count.item(), float(batch["inputs"].numel()), *sums]
+        total, n, tokens, *sums = par.all_sum(local, batch["inputs"].device)
         tokens = int(tokens)
         # DDP/FSDP averaged over the ranks: back to the sum, then the mean over ALL counted targets
         torch._foreach_mul_(grads, float(state.world))
@@ -175,8 +181,9 @@ def train_step(state: TrainState, batch: Tensors, loss: str = "causal_lm") -> di
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.tokens_seen += tokens
+    means = {name: value / max(n, 1.0) for name, value in zip(names, sums)}  # the loss's metrics
     return {"loss": total / max(n, 1.0), "grad_norm": grad_norm, "lr": lr,
-            "tokens": float(tokens), "counted_tokens": n}  # fmt: skip
+            "tokens": float(tokens), "counted_tokens": n, **means}  # fmt: skip
 
 
 def clip(params: list[torch.Tensor], grads: list[torch.Tensor], grad_clip: float) -> float:

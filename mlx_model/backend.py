@@ -140,7 +140,7 @@ class MLXBackend:
         """Mean loss per counted target token, no gradient (DataError: the batch lacks an array
         the loss reads)."""
         check_reads(loss, batch.arrays())
-        summed, n = get_loss(loss)(model, steps.arrays(batch))
+        summed, n, *_ = get_loss(loss)(model, steps.arrays(batch))
         return summed.item() / max(n.item(), 1.0)
 
     def generate(self, model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int,

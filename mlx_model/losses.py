@@ -8,7 +8,8 @@ teacher_logits, ...) arrive as the Batch's extras, unchanged. A loss returns the
 per-item losses and the count it sums over (tokens, pairs, ...), both fp32 scalars; the step
 divides the accumulated gradients by the count of the whole global batch, so splitting a batch
 into micro-batches never changes the update. The same contract as cuda_model/losses.py (mlx-lm
-`default_loss` returns `ce, ntoks` likewise).
+`default_loss` returns `ce, ntoks` likewise), a third element included: a dict of metrics summed
+over the counted items (no gradient), which the step reports as global means.
 
 A loss declares the arrays it reads; the step refuses a batch without one of them before computing
 (DataError naming the loss and the array). DPO, SimPER, Bradley-Terry reward, distillation and
@@ -72,7 +73,7 @@ register_loss("sft", sft, reads=("inputs", "targets", "loss_mask"))
 # rejected_inputs/rejected_targets/rejected_mask [B, T] the same prompt + rejected answer,
 # ref_chosen_logps/ref_rejected_logps [B] the reference's summed answer log-probs (dpo, ipo), and
 # beta/label_smoothing/sft_weight [B] the stage's [stage.preference] settings per row.
-# Each loss returns (sum of per-pair losses, number of pairs).
+# Each loss returns (sum of per-pair losses, number of pairs, PAIR_METRICS summed over the pairs).
 PAIR_READS = ("inputs", "targets", "loss_mask",
               "rejected_inputs", "rejected_targets", "rejected_mask")  # fmt: skip
 REFERENCE_READS = ("ref_chosen_logps", "ref_rejected_logps", "beta")
@@ -122,27 +123,47 @@ def pairs(batch: Arrays) -> mx.array:
     return mx.array(float(batch["inputs"].shape[0]), mx.float32)
 
 
-def dpo(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array]:
-    """DPO on summed answer log-probs; -> (sum over pairs, pairs)."""
-    c, r, nc, _ = pair_logps(model, batch)
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "lengths/chosen", "lengths/rejected")  # fmt: skip
+
+
+def pair_metrics(c, r, nc, nr, reward_c, reward_r) -> dict[str, mx.array]:
+    """PAIR_METRICS summed over the batch's pairs (cuda_model/losses.py), no gradient through them."""
+    values = (reward_c, reward_r, reward_c - reward_r, (reward_c > reward_r).astype(mx.float32), c, r, nc, nr)
+    return {name: mx.stop_gradient(v.astype(mx.float32).sum()) for name, v in zip(PAIR_METRICS, values)}
+
+
+def reference_rewards(batch: Arrays, c, r) -> tuple[mx.array, mx.array]:
+    """DPO's implicit rewards beta * (log pi - log pi_ref) of the chosen and rejected answers."""
+    beta = batch["beta"]
+    return beta * (c - batch["ref_chosen_logps"]), beta * (r - batch["ref_rejected_logps"])
+
+
+def dpo(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array, dict]:
+    """DPO on summed answer log-probs; -> (sum over pairs, pairs, metrics)."""
+    c, r, nc, nr = pair_logps(model, batch)
     smoothing = batch.get("label_smoothing", mx.zeros_like(c))
     ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     loss = dpo_pair_loss(c, r, ref_c, ref_r, batch["beta"], smoothing)
-    return with_sft(loss, batch, c, nc).sum(), pairs(batch)
+    metrics = pair_metrics(c, r, nc, nr, *reference_rewards(batch, c, r))
+    return with_sft(loss, batch, c, nc).sum(), pairs(batch), metrics
 
 
-def ipo(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array]:
-    """IPO on length-averaged answer log-probs; -> (sum over pairs, pairs)."""
+def ipo(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array, dict]:
+    """IPO on length-averaged answer log-probs; -> (sum over pairs, pairs, metrics)."""
     c, r, nc, nr = pair_logps(model, batch)
     ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     loss = ipo_pair_loss(c, r, ref_c, ref_r, batch["beta"], nc, nr)
-    return with_sft(loss, batch, c, nc).sum(), pairs(batch)
+    metrics = pair_metrics(c, r, nc, nr, *reference_rewards(batch, c, r))
+    return with_sft(loss, batch, c, nc).sum(), pairs(batch), metrics
 
 
-def simper(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array]:
-    """SimPER on length-averaged answer log-probs, no reference; -> (sum over pairs, pairs)."""
+def simper(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array, dict]:
+    """SimPER on length-averaged answer log-probs, no reference; -> (sum over pairs, pairs, metrics
+    whose rewards are the answers' mean token log-probs)."""
     c, r, nc, nr = pair_logps(model, batch)
-    return with_sft(simper_pair_loss(c, r, nc, nr), batch, c, nc).sum(), pairs(batch)
+    metrics = pair_metrics(c, r, nc, nr, c / mx.maximum(nc, 1.0), r / mx.maximum(nr, 1.0))
+    return with_sft(simper_pair_loss(c, r, nc, nr), batch, c, nc).sum(), pairs(batch), metrics
 
 
 register_loss("dpo", dpo, reads=PAIR_READS + REFERENCE_READS)

@@ -154,18 +154,21 @@ def clip(grads: dict[str, mx.array], max_norm: float) -> tuple[dict[str, mx.arra
 
 
 def build_step(state: TrainState, loss: str):
-    """(micro-batches, hyper) -> (summed loss, counted targets, grad norm); updates model, moments."""
+    """(micro-batches, hyper) -> (summed loss, counted targets, grad norm, the loss's summed metrics);
+    updates model, moments."""
     model, optimizer, fn = state.model, state.optimizer, get_loss(loss)
     loss_and_grad = nn.value_and_grad(model, fn)
 
     group = state.group
 
-    def step(micros: list[Arrays], hyper: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        total, count, grads = mx.array(0.0), mx.array(0.0), None
+    def step(micros: list[Arrays], hyper: mx.array) -> tuple[mx.array, mx.array, mx.array, dict]:
+        total, count, grads, extra = mx.array(0.0), mx.array(0.0), None, {}
         for micro in micros:
-            (summed, n), g = loss_and_grad(model, micro)
+            (summed, n, *metrics), g = loss_and_grad(model, micro)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             total, count = total + summed, count + n
+            for name, value in (metrics[0] if metrics else {}).items():  # a loss's own summed metrics
+                extra[name] = extra.get(name, mx.array(0.0)) + value
         if grads is None:  # a rank with no row of this batch still takes part in the sums
             grads = tree_map(mx.zeros_like, model.trainable_parameters())
         flat = dict(tree_flatten(grads))
@@ -176,7 +179,7 @@ def build_step(state: TrainState, loss: str):
         flat = {k: g / mx.maximum(count, 1.0) for k, g in flat.items()}
         flat, norm = clip(flat, state.optim.grad_clip)
         optimizer.update(model, flat, hyper)
-        return total, count, norm
+        return total, count, norm, extra
 
     if not state.compile:
         return step
@@ -194,18 +197,23 @@ def train_step(state: TrainState, batch: Batch, loss: str = "causal_lm") -> dict
     hyper = state.optimizer.hyper(state.step)
     world = 1 if state.group is None else state.group.size()
     micros = split(batch, state.optim.grad_accum_steps, world)
-    total, count, norm = state.steps[loss](micros, hyper)
+    total, count, norm, extra = state.steps[loss](micros, hyper)
     tokens = mx.array(int(batch.inputs.size), mx.int64)
     if state.group is not None:
         tokens = mx.distributed.all_sum(tokens, group=state.group)
-    mx.eval(total, count, norm, tokens, state.model.parameters(), state.optimizer.state)
+    names = sorted(extra)
+    if state.group is not None and names:  # a loss's metrics, summed over the ranks
+        summed = mx.distributed.all_sum(mx.stack([extra[k] for k in names]), group=state.group)
+        extra = dict(zip(names, summed))
+    mx.eval(total, count, norm, tokens, extra, state.model.parameters(), state.optimizer.state)
     tokens = int(tokens.item())
     lr = lr_at(state.optim, state.step)
     state.step += 1
     state.tokens_seen += tokens
     n = count.item()
+    means = {name: extra[name].item() / max(n, 1.0) for name in names}  # the loss's metrics
     return {"loss": total.item() / max(n, 1.0), "grad_norm": norm.item(), "lr": lr,
-            "tokens": float(tokens), "counted_tokens": n}  # fmt: skip
+            "tokens": float(tokens), "counted_tokens": n, **means}  # fmt: skip
 
 
 # ---- optimizer state in the checkpoint's framework-neutral layout ------------------------------

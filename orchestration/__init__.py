@@ -8,5 +8,5 @@
     eval/      benchmark tasks scored through the backend protocol, results files, generate and chat
 
 `cli.py` is the `hanyeong` command. Dependency direction: eval -> pipeline -> data, cluster -> core ->
-tokenizer -> hanyeong; backends (cuda_model, mlx_model) -> core, and nothing here imports a backend.
+tokenizer -> hanyeong (a stage's [stage.eval] calls eval from inside a function); backends (cuda_model, mlx_model) -> core, and nothing here imports a backend.
 """

@@ -13,7 +13,7 @@ from hypothesis import settings
 
 # CI runs the same examples every time (a failure there is reproducible, never a fluke of the draw);
 # developers' runs keep exploring new ones.
-settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("ci", derandomize=True, deadline=None, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
@@ -23,8 +23,35 @@ SHARED = Path(os.environ.get("HANYEONG_SHARED", REPO.parent / "shared"))
 SHARED_DATA = SHARED / "data"
 PEERS = SHARED / "peers"
 
-needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data beside the checkout")
-needs_peers = pytest.mark.skipif(not PEERS.is_dir(), reason="needs ../shared/peers beside the checkout")
+
+def _needs(folder: Path):
+    """Mark a test `shared_data` (`-m "not shared_data"` deselects it) and skip it without `folder`."""
+    reason = f"needs ../shared/{folder.name} beside the checkout"
+    skip = pytest.mark.skipif(not folder.is_dir(), reason=reason)
+
+    def mark(test):
+        return pytest.mark.shared_data(skip(test))
+
+    return mark
+
+
+needs_shared_data = _needs(SHARED_DATA)
+needs_peers = _needs(PEERS)
+
+
+def shrink_recipe(recipe: Path, factor: int, first_checkpoint_tokens: int | None = None) -> None:
+    """Divide every token count of a copied quickstart recipe (budgets, ramp points, checkpoint
+    spacing) by `factor`: the default run's short versions of the full-budget (`slow`) tests.
+    `first_checkpoint_tokens` replaces the first stage's checkpoint spacing."""
+    import re
+
+    text, n = re.subn(r"^(token_budget|after_tokens|checkpoint_every_tokens) = ([\d_]+)",
+                      lambda m: f"{m[1]} = {int(m[2]) // factor}", recipe.read_text(), flags=re.M)  # fmt: skip
+    assert n == 9, f"{recipe}: {n} token counts (5 budgets, 2 ramp points, 2 checkpoint spacings expected)"
+    if first_checkpoint_tokens is not None:
+        text = re.sub(r"^checkpoint_every_tokens = \d+", f"checkpoint_every_tokens = {first_checkpoint_tokens}",
+                      text, count=1, flags=re.M)  # fmt: skip
+    recipe.write_text(text)
 
 
 def quickstart_korean(n: int) -> list[str]:
@@ -37,10 +64,8 @@ def quickstart_english(book: str = "sherlock") -> list[str]:
         return [line for line in f.read().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory) -> Path:
-    """~1 MB of the quickstart corpus: Korean reviews and an English book."""
-    root = tmp_path_factory.mktemp("corpus")
+def write_small_corpus(root: Path) -> Path:
+    """~1 MB of the quickstart corpus in `root`: Korean reviews and an English book."""
     (root / "ko.jsonl").write_text(
         "\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in quickstart_korean(8000)) + "\n", encoding="utf-8"
     )
@@ -48,15 +73,31 @@ def small_corpus(tmp_path_factory) -> Path:
     return root
 
 
+def train_small_tokenizer(corpus: Path, out: Path, cache: Path) -> Path:
+    """The 3,000-id morpheme-aware tokenizer the tests share."""
+    from tokenizer.train import TrainConfig, train_tokenizer
+
+    train_tokenizer([str(corpus)], out, TrainConfig(vocab_size=3000), workers=2, cache_dir=cache)
+    return out
+
+
+# A directory holding that tokenizer, trained before (benchmarks/mutations.py trains it once for its
+# hundreds of test sessions); unset, each session trains its own.
+REUSED_TOKENIZER = os.environ.get("HANYEONG_TEST_TOKENIZER")
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    return write_small_corpus(tmp_path_factory.mktemp("corpus"))
+
+
 @pytest.fixture(scope="session")
 def small_tokenizer_dir(small_corpus, tmp_path_factory) -> Path:
     """A 3,000-id morpheme-aware tokenizer trained once per test session."""
-    from tokenizer.train import TrainConfig, train_tokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer([str(small_corpus)], out, TrainConfig(vocab_size=3000), workers=2,
-                    cache_dir=tmp_path_factory.mktemp("cache"))
-    return out
+    if REUSED_TOKENIZER:
+        return Path(REUSED_TOKENIZER)
+    out, cache = tmp_path_factory.mktemp("tok"), tmp_path_factory.mktemp("cache")
+    return train_small_tokenizer(small_corpus, out, cache)
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,8 @@ AT_IMPORT = {"core": set(), "cluster": {"core"}, "data": {"core", "cluster"},
              # eval scores checkpoints of runs: the chat template (data), a run's tokenizer (pipeline)
              "eval": {"core", "data", "pipeline"}}  # fmt: skip
 # ... and may also reach from inside a function: a cluster worker runs the pipeline's stage, a job
-# submits its recipe
-IN_FUNCTIONS = {"core": set(), "cluster": {"pipeline"}, "data": set(), "pipeline": set(), "eval": set()}
+# submits its recipe, a recipe's [stage.eval] scores its model with eval's tasks
+IN_FUNCTIONS = {"core": set(), "cluster": {"pipeline"}, "data": set(), "pipeline": {"eval"}, "eval": set()}
 BACKENDS = ("cuda_model", "mlx_model")
 BASE = {"hanyeong": set(), "tokenizer": {"hanyeong"}}  # the packages under orchestration
 

@@ -6,7 +6,9 @@ is small and each pair is seen once per epoch); the order is a permutation drawn
 each epoch, so the batches are a function of (seed, cursor) and `state()` / `load_state()` resume
 exactly. Rows are `seq_len` tokens: a pair longer than that is cut as the dataset's preparation cuts
 (prompt's end, answers' start); a stage's seq_len ramp does not apply (the reference log-probs are
-of these rows). Batch extras: rejected_inputs/targets/mask, ref_chosen_logps / ref_rejected_logps
+of these rows). `hold_out(n)` keeps n pairs out of the batches, to score the stage on (its start and
+end: orchestration/pipeline/preference_stage.py). Batch extras: rejected_inputs/targets/mask,
+ref_chosen_logps / ref_rejected_logps
 (after `reference` is set), and `settings` (beta, label_smoothing, sft_weight) per row.
 """
 
@@ -22,6 +24,8 @@ import numpy as np
 from hanyeong.errors import DataError
 from orchestration.core.batch import Batch
 from orchestration.data.preference import fit
+
+HOLD_OUT_STREAM = 1 << 30  # the seed stream of the held-back draw (epochs use 0, 1, ...)
 
 
 @dataclass
@@ -81,9 +85,20 @@ class PairLoader:
         self.settings: dict[str, float] = {"beta": 0.1}
         self.reference: np.ndarray | None = None  # float32 [pairs, 2]: summed answer log-probs
         self.epoch, self.position = 0, 0
+        self.held = np.zeros(0, np.int64)  # pairs kept out of training (hold_out)
+        self.train = np.arange(len(self.pairs))
+
+    def hold_out(self, count: int) -> np.ndarray:
+        """Keep `count` pairs (at most a tenth of them), drawn from the seed, out of the batches;
+        returns their indices (sorted). Set before the first batch, the same on every resume."""
+        count = min(int(count), len(self.pairs) // 10)
+        drawn = np.random.default_rng([self.seed, HOLD_OUT_STREAM]).permutation(len(self.pairs))
+        self.held = np.sort(drawn[:count])
+        self.train = np.sort(drawn[count:])
+        return self.held
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+        return self.train[np.random.default_rng([self.seed, epoch]).permutation(len(self.train))]
 
     def take(self, count: int) -> np.ndarray:
         """The next `count` pair indices, moving the cursor (across epochs)."""
@@ -121,12 +136,23 @@ class PairLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def answer_logps(backend, model, loader: PairLoader, indices: np.ndarray, rows: int = 16) -> np.ndarray:
-    """float32 [len(indices), 2]: summed log-probs of the chosen and rejected answers under `model`."""
-    out = []
+def answer_logps(backend, model, loader: PairLoader, indices: np.ndarray, rows: int = 32) -> np.ndarray:
+    """float32 [len(indices), 2]: summed log-probs of the chosen and rejected answers under `model`.
+
+    Scored shortest first, `rows` pairs at a time, each group's rows cut after its longest pair: a
+    causal model's log-probs of a row do not depend on the padding after it, so this saves the
+    padding's compute (most pairs are far shorter than seq_len) without changing what is computed."""
+    indices = np.asarray(indices, np.int64)
+    lengths = np.array([max(len(c[0]), len(r[0])) for c, r in (loader.pairs[i] for i in indices)])
+    order = np.argsort(lengths, kind="stable")
+    out = np.zeros((len(indices), 2), np.float32)
     for start in range(0, len(indices), rows):
-        b = loader.batch(indices[start : start + rows], with_reference=False)
-        chosen = backend.logprobs(model, Batch(b.inputs, b.targets))
-        rejected = backend.logprobs(model, Batch(b["rejected_inputs"], b["rejected_targets"]))
-        out.append(np.stack([(chosen * b.loss_mask).sum(-1), (rejected * b["rejected_mask"]).sum(-1)], -1))
-    return np.concatenate(out).astype(np.float32)
+        chunk = order[start : start + rows]
+        b = loader.batch(indices[chunk], with_reference=False)
+        T = min(b.inputs.shape[1], int(lengths[chunk].max()) - 1)
+        cut = lambda name: b[name][:, :T]  # noqa: E731
+        chosen = backend.logprobs(model, Batch(cut("inputs"), cut("targets")))
+        rejected = backend.logprobs(model, Batch(cut("rejected_inputs"), cut("rejected_targets")))
+        out[chunk, 0] = (chosen * cut("loss_mask")).sum(-1)
+        out[chunk, 1] = (rejected * cut("rejected_mask")).sum(-1)
+    return out

@@ -14,6 +14,9 @@ Both answers are rendered with the prompt through the chat template exactly as S
 conversation (orchestration/data/chat.py), so the prompt tokens of the two are identical. Records
 that cannot be a pair are dropped and counted by reason; a pair over `max_tokens` is truncated,
 keeping the prompt's END and both answers' START (counted); over `drop_over_tokens` it is dropped.
+Decontamination applies as to a text dataset (orchestration/data/decontaminate.py, a prepare.toml's
+`[decontaminate]`): a pair goes when its prompt with either answer shares a normalized window with a
+benchmark item, counted as `decontaminate:<benchmark>`.
 """
 
 from __future__ import annotations
@@ -207,7 +210,21 @@ def read_pairs(source, config: PreferenceConfig, ingest, dropped: Counter) -> li
     return read_records(source, fields, lambda r: pair(r, config), ingest, dropped, "pair")
 
 
-def prepare_source(source, config: PreferenceConfig, tokenizer, ingest, seen: set, root: Path) -> dict:
+def contaminated(decontaminator, pairs: list[tuple]) -> list:
+    """The benchmark each pair (prompt, chosen, rejected) matches, or None: the prompt's text with
+    either answer is checked as one document."""
+    from orchestration.data.fingerprint import normalize
+
+    texts = []
+    for prompt, chosen, rejected in pairs:
+        asked = "\n".join(m["content"] for m in prompt)
+        texts += [normalize(f"{asked}\n{chosen}"), normalize(f"{asked}\n{rejected}")]
+    matches = decontaminator.check(texts)
+    return [a or b for a, b in zip(matches[0::2], matches[1::2])]
+
+
+def prepare_source(source, config: PreferenceConfig, tokenizer, ingest, seen: set, root: Path,
+                   decontaminator=None) -> dict:  # fmt: skip
     from tokenizer.language import detect_language
 
     dropped: Counter = Counter()
@@ -219,6 +236,11 @@ def prepare_source(source, config: PreferenceConfig, tokenizer, ingest, seen: se
             continue
         seen.add(key)
         kept.append((record_id, found))
+    if decontaminator is not None and kept:
+        matches = contaminated(decontaminator, [found for _, found in kept])
+        for match in filter(None, matches):
+            dropped[f"decontaminate:{match.benchmark}"] += 1
+        kept = [k for k, match in zip(kept, matches) if match is None]
     encoded, ids, truncated = [], [], 0
     for (record_id, _), (chosen, rejected) in zip(kept, encode_pairs(tokenizer, [f for _, f in kept])):
         if max(len(chosen[0]), len(rejected[0])) > config.drop_over_tokens:
@@ -242,9 +264,12 @@ def prepare_source(source, config: PreferenceConfig, tokenizer, ingest, seen: se
 
 
 def prepare_preference(inputs: list[str], tokenizer: str | Path, out: str | Path,
-                       config: PreferenceConfig | None = None, force: bool = False) -> dict:  # fmt: skip
+                       config: PreferenceConfig | None = None, force: bool = False,
+                       decontaminate=None) -> dict:  # fmt: skip
     """Build the preference dataset `out` from `inputs`; returns its manifest (a no-op when up to
-    date). Sources are named as `hanyeong data prepare` names them."""
+    date). Sources are named as `hanyeong data prepare` names them. `decontaminate`: a
+    DecontaminateConfig (orchestration/data/config.py) whose benchmarks' items drop the pairs that
+    share a window with them."""
     import shutil
 
     from orchestration.data import manifest as mf
@@ -258,15 +283,29 @@ def prepare_preference(inputs: list[str], tokenizer: str | Path, out: str | Path
     tok = tokenizer_info(tokenizer)
     files = [str(path) for s in sources for path, _ in s.files]
     settings = {"preference": config.to_dict(), "template": CHAT_TEMPLATE}
-    fingerprint = mf.inputs_hash(settings, files, tok)
+    decontaminator, bench_files = None, []
+    if decontaminate is not None and decontaminate.enabled and decontaminate.benchmarks:
+        from dataclasses import asdict as table
+
+        from orchestration.data.decontaminate import benchmark_files
+
+        settings["decontaminate"] = table(decontaminate)
+        bench_files = [str(f) for b in decontaminate.benchmarks
+                       for f in benchmark_files(b, decontaminate.root)]  # fmt: skip
+    fingerprint = mf.inputs_hash(settings, files + bench_files, tok)
     if not force and (existing := mf.up_to_date(out, fingerprint)) is not None:
         return {**existing, "up_to_date": True}
     mf.check_replaceable(out)
+    if "decontaminate" in settings:
+        from orchestration.data.decontaminate import Decontaminator, build_index
+
+        decontaminator = Decontaminator(build_index(decontaminate))
     tokenizer_object, ingest, tmp = BBPETokenizer.load(tokenizer), IngestReport(), mf.staging_dir(out)
     try:
         entries, seen = {}, set()
         for source in sources:
-            entries[source.name] = prepare_source(source, config, tokenizer_object, ingest, seen, tmp)
+            entries[source.name] = prepare_source(source, config, tokenizer_object, ingest, seen, tmp,
+                                                  decontaminator)  # fmt: skip
         if not any(e["documents"] for e in entries.values()):
             dropped = {k: v for e in entries.values() for k, v in e["dropped"].items()}
             raise DataError(f"no preference pairs in {', '.join(map(str, inputs))}: {dropped}")

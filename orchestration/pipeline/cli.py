@@ -211,7 +211,7 @@ def _print_run(run_dir: Path, as_json: bool) -> None:
     table = Table(title=f"{manifest.name} ({manifest.backend or 'backend not chosen yet'}): {manifest.recipe['path']}")
     for column in COLUMNS:
         table.add_column(column, justify="right" if column in ("tokens / budget", "last loss", "wall", "attempts") else "left",
-                         no_wrap=column not in ("status", "checkpoint"), overflow="fold")  # fmt: skip
+                         no_wrap=column not in ("status", "checkpoint", "last eval"), overflow="fold")  # fmt: skip
     alive = driver is not None and driver.alive
     for row in status_rows(manifest, run_dir, driver_alive=alive):
         table.add_row(*row)

@@ -4,7 +4,7 @@
 2) the datasets: prepared into RUN_DIR/datasets/<name> (a no-op when up to date);
 3) the stages, each a Ray task (orchestration/pipeline/runner.py), skipping those done under the same
    identity; the manifest (orchestration/pipeline/run_manifest.py) is rewritten at every change;
-4) RUN_DIR/loss.png.
+4) RUN_DIR/loss.png, RUN_DIR/report.md and, for stages with [stage.eval], RUN_DIR/eval.png.
 
 One Ray session serves the data preparation and the stages; it starts only when there is work for
 it, so rerunning a finished recipe starts no Ray at all.
@@ -54,9 +54,11 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path, address: str | No
         ran, skipped = prepare_and_run(recipe, old, manifest, run_dir, address, num_cpus, progress, echo, timings)
         if ran or not (run_dir / "loss.png").is_file():
             clock = time.perf_counter()
-            from orchestration.pipeline.run_report import plot_losses
+            from orchestration.pipeline.run_report import plot_evals, plot_losses, write_report
 
             plot_losses(run_dir, manifest)
+            plot_evals(run_dir, manifest)
+            write_report(run_dir, manifest)
             timings["report"] = time.perf_counter() - clock
         timings["total"] = time.perf_counter() - started
         if ran or not manifest.timings:  # a rerun with nothing to do keeps the last real run's figures

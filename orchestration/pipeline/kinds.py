@@ -77,10 +77,11 @@ class StageKind:
     directories."""
     tables: tuple[str, ...] = ()
     """Optional `[stage.<table>]` tables of its own that its stages may set (e.g. 'preference')."""
-    prepare: Callable[..., None] | None = None
+    prepare: Callable[..., list | None] | None = None
     """`prepare(run, recipe, init_from)`, called by run_stage once the model and loader are ready and
     before the first step: what the kind computes up front (preference kinds: the reference
-    model's log-probs and the per-row settings)."""
+    model's log-probs, the per-row settings, the held-back pairs' scores); returns the callbacks
+    (orchestration/pipeline/stage_callbacks.py) it adds to the stage's loop, or None."""
 
 
 KINDS: dict[str, StageKind] = {}
@@ -118,11 +119,12 @@ def pair_loader(mixture, seq_len: int, rows: int, seed: int) -> Loader:
     return PairLoader(mixture, seq_len, rows, seed)
 
 
-def prepare_pairs(run, recipe, init_from: str | None) -> None:
-    """The reference log-probs and per-row settings (orchestration/pipeline/preference_stage.py)."""
+def prepare_pairs(run, recipe, init_from: str | None) -> list:
+    """The reference log-probs, per-row settings and held-back pairs
+    (orchestration/pipeline/preference_stage.py)."""
     from orchestration.pipeline.preference_stage import prepare_pairs as prepare
 
-    prepare(run, recipe, init_from)
+    return prepare(run, recipe, init_from)
 
 
 for _name in ("dpo", "ipo", "simper"):  # [stage.preference] sets beta, label_smoothing, sft_weight

@@ -6,8 +6,16 @@ init) scores every pair's chosen and rejected answers once; the float32 [pairs, 
 in STAGE_DIR/reference/<start hash>-<dataset hash>.npy (the start checkpoint's weights file SHA-256,
 or the spec and seed of an init; the datasets' content hashes and the row length), so a resumed
 stage reads it back and a changed start or dataset computes it again. The scoring model is dropped
-before training: no second model sits in memory. Every rank computes it the same way when the file
-is missing; rank 0 writes it. (Ray tasks over the dataset and a live reference: not yet.)
+before training: no second model sits in memory. Of a data-parallel group rank 0 alone computes and
+writes it; the other ranks wait for the file and read it, so every rank trains on the same numbers.
+(Ray tasks over the dataset and a live reference: not yet.)
+
+HELD-BACK PAIRS: `held_out` pairs (at most a tenth), drawn from the seed, never reach a batch; they
+are scored at the stage's start and end (`evaluate`: preference accuracy and reward margin) into
+STAGE_DIR/preference.json and the run's echo. At the start of a dpo/ipo stage the model IS the
+reference, so every reward is 0 and the accuracy 50% (ties count half) by construction; the
+reference-free `logp_accuracy` (chosen answer's mean token log-prob the higher) says what the start
+model prefers on its own.
 """
 
 from __future__ import annotations
@@ -21,8 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from hanyeong.errors import ConfigError
+from orchestration.pipeline.stage_callbacks import Callback
 
 REFERENCE_DIR = "reference"
+REFERENCE_WAIT_S = 6 * 3600.0  # how long the other ranks wait for rank 0's reference log-probs
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,8 @@ class PreferenceSettings:
     """Conservative DPO: the assumed rate of flipped labels, in [0, 0.5)."""
     sft_weight: float = 0.0
     """Weight of an SFT term on the chosen answer (its mean token NLL), as RPO adds; 0: none."""
+    held_out: int = 64
+    """Pairs kept out of training and scored at the stage's start and end (at most a tenth)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.beta < float("inf"):
@@ -43,6 +55,8 @@ class PreferenceSettings:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
         if not 0.0 <= self.sft_weight < float("inf"):
             raise ConfigError(f"sft_weight must be >= 0, got {self.sft_weight!r}")
+        if isinstance(self.held_out, bool) or not isinstance(self.held_out, int) or self.held_out < 0:
+            raise ConfigError(f"held_out must be an integer >= 0, got {self.held_out!r}")
 
     def per_row(self, loss: str) -> dict[str, float]:
         """The values each batch row carries for `loss` (cuda_model/losses.py's pair layout)."""
@@ -64,45 +78,116 @@ def start_hash(source: str | None, spec, seed: int) -> str:
     return hashlib.sha256(json.dumps([spec.to_dict(), seed], sort_keys=True).encode()).hexdigest()
 
 
-def prepare_pairs(run, recipe, init_from: str | None) -> None:
-    """Give the stage's PairLoader its per-row settings and (dpo, ipo) the reference log-probs."""
-    from orchestration.pipeline.stage import start_model
+def prepare_pairs(run, recipe, init_from: str | None) -> list:
+    """Give the stage's PairLoader its per-row settings, its held-back pairs and (dpo, ipo) the
+    reference log-probs; score the held-back pairs at step 0. Returns the loop's HeldOut callback."""
+    loader, stage = run.loader, run.stage
+    settings = stage.preference or PreferenceSettings()
+    loader.settings = settings.per_row(stage.loss)
+    loader.hold_out(settings.held_out)
+    if stage.loss != "simper":
+        loader.reference = reference_logps(run, recipe, init_from)
+    held = HeldOut(run.directory / HELD_OUT_FILE)
+    if run.state.step == 0 and len(loader.held):
+        # dpo/ipo: the start model is the reference, whose log-probs are at hand
+        logps = None if loader.reference is None else loader.reference[loader.held]
+        held.write(run, "start", evaluate(run.backend, run.state.model, loader, loader.held, logps))
+    return [held]
+
+
+def reference_logps(run, recipe, init_from: str | None) -> np.ndarray:
+    """The start model's summed answer log-probs of every pair, float32 [pairs, 2]: read from
+    STAGE_DIR/reference/ or computed (and written by rank 0)."""
+    from orchestration.pipeline.stage import start_model, wait_for
 
     loader, stage = run.loader, run.stage
-    loader.settings = (stage.preference or PreferenceSettings()).per_row(stage.loss)
-    if stage.loss == "simper":
-        return
     source = init_from or (None if stage.start in ("init", "previous") else stage.start)
     source = source or recipe.run.init_checkpoint
     key = start_hash(source, recipe.run.model_spec(), recipe.run.seed)
     path = run.directory / REFERENCE_DIR / f"{key[:16]}-{loader.data_hash[:16]}.npy"
     if path.exists():
-        loader.reference = np.load(path)
-        return
+        return np.load(path)
+    if not run.main:  # rank 0 scores the pairs once; the other ranks read what it wrote
+        wait_for(path, REFERENCE_WAIT_S)
+        return np.load(path)
+    from hanyeong.files import write_atomic
     from orchestration.data.pair_loader import answer_logps
 
     model = start_model(run.backend, recipe, run.index, init_from, run.directory, run.main)
-    loader.reference = answer_logps(run.backend, model, loader, np.arange(len(loader.pairs)))
+    reference = answer_logps(run.backend, model, loader, np.arange(len(loader.pairs)))
     del model
-    if run.main:
+    buffer = io.BytesIO()
+    np.save(buffer, reference)
+    write_atomic(path, buffer.getvalue())
+    return reference
+
+
+HELD_OUT_FILE = "preference.json"
+
+
+class HeldOut(Callback):
+    """The held-back pairs' scores at the stage's start and end: STAGE_DIR/preference.json
+    {"held_out": pairs, "start": {...}, "end": {...}} (rank 0 writes), and a note for the run's echo."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def write(self, run, when: str, scores: dict) -> None:
+        if not run.main:
+            return
         from hanyeong.files import write_atomic
 
-        buffer = io.BytesIO()
-        np.save(buffer, loader.reference)
-        write_atomic(path, buffer.getvalue())
+        body = {**(self.read() if when == "end" else {}), "held_out": len(run.loader.held), when: scores}
+        write_atomic(self.path, json.dumps(body, indent=2) + "\n")
+
+    def at_end(self, run) -> None:
+        loader = run.loader
+        if not len(loader.held):
+            return
+        if run.records or "end" not in self.read():  # a stage found finished keeps its scores
+            self.write(run, "end", evaluate(run.backend, run.state.model, loader, loader.held))
+        body = self.read()
+        if run.main and "start" in body and "end" in body:
+            run.notes.append(held_out_note(body))
+
+
+def held_out_note(body: dict) -> str:
+    """'held-back preference accuracy 50.0% -> 93.8% (64 pairs), margin 0.000 -> 1.234'."""
+    start, end = body["start"], body["end"]
+    return (f"held-back preference accuracy {start['accuracy']:.1%} -> {end['accuracy']:.1%} "
+            f"({body['held_out']} pairs), reward margin {start['margin']:.3f} -> {end['margin']:.3f}")
+
+
+def evaluate(backend, model, loader, indices: np.ndarray, logps: np.ndarray | None = None) -> dict:
+    """Pairs `indices` scored by `model` (or by their summed answer log-probs `logps` [n, 2]):
+    accuracy, the share whose chosen answer has the higher reward (ties count half), the reward being
+    beta * (log pi - log pi_ref) with a reference, else SimPER's mean token log pi; margin, the
+    mean chosen - rejected reward; logp_accuracy, the share whose chosen answer has the higher mean
+    token log-prob (reference-free)."""
+    from orchestration.data.pair_loader import answer_logps
+
+    if logps is None:
+        logps = answer_logps(backend, model, loader, indices)
+    b = loader.batch(indices, with_reference=False)
+    lengths = np.maximum(np.stack([b.loss_mask.sum(-1), b["rejected_mask"].sum(-1)], -1), 1.0)
+    mean = logps / lengths
+    if loader.reference is not None:
+        rewards = loader.settings.get("beta", 1.0) * (logps - loader.reference[indices])
+    else:
+        rewards = mean
+    margin = rewards[:, 0] - rewards[:, 1]
+    accuracy = (margin > 0).mean() + 0.5 * (margin == 0).mean()
+    return {"accuracy": round(float(accuracy), 6), "margin": round(float(margin.mean()), 6),
+            "logp_accuracy": round(float((mean[:, 0] > mean[:, 1]).mean()), 6)}  # fmt: skip
 
 
 def preference_accuracy(backend, model, loader, indices: np.ndarray | None = None) -> dict[str, float]:
-    """Held-back pairs: the share whose chosen answer has the higher reward log pi - log pi_ref
-    (the mean token log pi when the loader has no reference), and the mean margin of the rewards."""
-    from orchestration.data.pair_loader import answer_logps
-
+    """`evaluate` on pairs `indices` (default: all of the loader's)."""
     indices = np.arange(len(loader.pairs)) if indices is None else indices
-    logps = answer_logps(backend, model, loader, indices)
-    if loader.reference is not None:
-        logps = logps - loader.reference[indices]
-    else:  # SimPER's reward: the mean log-prob of an answer's tokens
-        b = loader.batch(indices, with_reference=False)
-        logps = logps / np.maximum(np.stack([b.loss_mask.sum(-1), b["rejected_mask"].sum(-1)], -1), 1.0)
-    margin = logps[:, 0] - logps[:, 1]
-    return {"accuracy": float((margin > 0).mean()), "margin": float(margin.mean())}
+    return evaluate(backend, model, loader, indices)

@@ -30,7 +30,7 @@ from orchestration.pipeline.run_config import DatasetConfig, RunConfig, Tokenize
 from orchestration.pipeline.stage_config import STARTS, StageConfig, stage_label
 
 # [[stage]] keys that say how a stage runs, not what it computes
-NOT_IN_IDENTITY = ("checkpoint_every_tokens", "workers", "parallelism", "resources")
+NOT_IN_IDENTITY = ("checkpoint_every_tokens", "workers", "parallelism", "resources", "eval")
 
 __all__ = ["DatasetConfig", "Recipe", "RunConfig", "StageConfig", "TokenizerConfig", "load_recipe"]
 

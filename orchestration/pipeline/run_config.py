@@ -77,7 +77,8 @@ class DatasetConfig:
     text_fields: tuple[str, ...] | None = None
     """text: record fields holding the text (default: 'text'); dotted paths as --text-field."""
     config: str | None = None
-    """text: a prepare.toml (PrepareConfig; its [[sources]] may replace inputs)."""
+    """text: a prepare.toml (PrepareConfig; its [[sources]] may replace inputs); preference: one whose
+    [decontaminate] drops pairs that share a window with a benchmark."""
     chat: ChatConfig | None = None
     """chat: `[run.datasets.chat]`, the record fields of a conversation (defaults: ChatConfig)."""
 
@@ -95,6 +96,9 @@ class DatasetConfig:
             )
         if self.format == "text" and self.chat is not None:
             raise ConfigError("chat: [chat] is for format 'chat'")
+        if self.format == "preference" and (self.chat is not None or self.text_fields is not None):
+            raise ConfigError("format: a preference dataset takes neither [chat] nor text_fields (its config: "
+                              "a prepare.toml whose [decontaminate] applies)")  # fmt: skip
         if self.path is None and not self.inputs and self.config is None:
             raise ConfigError(
                 "inputs: give inputs, a path, or a config whose [[sources]] name the inputs"
@@ -109,10 +113,12 @@ class DatasetConfig:
     def prepare(self, tokenizer: str | Path, out: str | Path, progress: bool = False,
                 num_cpus: int | None = None, address: str | None = None, force: bool = False) -> dict:  # fmt: skip
         """Build the dataset into `out` with `tokenizer` (a no-op when up to date); its manifest."""
-        if self.format == "preference":
+        if self.format == "preference":  # a config's [decontaminate] applies to its pairs
             from orchestration.data.preference import prepare_preference
 
-            return prepare_preference(list(self.inputs), tokenizer, out, force=force)
+            decontaminate = self.prepare_config().decontaminate if self.config else None
+            return prepare_preference(list(self.inputs), tokenizer, out, force=force,
+                                      decontaminate=decontaminate)  # fmt: skip
         if self.format == "chat":
             from orchestration.data.chat_dataset import prepare_chat
 
@@ -129,7 +135,7 @@ class DatasetConfig:
         """What decides the dataset's content, for stage identities (the config file's content too)."""
         extra = (
             {"prepare_config": plain(self.prepare_config().to_dict())}
-            if self.format == "text"
+            if self.format == "text" or (self.format == "preference" and self.config)
             else {}
         )
         return {**self.to_dict(), **extra}

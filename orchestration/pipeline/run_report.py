@@ -1,4 +1,5 @@
-"""What a run directory shows: `hanyeong pipeline status` rows and RUN_DIR/loss.png."""
+"""What a run directory shows: `hanyeong pipeline status` rows, RUN_DIR/loss.png, and for stages with
+[stage.eval] RUN_DIR/eval.png and the eval table of RUN_DIR/report.md."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from orchestration.pipeline.run_manifest import RunManifest
 
-COLUMNS = ("stage", "kind", "status", "tokens / budget", "last loss", "wall", "attempts", "checkpoint")
+COLUMNS = ("stage", "kind", "status", "tokens / budget", "last loss", "last eval", "wall", "attempts", "checkpoint")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -42,7 +43,7 @@ def status_rows(manifest: RunManifest, run_dir: Path, driver_alive: bool = True)
             status = "running" if driver_alive else "interrupted"
         share = f" ({tokens / s.token_budget:.0%})" if s.token_budget and tokens < s.token_budget else ""
         rows.append((f"{i + 1}. {s.name}", s.kind, status, f"{tokens:,} / {s.token_budget:,}{share}",
-                     "-" if loss is None else f"{loss:.4f}", _duration(s.seconds), str(attempts),
+                     "-" if loss is None else f"{loss:.4f}", eval_summary(run_dir / s.dir), _duration(s.seconds), str(attempts),
                      saved or "-"))  # fmt: skip
     return rows
 
@@ -127,5 +128,121 @@ def plot_losses(run_dir: Path, manifest: RunManifest) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     out = Path(run_dir) / "loss.png"
+    write_atomic(out, buffer.getvalue())
+    return out
+
+
+# ---- [stage.eval]: STAGE_DIR/eval.jsonl (orchestration/pipeline/stage_eval.py) -------------------
+
+
+def eval_summary(stage_dir: Path) -> str:
+    """`pipeline status`'s "last eval": the mean validation loss and each task's first metric of
+    the stage's latest eval line; '-' without one."""
+    from orchestration.pipeline.stage_eval import EVAL_FILE, read_evals
+
+    lines = read_evals(stage_dir / EVAL_FILE)
+    if not lines:
+        return "-"
+    line, parts = lines[-1], []
+    losses = list(line.get("val_loss", {}).values())
+    if losses:
+        parts.append(f"val {sum(losses) / len(losses):.3f}")
+    for name, metrics in line.get("tasks", {}).items():
+        key = next(iter(metrics), None)
+        if key is not None:
+            parts.append(f"{name} {metrics[key]:.3f}")
+    return ", ".join(parts) or "-"
+
+
+def eval_table(run_dir: Path, manifest: RunManifest) -> str | None:
+    """Markdown: per stage, its last eval line's validation loss per source and task metrics
+    (rows: stages; columns: every source and task metric seen); None when no stage evaluated."""
+    from orchestration.pipeline.stage_eval import EVAL_FILE, read_evals
+
+    rows, columns = [], []
+    for i, stage in enumerate(manifest.stages):
+        lines = read_evals(run_dir / stage.dir / EVAL_FILE)
+        if not lines:
+            continue
+        cells = {f"val {k}": v for k, v in lines[-1].get("val_loss", {}).items()}
+        for task, metrics in lines[-1].get("tasks", {}).items():
+            cells |= {f"{task} {m}": v for m, v in metrics.items() if m in ("acc", "acc_norm", "exact_match",
+                                                                           "pass@1", "bits_per_byte")}  # fmt: skip
+        columns += [c for c in cells if c not in columns]
+        rows.append((f"{i + 1}. {stage.name}", lines[-1]["tokens"], cells))
+    if not rows:
+        return None
+    out = ["| stage | tokens | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for name, tokens, cells in rows:
+        values = [f"{cells[c]:.4f}" if c in cells else "" for c in columns]
+        out.append(f"| {name} | {tokens:,} | " + " | ".join(values) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_report(run_dir: Path, manifest: RunManifest) -> Path:
+    """RUN_DIR/report.md: the stages (status rows) and, when any stage evaluated, the eval table
+    (validation loss is on a fixed sample of each source's documents: stage_eval.py)."""
+    from hanyeong.files import write_atomic
+
+    header = ("stage", "kind", "status", "tokens / budget", "last loss", "wall")
+    keep = [COLUMNS.index(c) for c in header]
+    lines = [f"# {manifest.name}", "", "## Stages", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]  # fmt: skip
+    for row in status_rows(manifest, run_dir):
+        lines.append("| " + " | ".join(row[k] for k in keep) + " |")
+    lines += ["", "Training loss: loss.png."]
+    table = eval_table(run_dir, manifest)
+    if table:
+        lines += ["", "## Evaluation", "", "Each stage's last [stage.eval] (validation loss in nats per token on "
+                  "a fixed sample of each source's documents, not held out; task metrics as `hanyeong eval`). "
+                  "Curves: eval.png.", "", table.rstrip()]  # fmt: skip
+    out = Path(run_dir) / "report.md"
+    write_atomic(out, "\n".join(lines) + "\n")
+    return out
+
+
+def plot_evals(run_dir: Path, manifest: RunManifest) -> Path | None:
+    """RUN_DIR/eval.png: each source's validation loss (left) and each task's first metric (right)
+    against the run's cumulative tokens; None when no stage evaluated."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
+
+    from hanyeong.files import write_atomic
+    from orchestration.pipeline.stage_eval import EVAL_FILE, read_evals
+
+    series: dict[tuple[int, str], dict[str, list]] = {}
+    offset = 0
+    for stage in manifest.stages:
+        for line in read_evals(run_dir / stage.dir / EVAL_FILE):
+            x = offset + line["tokens"]
+            for source, loss in line.get("val_loss", {}).items():
+                series.setdefault((0, source), {}).setdefault(stage.name, []).append((x, loss))
+            for task, metrics in line.get("tasks", {}).items():
+                key = next(iter(metrics), None)
+                if key is not None:
+                    series.setdefault((1, f"{task} {key}"), {}).setdefault(stage.name, []).append((x, metrics[key]))
+        offset += stage.token_budget
+    if not series:
+        return None
+    figure = Figure(figsize=(12, 4.5), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2)
+    for n, (panel, name) in enumerate(sorted(series)):
+        points = sorted(p for stage_points in series[(panel, name)].values() for p in stage_points)
+        axes[panel].plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
+                         color=f"C{n % 10}", label=name)  # fmt: skip
+    for ax, label in zip(axes, ("validation loss (nats/token)", "task metric")):
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.set_xlabel("tokens (cumulative over stages)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    figure.suptitle(f"{manifest.name}: [stage.eval]")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    out = Path(run_dir) / "eval.png"
     write_atomic(out, buffer.getvalue())
     return out

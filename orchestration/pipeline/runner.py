@@ -214,6 +214,8 @@ def run_stages(recipe, manifest: rm.RunManifest, run_dir: Path, first: int, ray,
         resumed = f", resumed from step {record.resumed_from_step}" if record.resumed_from_step else ""
         echo(f"{where}: done, {record.tokens:,} tokens in {result['driver_seconds']:.1f} s, loss "
              f"{_loss(record.first_loss)} -> {_loss(record.last_loss)}{resumed}; {record.checkpoint}")  # fmt: skip
+        for note in result.get("notes", ()):  # what the stage's kind reports (held-back accuracy)
+            echo(f"{where}: {note}")
 
 
 class _Submit:

@@ -16,7 +16,8 @@ Plain dicts in and out, so Ray can carry them:
             parallel    'ddp' or 'fsdp' when workers > 1 (orchestration/core/parallel.py)
             device      the device the launcher bound this rank to ('cpu', 'cuda:1'), or None: the
                         backend's default (get_backend(backend, device))
-    result  checkpoint, tokens, steps, seconds, first_loss, last_loss, resumed_from_step
+    result  checkpoint, tokens, steps, seconds, first_loss, last_loss, resumed_from_step, notes
+            (lines for the run's echo: a preference stage's held-back accuracy)
 
 The loop is `backend.train_step` per batch; the rest are callbacks (orchestration/pipeline/stage_callbacks.py):
 ramps set each step's shape, the metrics log appends a line per step, the checkpointer writes
@@ -47,6 +48,7 @@ from orchestration.pipeline.stage_callbacks import Callback, Checkpointer, Metri
 from orchestration.pipeline.stage_config import stage_label
 
 CHECKPOINT, METRICS, STAGE_FILE = "checkpoint", "metrics.jsonl", "stage.json"
+STEP_METRICS = ("loss", "grad_norm", "lr", "tokens", "counted_tokens")  # what every train_step returns
 KEYS = {"recipe": dict, "index": int, "stage_dir": str, "init_from": (str, type(None)), "tokenizer": str,
         "datasets": dict, "backend": str, "progress": bool, "workers": int, "parallel": (str, type(None)),
         "device": (str, type(None))}  # fmt: skip
@@ -65,6 +67,7 @@ class StageRun:
     loader: Any  # the stage kind's Loader (orchestration/pipeline/kinds.py)
     directory: Path
     records: list[dict] = field(default_factory=list)  # this call's metrics lines
+    notes: list[str] = field(default_factory=list)  # lines for the run's echo (result["notes"])
     rank: int = 0
     world: int = 1
 
@@ -112,20 +115,26 @@ def run_stage(config: dict) -> dict:
         run.state = backend.init_train_state(model, stage.train_optim, seed=recipe.run.seed + index, **options)
         log.reset()
     check_vocabulary(run, request["tokenizer"])
-    if stage.stage_kind.prepare is not None:  # what the kind computes up front (reference log-probs)
-        stage.stage_kind.prepare(run, recipe, request["init_from"])
+    kind_callbacks = []  # what the kind computes up front (reference log-probs) and adds to the loop
+    if stage.stage_kind.prepare is not None:
+        kind_callbacks = stage.stage_kind.prepare(run, recipe, request["init_from"]) or []
     callbacks = [
         Ramps(),
         log,
         Checkpointer(stage.checkpoint_every_tokens),
         ProgressBar(request["progress"] and run.main),
+        *kind_callbacks,
     ]
+    if stage.eval is not None:  # [stage.eval]: STAGE_DIR/eval.jsonl (orchestration/pipeline/stage_eval.py)
+        from orchestration.pipeline.stage_eval import EVAL_FILE, Evaluator
+
+        callbacks.append(Evaluator(stage.eval, request["tokenizer"], directory / EVAL_FILE))
     train(run, callbacks)
     lines = log.read()
     return {"checkpoint": str(run.checkpoint_dir), "tokens": int(run.state.tokens_seen),
             "steps": int(run.state.step), "seconds": round(time.perf_counter() - started, 3),
             "first_loss": lines[0]["loss"] if lines else None, "last_loss": lines[-1]["loss"] if lines else None,
-            "resumed_from_step": resumed}  # fmt: skip
+            "resumed_from_step": resumed, "notes": run.notes}  # fmt: skip
 
 
 def train(run: StageRun, callbacks: list[Callback]) -> None:
@@ -146,6 +155,8 @@ def train(run: StageRun, callbacks: list[Callback]) -> None:
                   "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": round(B * T / seconds, 1),
                   "seq_len": T, "batch_rows": B, "counted_tokens": int(metrics.get("counted_tokens", B * T)),
                   "step_seconds": round(seconds, 4), "time": round(time.time(), 3)}  # fmt: skip
+        # the loss's own metrics (preference: rewards, margins, accuracies, log-probs, lengths)
+        record |= {k: round(float(v), 6) for k, v in metrics.items() if k not in STEP_METRICS}
         for callback in callbacks:
             callback.after_step(run, record)
     for callback in callbacks:

@@ -27,6 +27,7 @@ from orchestration.core.parallel import PARALLELISMS
 from orchestration.data.loader import MixtureConfig
 from orchestration.pipeline.kinds import KINDS, StageKind, get_kind
 from orchestration.pipeline.preference_stage import PreferenceSettings
+from orchestration.pipeline.stage_eval import StageEvalConfig
 
 STARTS = ("init", "previous")  # anything else is a checkpoint path
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -138,6 +139,9 @@ class StageConfig:
     preference: PreferenceSettings | None = None
     """`[stage.preference]`: beta, label_smoothing, sft_weight of the preference kinds (dpo, ipo,
     simper); None: their defaults. Left out of other stages' tables, so their identities stay."""
+    eval: StageEvalConfig | None = None
+    """`[stage.eval]`: validation loss and benchmark tasks every N tokens and at the end
+    (orchestration/pipeline/stage_eval.py); None: no evaluation. Not part of the stage's identity."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME.match(self.name):

@@ -28,7 +28,7 @@ def pair_masks(rng, B: int, T: int, prompt: int = 3) -> np.ndarray:
     return mask
 
 
-def trl_loss(per_token, mask, ref_c, ref_r, loss_type, beta, weights=None):
+def trl_loss(per_token, mask, ref_c, ref_r, loss_type, beta, weights=None, metrics=None):
     """TRL's DPOTrainer._compute_loss (installed trl) on given per-token log-probs [2B, T]: a stub
     trainer and a stub model whose output log_probs are `per_token` (TRL reads the answer tokens
     through completion_mask; here targets are already shifted, so a prompt column 0 is prepended)."""
@@ -45,7 +45,7 @@ def trl_loss(per_token, mask, ref_c, ref_r, loss_type, beta, weights=None):
     trainer = SimpleNamespace(model=model, accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
                               precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=types,
                               loss_weights=weights or [1.0] * len(types), beta=beta, label_smoothing=0.0,
-                              use_weighting=False, _metrics={"train": defaultdict(list)},
+                              use_weighting=False, _metrics={"train": defaultdict(list) if metrics is None else metrics},
                               _total_train_tokens=0, _tp_size=1)  # fmt: skip
     inputs = {"input_ids": torch.zeros(rows, mask.shape[1] + 1, dtype=torch.long),
               "attention_mask": torch.ones(rows, mask.shape[1] + 1, dtype=torch.long),
@@ -159,7 +159,7 @@ def test_model_batch_equals_trl(model, name, trl_name):
     batch = model_batch(0)
     rows = batch["inputs"].shape[0]
     params = [p for p in model.parameters()]
-    summed, count = losses.get_loss(name)(model, batch)
+    summed, count, *_ = losses.get_loss(name)(model, batch)
     ours_grads = torch.autograd.grad(summed / count, params)
     x = torch.cat([batch["inputs"], batch["rejected_inputs"]])
     y = torch.cat([batch["targets"], batch["rejected_targets"]])
@@ -184,8 +184,39 @@ def test_dpo_is_log_2_when_reference_is_policy(model, seed, beta):
     with torch.no_grad():
         c, r, _, _ = losses.pair_logps(model, batch)
     batch = {**batch, "ref_chosen_logps": c, "ref_rejected_logps": r, "beta": torch.full_like(c, beta)}
-    summed, count = losses.dpo(model, batch)
+    summed, count, metrics = losses.dpo(model, batch)
     assert (summed / count).item() == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(("name", "trl_name"), [("dpo", "sigmoid"), ("ipo", "ipo")])
+def test_step_metrics_equal_trl_logged_metrics(model, name, trl_name):
+    """The metrics a preference loss returns (summed over pairs; the step logs their means) equal
+    what TRL's DPOTrainer logs for the same batch: rewards, margins, accuracies, log-probs."""
+    batch = model_batch(2)
+    rows = batch["inputs"].shape[0]
+    with torch.no_grad():
+        c, r, _, _ = losses.pair_logps(model, batch)  # references making pair 2 (only) a miss
+        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = c + torch.tensor([-1.0, 1.0, -1.0]), r
+        _, count, ours = losses.get_loss(name)(model, batch)
+        x = torch.cat([batch["inputs"], batch["rejected_inputs"]])
+        y = torch.cat([batch["targets"], batch["rejected_targets"]])
+        mask = torch.cat([batch["loss_mask"], batch["rejected_mask"]])
+        per_token = losses.token_logprobs(model(x, None), y)
+        global B
+        saved, B = B, rows
+        theirs = defaultdict(list)
+        try:
+            trl_loss(per_token, mask, batch["ref_chosen_logps"], batch["ref_rejected_logps"], trl_name, 0.1,
+                     metrics=theirs)  # fmt: skip
+        finally:
+            B = saved
+    names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected")  # fmt: skip
+    for key in names:
+        assert (ours[key] / count).item() == pytest.approx(theirs[key][-1], abs=1e-5), key
+    assert (ours["rewards/accuracies"] / count).item() == pytest.approx(2 / 3)
+    assert (ours["lengths/chosen"] / count).item() == pytest.approx(batch["loss_mask"].sum(-1).mean().item())
 
 
 @settings(max_examples=30, deadline=None)
@@ -215,7 +246,7 @@ def test_prompt_tokens_get_zero_gradient(name):
     batch["label_smoothing"] = torch.full((3,), 0.1)
     batch["sft_weight"] = torch.full((3,), 0.5)
     fake = LogitsModel(6, 12, 50)
-    summed, _ = losses.get_loss(name)(fake, batch)
+    summed, *_ = losses.get_loss(name)(fake, batch)
     summed.backward()
     mask = torch.cat([batch["loss_mask"], batch["rejected_mask"]]).bool()
     grad = fake.logits.grad.abs().sum(-1)

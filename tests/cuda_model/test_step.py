@@ -71,7 +71,7 @@ def test_accumulated_gradients_equal_big_batch_gradients(backend, accum):
         state = backend.init_train_state(
             backend.init(spec, seed=1), OptimConfig(grad_accum_steps=steps, total_steps=1000)
         )
-        _, count = forward_backward(state, batch, "sft")
+        _, count, _ = forward_backward(state, batch, "sft")
         assert count.item() == mask[:, 1:].sum()
         grads.append({n: p.grad / count for n, p in state.model.named_parameters()})
     for name, g in grads[0].items():

@@ -46,6 +46,9 @@ def test_mlx_loss_equals_torch(backend, torch_backend, tmp_path, name):
         ma, mb = torch_backend.train_step(a, batch, loss=name), backend.train_step(b, batch, loss=name)
         assert mb["loss"] == pytest.approx(ma["loss"], abs=1e-4)
         assert mb["counted_tokens"] == ma["counted_tokens"] == 4  # pairs
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                    "logps/chosen", "logps/rejected", "lengths/chosen", "lengths/rejected"):  # fmt: skip
+            assert mb[key] == pytest.approx(ma[key], abs=1e-3), key  # the loss's metrics, step means
     after = torch_backend.eval_loss(a.model, batch, loss=name)
     assert after < expected  # the step lowered it
     assert backend.eval_loss(b.model, batch, loss=name) == pytest.approx(after, abs=1e-4)

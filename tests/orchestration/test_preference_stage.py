@@ -108,6 +108,20 @@ def test_a_preference_stage_learns_the_rule(small_tokenizer_dir, tmp_path, kind)
                         "backend": "torch"})  # fmt: skip
     assert result["steps"] == 40
     assert (kind == "dpo") == any((tmp_path / "stage").glob("reference/*.npy"))
+    lines = [json.loads(line) for line in (tmp_path / "stage" / "metrics.jsonl").read_text().splitlines()]
+    first, last = lines[0], lines[-1]
+    for line in (first, last):
+        assert line["rewards/margins"] == pytest.approx(line["rewards/chosen"] - line["rewards/rejected"], abs=1e-5)
+        assert 0 <= line["rewards/accuracies"] <= 1 and line["lengths/chosen"] >= 1
+        assert line["logps/chosen"] < 0 and line["counted_tokens"] == 16  # pairs
+    if kind == "dpo":  # step 1 scores the start model, the reference: rewards 0, loss log 2
+        assert first["rewards/chosen"] == pytest.approx(0, abs=1e-4) and first["loss"] == pytest.approx(np.log(2), abs=1e-4)
+    assert last["rewards/margins"] > first["rewards/margins"] and last["rewards/accuracies"] >= 0.9
+    held = json.loads((tmp_path / "stage" / "preference.json").read_text())
+    assert held["held_out"] == 40  # a tenth of the 400 pairs (held_out 64 by default)
+    assert held["end"]["accuracy"] >= 0.9 > held["start"]["accuracy"] and result["notes"][0].startswith("held-back")
+    if kind == "dpo":
+        assert held["start"] == {"accuracy": 0.5, "margin": 0.0, "logp_accuracy": held["start"]["logp_accuracy"]}
     backend = TorchBackend("cpu")
     start = backend.init(recipe.run.model_spec(), seed=recipe.run.seed)
     mixture = MixtureConfig(sources=(SourceWeight(str(tmp_path / "held")),), split_documents=False)
@@ -118,3 +132,26 @@ def test_a_preference_stage_learns_the_rule(small_tokenizer_dir, tmp_path, kind)
     after = preference_accuracy(backend, backend.load(result["checkpoint"]), loader)
     print(kind, before, after)
     assert after["accuracy"] >= 0.9 and after["margin"] > before["margin"]
+
+
+def test_decontamination_drops_pairs_sharing_a_window_with_a_benchmark(small_tokenizer_dir, tmp_path):
+    """A preference dataset's config (a prepare.toml) decontaminates its pairs as a text dataset's
+    does: a benchmark item in the prompt or in either answer drops the pair, counted by benchmark."""
+    from orchestration.pipeline.run_config import DatasetConfig
+
+    item = "The quick brown fox jumps over the lazy dog while the small cat watches from the tall fence."
+    write_jsonl(tmp_path / "bench.jsonl", [{"text": item}])
+    (tmp_path / "prepare.toml").write_text('[decontaminate]\nroot = "."\n[[decontaminate.benchmarks]]\n'
+                                           'name = "toy"\nfiles = ["bench.jsonl"]\n')  # fmt: skip
+    records = [{"prompt": f"Repeat: {item.upper()}", "chosen": "ok", "rejected": "no"},
+               {"prompt": "Say something.", "chosen": "hello", "rejected": f"well, {item}"},
+               {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."},
+               {"prompt": "2+2?", "chosen": "4", "rejected": "5"}]  # fmt: skip
+    source = write_jsonl(tmp_path / "pairs.jsonl", records)
+    dataset = DatasetConfig(name="pairs", inputs=(str(source),), format="preference",
+                            config=str(tmp_path / "prepare.toml"))  # fmt: skip
+    entry = dataset.prepare(small_tokenizer_dir, tmp_path / "out")["sources"]["pairs"]
+    assert entry["documents"] == 2 and entry["dropped"] == {"decontaminate:toy": 2}
+    plain = DatasetConfig(name="pairs", inputs=(str(source),), format="preference")
+    assert plain.prepare(small_tokenizer_dir, tmp_path / "plain")["sources"]["pairs"]["documents"] == 4
+    assert dataset.settings() != plain.settings()  # the benchmarks are part of its identity

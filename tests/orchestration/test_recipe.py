@@ -41,7 +41,7 @@ def test_shipped_recipes_load_and_round_trip():
         )  # what Ray ships
     quick = load_recipe(QUICKSTART)
     quick.check_inputs()  # the quickstart's inputs ship with the repo
-    assert [s.kind for s in quick.stages] == ["pretrain", "pretrain", "pretrain", "sft"]
+    assert [s.kind for s in quick.stages] == ["pretrain", "pretrain", "pretrain", "sft", "dpo"]
     specs = quick.stage_specs()
     assert specs[0].vocab_size == 8000 and specs[2].rope_theta > specs[1].rope_theta
     assert quick.stages[2].data.replay and quick.stages[3].data.split_documents is False
@@ -191,7 +191,7 @@ def identities(data: dict) -> list[str]:
 
 def test_identities_change_exactly_with_a_stage_and_what_it_starts_from():
     base = identities(quickstart())
-    assert len(set(base)) == 4
+    assert len(set(base)) == 5
     same = [edit("stage.1.checkpoint_every_tokens", 50_000), edit("run.backend", "torch"),
             edit("stage.1.workers", 2), edit("stage.1.parallelism", "fsdp"),
             edit("stage.1.resources", {"cpus": 4, "gpus": 1})]  # how a stage runs, not what it computes
