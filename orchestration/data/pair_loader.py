@@ -9,7 +9,8 @@ exactly. Rows are `seq_len` tokens: a pair longer than that is cut as the datase
 of these rows). `hold_out(n)` keeps n pairs out of the batches, to score the stage on (its start and
 end: orchestration/pipeline/preference_stage.py). Batch extras: rejected_inputs/targets/mask,
 ref_chosen_logps / ref_rejected_logps
-(after `reference` is set), and `settings` (beta, label_smoothing, sft_weight) per row.
+(after `reference`, the cached array, or `live`, a reference model, is set), and `settings` (beta,
+label_smoothing, sft_weight) per row.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class PairLoader:
         self.data_hash = hashlib.sha256(json.dumps([hashes, seq_len]).encode()).hexdigest()
         self.settings: dict[str, float] = {"beta": 0.1}
         self.reference: np.ndarray | None = None  # float32 [pairs, 2]: summed answer log-probs
+        self.live = None  # (backend, model): a live reference, scoring each batch's pairs as drawn
         self.epoch, self.position = 0, 0
         self.held = np.zeros(0, np.int64)  # pairs kept out of training (hold_out)
         self.train = np.arange(len(self.pairs))
@@ -121,10 +123,20 @@ class PairLoader:
         extras = {"rejected_inputs": stack(rejected, 0), "rejected_targets": stack(rejected, 1),
                   "rejected_mask": stack(rejected, 2)}  # fmt: skip
         extras |= {name: np.full(len(indices), value, np.float32) for name, value in self.settings.items()}
-        if with_reference and self.reference is not None:
-            extras["ref_chosen_logps"] = self.reference[indices, 0]
-            extras["ref_rejected_logps"] = self.reference[indices, 1]
+        reference = self.reference_logps(indices) if with_reference else None
+        if reference is not None:
+            extras["ref_chosen_logps"] = reference[:, 0]
+            extras["ref_rejected_logps"] = reference[:, 1]
         return Batch(stack(chosen, 0), stack(chosen, 1), loss_mask=stack(chosen, 2), extras=extras)
+
+    def reference_logps(self, indices: np.ndarray) -> np.ndarray | None:
+        """The reference's summed answer log-probs of pairs `indices` [n, 2]: from the cached array,
+        or scored now by the live reference model; None without a reference (simper)."""
+        if self.reference is not None:
+            return self.reference[indices]
+        if self.live is not None:
+            return answer_logps(*self.live, self, np.asarray(indices, np.int64))
+        return None
 
     def next_batch(self) -> Batch:
         return self.batch(self.take(self.batch_rows))

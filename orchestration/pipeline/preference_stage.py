@@ -8,7 +8,12 @@ or the spec and seed of an init; the datasets' content hashes and the row length
 stage reads it back and a changed start or dataset computes it again. The scoring model is dropped
 before training: no second model sits in memory. Of a data-parallel group rank 0 alone computes and
 writes it; the other ranks wait for the file and read it, so every rank trains on the same numbers.
-(Ray tasks over the dataset and a live reference: not yet.)
+(Ray tasks over the dataset: not yet.)
+
+REFERENCE: live (`[stage.preference] reference = "live"`, for data generated on the fly). The start
+model stays loaded beside the trained one (twice the weights' memory) and scores each global batch's
+pairs as it is drawn (every rank scores the whole global batch, so every rank has the same numbers);
+nothing is stored. On the same data it gives the cached reference's losses and metrics.
 
 HELD-BACK PAIRS: `held_out` pairs (at most a tenth), drawn from the seed, never reach a batch; they
 are scored at the stage's start and end (`evaluate`: preference accuracy and reward margin) into
@@ -32,6 +37,7 @@ from hanyeong.errors import ConfigError
 from orchestration.pipeline.stage_callbacks import Callback
 
 REFERENCE_DIR = "reference"
+REFERENCE_MODES = ("cached", "live")
 REFERENCE_WAIT_S = 6 * 3600.0  # how long the other ranks wait for rank 0's reference log-probs
 
 
@@ -47,6 +53,9 @@ class PreferenceSettings:
     """Weight of an SFT term on the chosen answer (its mean token NLL), as RPO adds; 0: none."""
     held_out: int = 64
     """Pairs kept out of training and scored at the stage's start and end (at most a tenth)."""
+    reference: str = "cached"
+    """'cached': the reference's log-probs computed once before training and stored; 'live': the
+    reference model stays loaded and scores each batch as it is drawn (data generated on the fly)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.beta < float("inf"):
@@ -57,6 +66,8 @@ class PreferenceSettings:
             raise ConfigError(f"sft_weight must be >= 0, got {self.sft_weight!r}")
         if isinstance(self.held_out, bool) or not isinstance(self.held_out, int) or self.held_out < 0:
             raise ConfigError(f"held_out must be an integer >= 0, got {self.held_out!r}")
+        if self.reference not in REFERENCE_MODES:
+            raise ConfigError(f"reference must be one of {', '.join(REFERENCE_MODES)}, got {self.reference!r}")
 
     def per_row(self, loss: str) -> dict[str, float]:
         """The values each batch row carries for `loss` (cuda_model/losses.py's pair layout)."""
@@ -85,14 +96,18 @@ def prepare_pairs(run, recipe, init_from: str | None) -> list:
     settings = stage.preference or PreferenceSettings()
     loader.settings = settings.per_row(stage.loss)
     loader.hold_out(settings.held_out)
-    if stage.loss != "simper":
+    if stage.loss != "simper" and settings.reference == "live":
+        from orchestration.pipeline.stage import start_model
+
+        loader.live = (run.backend, start_model(run.backend, recipe, run.index, init_from, run.directory, run.main))
+    elif stage.loss != "simper":
         loader.reference = reference_logps(run, recipe, init_from)
     held = HeldOut(run.directory / HELD_OUT_FILE)
     if run.state.step == 0 and len(loader.held):
         # dpo/ipo: the start model is the reference, whose log-probs are at hand
         logps = None if loader.reference is None else loader.reference[loader.held]
         held.write(run, "start", evaluate(run.backend, run.state.model, loader, loader.held, logps))
-    return [held]
+    return [held, RewardPlot(run.directory / PLOT_FILE)]
 
 
 def reference_logps(run, recipe, init_from: str | None) -> np.ndarray:
@@ -177,8 +192,9 @@ def evaluate(backend, model, loader, indices: np.ndarray, logps: np.ndarray | No
     b = loader.batch(indices, with_reference=False)
     lengths = np.maximum(np.stack([b.loss_mask.sum(-1), b["rejected_mask"].sum(-1)], -1), 1.0)
     mean = logps / lengths
-    if loader.reference is not None:
-        rewards = loader.settings.get("beta", 1.0) * (logps - loader.reference[indices])
+    reference = loader.reference_logps(indices)
+    if reference is not None:
+        rewards = loader.settings.get("beta", 1.0) * (logps - reference)
     else:
         rewards = mean
     margin = rewards[:, 0] - rewards[:, 1]
@@ -191,3 +207,57 @@ def preference_accuracy(backend, model, loader, indices: np.ndarray | None = Non
     """`evaluate` on pairs `indices` (default: all of the loader's)."""
     indices = np.arange(len(loader.pairs)) if indices is None else indices
     return evaluate(backend, model, loader, indices)
+
+
+PLOT_FILE = "preference.png"
+
+
+class RewardPlot(Callback):
+    """STAGE_DIR/preference.png at the stage's end (rank 0): the implicit rewards of the chosen and
+    rejected answers and their margin, and the preference accuracy, against step, from the stage's
+    metrics.jsonl (so a resumed stage's plot has every step)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def at_end(self, run) -> None:
+        if run.main:
+            from orchestration.pipeline.stage import METRICS
+
+            plot_rewards(run.directory / METRICS, self.path, f"{run.name} ({run.stage.kind})")
+
+
+def plot_rewards(metrics: Path, out: Path, title: str) -> Path | None:
+    """Draw `metrics` (a metrics.jsonl)'s rewards/* lines to `out`; None when it has none."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg without touching pyplot's state
+    from matplotlib.figure import Figure
+
+    from hanyeong.files import write_atomic
+    from orchestration.pipeline.run_report import read_metrics
+
+    lines = [line for line in read_metrics(metrics) if "rewards/margins" in line]
+    if not lines:
+        return None
+    steps = [line["step"] for line in lines]
+    figure = Figure(figsize=(10, 4), dpi=120)
+    FigureCanvasAgg(figure)
+    rewards, accuracy = figure.subplots(1, 2)
+    for key, color in (("chosen", "C2"), ("rejected", "C3"), ("margins", "C0")):
+        rewards.plot(steps, [line[f"rewards/{key}"] for line in lines], color=color, linewidth=1.2, label=key)
+    rewards.axhline(0, color="0.7", linewidth=0.8, zorder=0)
+    rewards.set_xlabel("step")
+    rewards.set_ylabel("implicit reward")
+    rewards.set_title(f"{title}: rewards")
+    rewards.legend(fontsize=8)
+    accuracy.plot(steps, [line["rewards/accuracies"] for line in lines], color="C1", linewidth=1.2)
+    accuracy.set_ylim(-0.02, 1.02)
+    accuracy.set_xlabel("step")
+    accuracy.set_ylabel("preference accuracy (batch)")
+    accuracy.set_title(f"{title}: accuracy")
+    for ax in (rewards, accuracy):
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_atomic(out, buffer.getvalue())
+    return out

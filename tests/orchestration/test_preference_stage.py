@@ -155,3 +155,46 @@ def test_decontamination_drops_pairs_sharing_a_window_with_a_benchmark(small_tok
     plain = DatasetConfig(name="pairs", inputs=(str(source),), format="preference")
     assert plain.prepare(small_tokenizer_dir, tmp_path / "plain")["sources"]["pairs"]["documents"] == 4
     assert dataset.settings() != plain.settings()  # the benchmarks are part of its identity
+
+
+def test_live_reference_equals_cached(small_tokenizer_dir, tmp_path):
+    """`reference = "live"` (the start model kept loaded, scoring each batch as drawn) gives the
+    first step's loss and metrics of the cached reference on the same data, within 1e-5; it stores
+    nothing; the stage's end writes its reward plot (preference.png)."""
+    torch.set_num_threads(1)
+    korean = [t for t in quickstart_korean(200) if len(t) > 20][:40]
+    english = [t for t in quickstart_english() if len(t) > 30][:40]
+    write_jsonl(tmp_path / "train.jsonl", language_pairs(korean, english))
+    prepare_preference([str(tmp_path / "train.jsonl")], small_tokenizer_dir, tmp_path / "train")
+    firsts = {}
+    for mode in ("cached", "live"):
+        stage = {"name": "align", "kind": "dpo", "start": "init", "token_budget": 64 * 8 * 2, "seq_len": 64,
+                 "batch_tokens": 64 * 8, "data": {"sources": [{"dataset": "pairs", "weight": 1.0}]},
+                 "optim": {"lr": 3e-3, "warmup_steps": 0}, "preference": {"beta": 0.1, "reference": mode}}  # fmt: skip
+        tables = {"run": {"name": "t", "preset": "tiny", "vocab_size": VOCAB, "backend": "torch",
+                          "tokenizer": {"path": str(small_tokenizer_dir)},
+                          "datasets": [{"name": "pairs", "path": str(tmp_path / "train"), "format": "preference"}]},
+                  "stage": [stage]}  # fmt: skip
+        out = tmp_path / mode
+        result = run_stage({"recipe": Recipe.from_dict(tables).to_dict(), "index": 0, "stage_dir": str(out),
+                            "tokenizer": str(small_tokenizer_dir), "datasets": {"pairs": str(tmp_path / "train")},
+                            "backend": "torch"})  # fmt: skip
+        assert result["steps"] == 2
+        assert (mode == "cached") == any(out.glob("reference/*.npy"))
+        firsts[mode] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        assert (out / "preference.png").stat().st_size > 0
+    timing = {"tokens_per_s", "step_seconds", "time"}
+    cached, live = firsts["cached"], firsts["live"]
+    assert set(cached) == set(live)
+    for key, value in cached.items():
+        if key not in timing and isinstance(value, float):
+            assert live[key] == pytest.approx(value, abs=1e-5), key
+    assert cached["loss"] == pytest.approx(np.log(2), abs=1e-4)
+
+
+def test_reference_mode_is_checked():
+    from hanyeong.errors import ConfigError
+    from orchestration.pipeline.preference_stage import PreferenceSettings
+
+    with pytest.raises(ConfigError, match="^reference must be one of cached, live"):
+        PreferenceSettings(reference="online")
