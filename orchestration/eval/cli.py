@@ -79,7 +79,15 @@ def generate_command(
 
     texts = list(prompt)
     if prompts is not None:
-        texts += [line for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            lines = prompts.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise ConfigError(f"{prompts}: no such file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{prompts}: not UTF-8 text") from None
+        texts += [line for line in lines if line.strip()]
+        if not texts:
+            raise ConfigError(f"{prompts}: no prompt in it (one a line)")
     if not texts:
         raise ConfigError("give --prompt TEXT or --prompts FILE")
     talker = Talker.load(ckpt, backend, tokenizer, _sampling(max_new_tokens, temperature, top_p, seed))

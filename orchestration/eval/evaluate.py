@@ -97,6 +97,10 @@ def load_tokenizer(ckpt: str | Path, given: str | Path | None):
     from orchestration.pipeline.run_manifest import run_tokenizer
     from tokenizer.bbpe import BBPETokenizer
 
+    from orchestration.core.checkpoint import SPEC_FILE
+
+    if not (Path(ckpt) / SPEC_FILE).is_file():  # say what is wrong before looking for its run
+        raise DataError(f"{ckpt}: no checkpoint there (no {SPEC_FILE})")
     found = Path(given) if given else run_tokenizer(ckpt)
     if found is None:
         raise DataError(f"{ckpt}: not in a run directory with a tokenizer; give --tokenizer DIR")

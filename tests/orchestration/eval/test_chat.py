@@ -76,3 +76,16 @@ def test_generate_command(tiny_ckpt, small_tokenizer_dir, tmp_path, monkeypatch,
     code, _, err = cli(monkeypatch, capsys, "model", "generate", str(tiny_ckpt), "-t", str(small_tokenizer_dir),
                        "-p", "x", "--top-p", "0")  # fmt: skip
     assert code == 1 and err.startswith("error: top_p must be in (0, 1]")
+
+
+def test_generate_refuses_bad_prompt_files_and_a_missing_checkpoint(tiny_ckpt, small_tokenizer_dir, tmp_path,
+                                                                     monkeypatch, capsys):  # fmt: skip
+    empty, latin = tmp_path / "empty.txt", tmp_path / "latin.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    latin.write_bytes("café\n".encode("latin-1"))
+    for path, says in ((empty, "no prompt in it"), (latin, "not UTF-8 text"), (tmp_path / "none.txt", "no such file")):
+        code, _, err = cli(monkeypatch, capsys, "model", "generate", str(tiny_ckpt), "-t", str(small_tokenizer_dir),
+                           "--prompts", str(path))  # fmt: skip
+        assert code == 1 and err == f"error: {path}: {says}" + ("\n" if says != "no prompt in it" else " (one a line)\n")
+    code, _, err = cli(monkeypatch, capsys, "chat", str(tmp_path / "nope"))
+    assert code == 1 and err == f"error: {tmp_path / 'nope'}: no checkpoint there (no spec.json)\n"
