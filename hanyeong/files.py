@@ -3,6 +3,7 @@ files get: what the umask allows, so a run on a cluster's shared storage is read
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -42,3 +43,17 @@ def ordinary_mode(path: Path) -> None:
     mode = 0o666 & ~umask()
     if info.st_nlink == 1 and stat.S_IMODE(info.st_mode) != mode:
         os.chmod(path, mode)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines log (metrics.jsonl, eval.jsonl); none when it does not exist, and a
+    line cut short by a crash is skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

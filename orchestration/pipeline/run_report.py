@@ -7,22 +7,13 @@ import io
 import json
 from pathlib import Path
 
+from hanyeong.files import read_jsonl
 from orchestration.pipeline.run_manifest import RunManifest
 
 COLUMNS = ("stage", "kind", "status", "tokens / budget", "last loss", "last eval", "wall", "attempts", "checkpoint")
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The lines of a metrics.jsonl (a line cut short by a crash is skipped)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+read_metrics = read_jsonl  # the lines of its metrics.jsonl
 
 
 def status_rows(manifest: RunManifest, run_dir: Path, driver_alive: bool = True) -> list[tuple[str, ...]]:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from hanyeong.errors import ConfigError
+from hanyeong.files import read_jsonl
 from orchestration.core.batch import Batch
 from orchestration.core.config import positive_int
 from orchestration.pipeline.stage_callbacks import Callback
@@ -68,17 +69,7 @@ class StageEvalConfig:
             raise ConfigError(f"tasks must be a string of comma-separated task names, got {self.tasks!r}")
 
 
-def read_evals(path: Path) -> list[dict]:
-    """The lines of an eval.jsonl (a line cut short by a crash is skipped)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+read_evals = read_jsonl  # the lines of an eval.jsonl
 
 
 class Evaluator(Callback):
