@@ -57,3 +57,13 @@ def read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def write_figure(path: Path, figure) -> Path:
+    """A matplotlib figure saved as a PNG at `path`, whole or not at all (write_atomic)."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_atomic(Path(path), buffer.getvalue())
+    return Path(path)

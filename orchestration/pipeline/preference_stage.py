@@ -232,7 +232,7 @@ def plot_rewards(metrics: Path, out: Path, title: str) -> Path | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg without touching pyplot's state
     from matplotlib.figure import Figure
 
-    from hanyeong.files import write_atomic
+    from hanyeong.files import write_figure
     from orchestration.pipeline.run_report import read_metrics
 
     lines = [line for line in read_metrics(metrics) if "rewards/margins" in line]
@@ -257,7 +257,4 @@ def plot_rewards(metrics: Path, out: Path, title: str) -> Path | None:
     for ax in (rewards, accuracy):
         ax.grid(alpha=0.3)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    write_atomic(out, buffer.getvalue())
-    return out
+    return write_figure(out, figure)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -94,7 +93,7 @@ def plot_losses(run_dir: Path, manifest: RunManifest) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
 
-    from hanyeong.files import write_atomic
+    from hanyeong.files import write_figure
 
     figure = Figure(figsize=(9, 4.5), dpi=120)
     FigureCanvasAgg(figure)
@@ -116,11 +115,7 @@ def plot_losses(run_dir: Path, manifest: RunManifest) -> Path:
     if ax.lines:
         ax.legend(fontsize=8)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    out = Path(run_dir) / "loss.png"
-    write_atomic(out, buffer.getvalue())
-    return out
+    return write_figure(Path(run_dir) / "loss.png", figure)
 
 
 # ---- [stage.eval]: STAGE_DIR/eval.jsonl (orchestration/pipeline/stage_eval.py) -------------------
@@ -199,7 +194,7 @@ def plot_evals(run_dir: Path, manifest: RunManifest) -> Path | None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
 
-    from hanyeong.files import write_atomic
+    from hanyeong.files import write_figure
     from orchestration.pipeline.stage_eval import EVAL_FILE, read_evals
 
     series: dict[tuple[int, str], dict[str, list]] = {}
@@ -232,8 +227,4 @@ def plot_evals(run_dir: Path, manifest: RunManifest) -> Path | None:
             ax.legend(fontsize=7)
     figure.suptitle(f"{manifest.name}: [stage.eval]")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    out = Path(run_dir) / "eval.png"
-    write_atomic(out, buffer.getvalue())
-    return out
+    return write_figure(Path(run_dir) / "eval.png", figure)
