@@ -27,6 +27,7 @@ from orchestration.pipeline.stage import run_stage
 from tests.conftest import quickstart_english, quickstart_korean
 from tests.orchestration.test_preference_stage import language_pairs, write_jsonl
 from tests.orchestration.test_stage import metrics, one_thread, weights  # noqa: F401  (one_thread: a fixture)
+from tests.orchestration.test_train_group import join_local_group
 
 VOCAB, T, PAIRS_PER_STEP, STEPS = 3000, 48, 8, 6
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,17 +154,7 @@ def test_a_torch_stage_resumes_on_mlx(straight, small_tokenizer_dir, pairs, tmp_
 def ddp_rank(rank: int, world: int, address, config: dict) -> None:
     """A Ray Train worker's part (orchestration/cluster/train_group.py), in a spawned process: join
     the group through the backend, run the stage as a rank; rank 0 keeps its result."""
-    from orchestration.core.backends import get_backend
-
-    device = get_backend("torch").bind_device(accelerator=False, cpus=1)
-    backend = get_backend("torch", device=device)
-    if rank == 0:
-        rendezvous = backend.open_rendezvous("127.0.0.1")
-        for _ in range(world - 1):
-            address.put(rendezvous)
-    else:
-        rendezvous = address.get()
-    backend.join_group(rank, world, rendezvous)
+    backend, device = join_local_group(rank, world, address)
     calls = []
     real = stage_module.start_model
     stage_module.start_model = lambda *a, **k: calls.append(1) or real(*a, **k)

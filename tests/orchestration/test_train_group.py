@@ -97,10 +97,9 @@ def test_two_workers_follow_the_loss_curve_and_weights_of_one(pretrained, two_wo
     assert sorted(a["rank"] for a in attempts(stage_dir)) == [0, 1]  # one start per rank, no retry
 
 
-def fsdp_rank(rank: int, world: int, address, config: dict) -> None:
-    """What a Ray Train worker does (train_group.train_loop), in a spawned process: bind the device,
-    join the group through the backend (rank 0's rendezvous on 127.0.0.1, sent through `address`),
-    run the stage as a rank, leave."""
+def join_local_group(rank: int, world: int, address):
+    """Join a torch group as a Ray Train worker does, through the backend: bind the device, rank 0
+    opens the rendezvous on 127.0.0.1 and sends it through `address` (a queue). (backend, device)."""
     from orchestration.core.backends import get_backend
 
     device = get_backend("torch").bind_device(accelerator=False, cpus=1)
@@ -112,6 +111,14 @@ def fsdp_rank(rank: int, world: int, address, config: dict) -> None:
     else:
         rendezvous = address.get()
     backend.join_group(rank, world, rendezvous)
+    return backend, device
+
+
+def fsdp_rank(rank: int, world: int, address, config: dict) -> None:
+    """What a Ray Train worker does (train_group.train_loop), in a spawned process: bind the device,
+    join the group through the backend (rank 0's rendezvous on 127.0.0.1, sent through `address`),
+    run the stage as a rank, leave."""
+    backend, device = join_local_group(rank, world, address)
     assert backend.world() == (rank, world) and device == "cpu"
     result = run_stage({**config, "workers": world, "parallel": "fsdp", "device": device})
     if rank == 0:
