@@ -74,10 +74,12 @@ def write_small_corpus(root: Path) -> Path:
 
 
 def train_small_tokenizer(corpus: Path, out: Path, cache: Path) -> Path:
-    """The 3,000-id morpheme-aware tokenizer the tests share."""
+    """The 3,000-id morpheme-aware tokenizer the tests share (mostly Korean, as the quickstart's)."""
+    from tokenizer.sampling import SampleConfig
     from tokenizer.train import TrainConfig, train_tokenizer
 
-    train_tokenizer([str(corpus)], out, TrainConfig(vocab_size=3000), workers=2, cache_dir=cache)
+    config = TrainConfig(vocab_size=3000, morphemes=("E",), sample=SampleConfig(ko_share=0.8))
+    train_tokenizer([str(corpus)], out, config, workers=2, cache_dir=cache)
     return out
 
 

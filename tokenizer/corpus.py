@@ -8,9 +8,11 @@ cannot be used is counted with its reason in a `FileReport`; nothing is dropped 
 from __future__ import annotations
 
 import csv
+import fnmatch
 import gzip
 import io
 import json
+import os
 import sys
 import zlib
 from collections import Counter
@@ -133,8 +135,13 @@ def detect_format(path: Path) -> tuple[str, bool]:
     return "unknown", gzipped
 
 
-def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files named directly, plus every non-hidden file under named folders, in sorted order."""
+def expand_paths(paths: Iterable[str | Path], exclude: Iterable[str] = ()) -> list[Path]:
+    """Files named directly, plus every non-hidden file under named folders, in sorted order.
+
+    `exclude` holds glob patterns (`*/rust-rfcs/*`, `*.csv`) matched against each file's path as
+    written from the input; a matching file is left out.
+    """
+    exclude = tuple(exclude)
     files: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -149,9 +156,31 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
             files.append(path)
         else:
             raise DataError(f"{raw}: no such file or folder")
-    if not files:
-        raise DataError(f"no input files under {', '.join(map(str, paths))}")
-    return files
+    kept = [f for f in files if not any(fnmatch.fnmatch(f.as_posix(), pattern) for pattern in exclude)]
+    if not kept:
+        what = "left after --exclude" if files else "under"
+        raise DataError(f"no input files {what} {', '.join(map(str, paths))}")
+    return kept
+
+
+def source_namer(paths: Iterable[str | Path]) -> Callable[[Path], str]:
+    """Names a file's source: its folder, written from the folder that holds all the inputs.
+
+    Inputs `data/ko data/en` give `ko/law`, `en/mdn`, ...; a file directly in that folder is a
+    source of its own, named by its stem. A corpus laid out a dataset per folder gets a source
+    per dataset, which is what the per-source cap of the sampler weighs.
+    """
+    parents = [Path(p).expanduser().resolve().parent for p in paths]
+    base = Path(os.path.commonpath(parents)) if parents else Path.cwd()
+
+    def name(path: Path) -> str:
+        folder = path.expanduser().resolve().parent.relative_to(base).as_posix()
+        if folder != ".":
+            return folder
+        stem = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+        return Path(stem).stem or stem
+
+    return name
 
 
 def _open_binary(path: Path, gzipped: bool):
@@ -377,10 +406,11 @@ def read_corpus(
     fields: TextFields | None = None,
     workers: int = 1,
     progress: bool = False,
+    exclude: Iterable[str] = (),
 ) -> Iterator[tuple[list[str], FileReport]]:
     """Yield (documents, report) per file, in sorted path order, reading files in `workers` processes."""
     fields = fields or TextFields()
-    files = expand_paths(paths)
+    files = expand_paths(paths, exclude)
     tasks = [(path, fields) for path in files]
     bar = None
     if progress:

@@ -161,10 +161,12 @@ def boundaries(morphemes: tuple[tuple[int, str], ...], length: int, prefixes: tu
 class MorphemeMarker:
     """Inserts BOUNDARY at the selected morpheme boundaries of every analysed Hangul run."""
 
-    def __init__(self, cache: MorphemeCache, categories: tuple[str, ...]):
+    def __init__(self, cache: MorphemeCache, categories: tuple[str, ...], whole: frozenset[str] = frozenset()):
         self.categories = categories
         self.marked: dict[str, str] = {}
         for run, morphemes in cache.analyses.items():
+            if run in whole:  # frequent words may become one token; only the long tail is cut
+                continue
             cuts = boundaries(morphemes, len(run), categories)
             if cuts:
                 pieces = [run[a:b] for a, b in zip([0, *cuts], [*cuts, len(run)])]

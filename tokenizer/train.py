@@ -18,18 +18,17 @@ from pathlib import Path
 
 from hanyeong.console import note
 from hanyeong.errors import ConfigError, DataError
-from tokenizer.corpus import FileReport, TextFields, read_corpus
+from tokenizer.corpus import FileReport, TextFields, read_corpus, source_namer
 from tokenizer.morphemes import MorphemeCache, MorphemeMarker, count_runs, parse_categories
 from tokenizer.sampling import SampleConfig, draw_sample
 from tokenizer.specials import SPECIAL_BLOCK, special_tokens, tokenizer_config
 
 ENGINES = ("hf", "kiwi")
-# Measured on ../shared/data (benchmarks/tokenizer.py): cutting verb/adjective stems from their
-# ending chains meets the Korean goal; also cutting particles (J) costs ~9% Korean compression.
-DEFAULT_MORPHEMES = ("E",)
-# Measured: 0.75 / 0.80 / 0.85 give Korean -15.4 / -15.8 / -16.1% and English +0.3 / +1.4 / +2.3%
-# against EXAONE 3.5; 0.80 leaves a margin on both goals.
-DEFAULT_KO_SHARE = 0.8
+# Measured on held-out kinds of text (benchmarks/tokenizer.py): cutting verb and adjective stems
+# from their endings (E) costs 5-7 points of Korean tokens per word against plain BBPE (reviews and
+# reports -13.6% against -19.3% at Korean share 0.5) and misses the Korean goal; keeping words seen
+# 50+ times whole (keep_whole) costs about 1.2. The default is plain BBPE; `--morphemes E` is there.
+DEFAULT_MORPHEMES: tuple[str, ...] = ()
 
 
 def default_cache_dir() -> Path:
@@ -47,6 +46,9 @@ class TrainConfig:
     """'hf' (tokenizers BpeTrainer + injected Kiwi boundaries) or 'kiwi' (kiwipiepy bpe_trainer)."""
     morphemes: tuple[str, ...] = DEFAULT_MORPHEMES
     """Kiwi tag prefixes cut from their neighbours before counting; () trains plain BBPE."""
+    keep_whole: int | None = None
+    """Hangul runs seen at least this often in the sample are not cut: frequent words may become
+    one token, the long tail is cut at morphemes. None cuts every run."""
     digits: str = "1"
     """'1': every digit its own token (EXAONE); '3': up to three digits (Llama 3). Measured: '3'
     compresses ~1-4% better but splits 6% of numbers across place-value groups (123|4); '1' never does."""
@@ -54,13 +56,17 @@ class TrainConfig:
     """A pair seen fewer times is never merged."""
     special_block: int = SPECIAL_BLOCK
     """Ids reserved at the start for special tokens."""
-    sample: SampleConfig = field(default_factory=lambda: SampleConfig(ko_share=DEFAULT_KO_SHARE))
+    sample: SampleConfig = field(default_factory=SampleConfig)
     text_fields: tuple[str, ...] = ("text",)
     """Record fields holding text (dotted paths) for jsonl/json/csv/parquet inputs."""
+    exclude: tuple[str, ...] = ()
+    """Glob patterns of input files to leave out (held-out sources, say)."""
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.keep_whole is not None and self.keep_whole < 1:
+            raise ConfigError(f"keep_whole must be a positive count, got {self.keep_whole}")
         if self.digits not in ("1", "3"):
             raise ConfigError(f"digits must be '1' or '3', got {self.digits!r}")
         minimum = self.special_block + 256
@@ -92,8 +98,19 @@ class _Clock:
 
 
 def _peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    scale = 1 if sys.platform == "darwin" else 1024
+    """This process's peak resident memory in MiB.
+
+    Linux: VmHWM of /proc/self/status, the peak of this program's own memory. ru_maxrss would
+    carry the parent's RSS at fork across exec, so a training launched by a big process (a
+    notebook, a benchmark holding its texts) would report its parent's size.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
 
 
@@ -102,24 +119,30 @@ def _warn_about_balance(stats, sample_config: SampleConfig) -> None:
         print("note: --ko-share not applied: the corpus has only one side (Korean or not)", file=sys.stderr)
     left_out = sum(stats.not_sampled.values())
     if not sample_config.max_bytes and left_out > sum(stats.train.values()):
+        why = [f"Korean share {sample_config.ko_share}"] if sample_config.ko_share is not None else []
+        why += [f"per-source cap {sample_config.source_cap}"] if sample_config.source_cap is not None else []
         print(
-            f"note: balancing to Korean share {sample_config.ko_share} left out {left_out / 1e6:,.1f} MB, "
-            "more than it kept; --natural-mix keeps everything",
+            f"note: sampling ({', '.join(why)}) left out {left_out / 1e6:,.1f} MB, more than it kept; "
+            "--natural-mix --no-source-cap keeps everything",
             file=sys.stderr,
         )
 
 
-def read_documents(inputs: list[str], fields: TextFields, workers: int, progress: bool):
+def read_documents(inputs: list[str], fields: TextFields, workers: int, progress: bool, exclude=()):
+    """Every document of the inputs, the source of each (`source_namer`), and a report per file."""
     documents: list[str] = []
+    sources: list[str] = []
     files: list[FileReport] = []
-    for docs, report in read_corpus(inputs, fields, workers=workers, progress=progress):
+    name = source_namer(inputs)
+    for docs, report in read_corpus(inputs, fields, workers=workers, progress=progress, exclude=exclude):
         documents.extend(docs)
+        sources.extend([name(Path(report.path))] * len(docs))
         files.append(report)
         if report.error:
             note(f"skipped {report.path}: {report.error}")  # the read bar is live: above it
     if not documents:
         raise DataError("no readable text in the inputs (see the skipped files above)")
-    return documents, files
+    return documents, sources, files
 
 
 def learn_vocab_hf(texts: list[str], config: TrainConfig, marker, progress: bool) -> dict[str, int]:
@@ -181,13 +204,15 @@ def _mark_morphemes(texts: list[str], config: TrainConfig, cache_dir: Path | Non
     runs = count_runs(texts)
     analysed = cache.analyse(runs, workers=workers, progress=progress)
     cache.save()
-    marker = MorphemeMarker(cache, parse_categories(config.morphemes))
+    whole = frozenset(r for r, n in runs.items() if n >= config.keep_whole) if config.keep_whole else frozenset()
+    marker = MorphemeMarker(cache, parse_categories(config.morphemes), whole)
     stats = {
         "distinct_runs": len(runs),
         "run_occurrences": sum(runs.values()),
         "analysed_now": analysed,
         "from_cache": len(runs) - analysed,
         "runs_with_cuts": sum(1 for r in runs if r in marker.marked),
+        "runs_kept_whole": len(whole),
     }
     return marker, stats
 
@@ -209,10 +234,12 @@ def train_tokenizer(
     config = config or TrainConfig()
     out_dir = Path(out_dir)
     clock = _Clock()
-    documents, files = read_documents(inputs, TextFields.parse(config.text_fields), workers, progress)
+    documents, sources, files = read_documents(
+        inputs, TextFields.parse(config.text_fields), workers, progress, config.exclude
+    )
     clock.lap("read")
-    sample = draw_sample(documents, config.sample)
-    del documents
+    sample = draw_sample(documents, config.sample, sources)
+    del documents, sources
     if not sample.train:
         raise DataError("nothing left to train on after sampling (check --ko-share and --max-bytes)")
     _warn_about_balance(sample.stats, config.sample)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenizer.corpus import TextFields, expand_paths, read_corpus, read_file
+from tokenizer.corpus import TextFields, expand_paths, read_corpus, read_file, source_namer
 from hanyeong.errors import DataError
 
 
@@ -130,6 +130,27 @@ def test_folders_expand_sorted_without_hidden_files(tmp_path):
     assert [p.name for p in expand_paths([tmp_path])] == ["1.txt", "2.txt"]
     with pytest.raises(DataError, match="no such file"):
         expand_paths([tmp_path / "missing"])
+
+
+def test_exclude_leaves_out_matching_files_and_refuses_to_leave_nothing(tmp_path):
+    for rel in ("ko/law/a.jsonl", "ko/news/b.jsonl", "en/c.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x\n")
+    kept = expand_paths([tmp_path / "ko", tmp_path / "en"], exclude=["*/ko/law/*"])
+    assert [p.name for p in kept] == ["b.jsonl", "c.txt"]
+    with pytest.raises(DataError, match="left after --exclude"):
+        expand_paths([tmp_path / "ko"], exclude=["*.jsonl"])
+
+
+def test_sources_are_folders_written_from_the_folder_holding_the_inputs(tmp_path):
+    for rel in ("data/ko/law/a.jsonl", "data/ko/nsmc/x/b.jsonl", "data/en/top.txt.gz", "solo.jsonl"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x\n")
+    name = source_namer([tmp_path / "data/ko", tmp_path / "data/en"])
+    assert name(tmp_path / "data/ko/law/a.jsonl") == "ko/law"
+    assert name(tmp_path / "data/ko/nsmc/x/b.jsonl") == "ko/nsmc/x"
+    assert name(tmp_path / "data/en/top.txt.gz") == "en"
+    assert source_namer([tmp_path / "solo.jsonl"])(tmp_path / "solo.jsonl") == "solo"
 
 
 def test_parallel_reading_gives_the_same_documents_in_the_same_order(tmp_path):

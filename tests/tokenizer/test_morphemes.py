@@ -39,6 +39,13 @@ def test_marker_marks_only_selected_boundaries():
     assert marker.mark(text) == f"학교에서는 밥을 먹{BOUNDARY}었습니다."
 
 
+def test_marker_leaves_runs_in_whole_uncut():
+    cache = MorphemeCache(None)
+    cache.analyses = {"먹었습니다": EATEN, "학교에서는": SCHOOL}
+    marker = MorphemeMarker(cache, ("E", "J"), whole=frozenset({"먹었습니다"}))
+    assert marker.mark("학교에서는 먹었습니다") == f"학교{BOUNDARY}에서는 먹었습니다"
+
+
 def test_training_pre_tokenizer_cuts_and_drops_the_marks():
     pieces = [p for p, _ in training_pre_tokenizer().pre_tokenize_str(f" 먹{BOUNDARY}었습니다")]
     joined = "".join(pieces)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from hanyeong.errors import ConfigError
 from tokenizer.language import detect_language
-from tokenizer.sampling import SampleConfig, byte_targets, draw_sample
+from tokenizer.sampling import SampleConfig, byte_targets, capped_total, draw_sample, water_level
 
 
 def test_detect_language():
@@ -70,8 +70,10 @@ def test_share_dedup_and_holdout_are_reported():
 
 
 def test_budget_caps_training_bytes():
-    sample = draw_sample(corpus(), SampleConfig(max_bytes=5000))
-    assert sum(sample.stats.train.values()) <= 5000 + 200  # one document may cross the line
+    docs = corpus()
+    sample = draw_sample(docs, SampleConfig(max_bytes=5000))
+    largest = max(len(d.encode()) for d in docs)
+    assert sum(sample.stats.train.values()) <= 5000 + 2 * largest  # a document may cross the line on each side
 
 
 def test_one_sided_corpus_keeps_its_own_mix():
@@ -79,7 +81,59 @@ def test_one_sided_corpus_keeps_its_own_mix():
     assert len(sample.train) > 90 and not sample.stats.share_applied
 
 
-@pytest.mark.parametrize("kwargs", [{"ko_share": 1.5}, {"max_bytes": 0}, {"holdout_fraction": 1.0}])
+@given(sizes=st.lists(st.integers(1, 400), min_size=1, max_size=6), cap=st.sampled_from([0.1, 0.25, 0.5, 1.0]))
+def test_capped_total_is_the_largest_total_no_source_exceeds_the_cap_in(sizes, cap):
+    def holds(total):  # every source can give min(size, cap*total) and together they reach total
+        c = max(cap, 1 / len(sizes))
+        return sum(min(s, c * total) for s in sizes) >= total - 1e-9
+
+    best = max(t for t in range(sum(sizes) + 1) if holds(t))
+    assert abs(capped_total(sizes, cap) - best) <= 1
+    assert capped_total(sizes, None) == sum(sizes)
+
+
+@given(sizes=st.lists(st.integers(1, 400), min_size=1, max_size=6), fraction=st.floats(0, 1))
+def test_water_level_fills_the_target(sizes, fraction):
+    target = int(sum(sizes) * fraction)
+    level = water_level(sizes, target)
+    assert abs(sum(min(s, level) for s in sizes) - target) < 1e-6 or level == float("inf")
+
+
+@given(cap=st.sampled_from([0.2, 0.3, 0.5]), big=st.integers(4, 20), seed=st.integers(0, 3))
+def test_no_source_dominates_its_side(cap, big, seed):
+    """The law the cap exists for: a source gets at most `cap` of its side's bytes (plus one
+    document's overshoot), however large it is, and nothing is lost from the accounting."""
+    rng = random.Random(seed)
+    docs, sources = [], []
+    for source, count in (("law", 40 * big), ("news", 40), ("essays", 30), ("reviews", 25), ("web", 20)):
+        for i in range(count):
+            docs.append(f"{source} 한국어 문서 {i} " + "가나다" * rng.randint(5, 15))
+            sources.append(source)
+    config = SampleConfig(ko_share=None, source_cap=cap, cap_floor=0, holdout_fraction=0.0, seed=seed)
+    sample = draw_sample(docs, config, sources)
+    rows = sample.stats.sources
+    side = sum(r["train"] for r in rows.values())
+    largest_doc = max(len(d.encode()) for d in docs)
+    for row in rows.values():
+        assert row["train"] <= cap * side + largest_doc
+    assert sum(r["read"] for r in rows.values()) == sum(sample.stats.read.values())
+    # Without the cap the biggest source keeps its natural (dominant) share.
+    free = draw_sample(docs, SampleConfig(ko_share=None, source_cap=None, holdout_fraction=0.0), sources).stats.sources
+    assert free["law (ko)"]["train"] / sum(r["train"] for r in free.values()) > 0.5
+
+
+def test_the_cap_never_cuts_a_small_side_below_its_floor():
+    docs = [f"큰 말뭉치 문서 {i} " + "가나다" * 20 for i in range(500)] + [f"작은 문서 {i}" for i in range(20)]
+    sources = ["big"] * 500 + ["small"] * 20
+    config = SampleConfig(ko_share=None, source_cap=0.25, holdout_fraction=0.0)
+    assert len(draw_sample(docs, config, sources).train) == 520  # under the 50 MB floor: everything
+    capped = draw_sample(docs, SampleConfig(ko_share=None, source_cap=0.25, cap_floor=0, holdout_fraction=0.0), sources)
+    assert len(capped.train) < 100
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"ko_share": 1.5}, {"max_bytes": 0}, {"holdout_fraction": 1.0}, {"source_cap": 0.0}, {"source_cap": 1.5}]
+)
 def test_bad_settings_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         SampleConfig(**kwargs)

@@ -72,7 +72,7 @@ def test_merges_never_cross_the_selected_morpheme_boundaries(tmp_path):
     sample = SampleConfig(dedup=False, holdout_fraction=0.0)
     plain_config = TrainConfig(vocab_size=540, morphemes=(), min_frequency=1, sample=sample)
     plain = train_tokenizer([str(corpus)], tmp_path / "plain", plain_config)
-    aware_config = TrainConfig(vocab_size=540, min_frequency=1, sample=sample)
+    aware_config = TrainConfig(vocab_size=540, morphemes=("E",), min_frequency=1, sample=sample)
     aware = train_tokenizer([str(corpus)], tmp_path / "aware", aware_config, cache_dir=tmp_path)
     plain_vocab = vocab_texts(BBPETokenizer.load(plain.out_dir))
     aware_vocab = vocab_texts(BBPETokenizer.load(aware.out_dir))
@@ -80,6 +80,37 @@ def test_merges_never_cross_the_selected_morpheme_boundaries(tmp_path):
     assert " 먹었습니다" in plain_vocab
     assert not [t for t in aware_vocab if "먹었" in t or "읽었" in t]
     assert "었습니다" in aware_vocab
+
+
+def test_keep_whole_leaves_frequent_words_mergeable_and_cuts_the_tail(tmp_path):
+    lines = ["밥을 먹었습니다"] * 300 + ["책을 읽었습니다"] * 4 + ["물을 마셨습니다"] * 300
+    corpus = write_lines(tmp_path / "c.txt", lines)
+    sample = SampleConfig(dedup=False, holdout_fraction=0.0)
+    config = TrainConfig(vocab_size=545, morphemes=("E",), keep_whole=50, min_frequency=1, sample=sample)
+    result = train_tokenizer([str(corpus)], tmp_path / "out", config, cache_dir=tmp_path)
+    vocab = vocab_texts(BBPETokenizer.load(result.out_dir))
+    assert " 먹었습니다" in vocab  # seen 300 times: left whole, so BPE may merge it
+    assert not [t for t in vocab if "읽었" in t]  # seen 4 times: still cut at the stem
+    assert result.report["morphemes"]["runs_kept_whole"] == 4  # 밥을 먹었습니다 물을 마셨습니다
+
+
+def test_sources_are_capped_excluded_and_reported(tmp_path):
+    (tmp_path / "ko" / "law").mkdir(parents=True)
+    write_lines(tmp_path / "ko" / "law" / "a.txt", [f"제{i}조 이 법은 공포한 날부터 시행한다 {i}" for i in range(3000)])
+    for name in ("news", "essays", "reviews"):
+        (tmp_path / "ko" / name).mkdir()
+        write_lines(tmp_path / "ko" / name / "b.txt", [f"{name} 문서 {i}번째 한국어 문장입니다" for i in range(400)])
+    write_lines(tmp_path / "ko" / "news" / "held_out.txt", ["시험용 문서"] * 50)
+    sample = SampleConfig(ko_share=None, source_cap=0.3, cap_floor=0, holdout_fraction=0.0)
+    config = TrainConfig(vocab_size=580, morphemes=(), sample=sample, exclude=("*/held_out.txt",))
+    result = train_tokenizer([str(tmp_path / "ko")], tmp_path / "out", config)
+    sources = result.report["sample"]["sources"]
+    assert set(sources) == {"ko/law (ko)", "ko/news (ko)", "ko/essays (ko)", "ko/reviews (ko)"}
+    total = sum(r["train"] for r in sources.values())
+    assert sources["ko/law (ko)"]["read"] > 0.5 * sum(r["read"] for r in sources.values())
+    assert sources["ko/law (ko)"]["train"] <= 0.3 * total + 100  # one line's overshoot at most
+    assert not [f for f in result.report["files"] if "held_out" in f["path"]]
+    assert "| ko/law (ko) |" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_kiwi_engine_gives_the_same_contract(tmp_path, small_corpus):
@@ -100,7 +131,8 @@ def test_unreadable_inputs_are_skipped_by_name_and_reported(tmp_path, small_corp
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "good.jsonl").write_bytes((small_corpus / "ko.jsonl").read_bytes())
     (tmp_path / "in" / "legacy.txt").write_bytes("한국어".encode("euc-kr") * 100)
-    result = train_tokenizer([str(tmp_path / "in")], tmp_path / "out", TrainConfig(vocab_size=800, morphemes=()))
+    config = TrainConfig(vocab_size=800, sample=SampleConfig(ko_share=None))
+    result = train_tokenizer([str(tmp_path / "in")], tmp_path / "out", config)
     skipped = [f for f in result.report["files"] if f["error"]]
     assert [f["path"].split("/")[-1] for f in skipped] == ["legacy.txt"]
     assert "legacy.txt" in (tmp_path / "out" / "report.md").read_text()
@@ -110,3 +142,14 @@ def test_nothing_readable_is_one_clear_error(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="no readable text"):
         train_tokenizer([str(tmp_path)], tmp_path / "out")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the inherited ru_maxrss is Linux's")
+def test_peak_memory_is_the_training_process_own_not_its_parents():
+    """A training launched by a big process (a notebook, a benchmark) reports its own peak: Linux
+    carries the parent's RSS into a child's ru_maxrss across fork and exec."""
+    parent = bytearray(400 * 2**20)  # 400 MiB held while the child runs
+    parent[:: 4096] = b"\x01" * len(parent[:: 4096])  # touched, so resident
+    code = "from tokenizer.train import _peak_rss_mb; print(_peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 300
