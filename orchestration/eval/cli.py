@@ -15,7 +15,8 @@ def eval_command(
     ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
     tasks: str = typer.Option(..., "--tasks", help="Comma-separated tasks (kobest_boolq, kobest_copa, "
                               "kobest_hellaswag, kobest_sentineg, kobest_wic, kmmlu, click, truthfulqa_mc1, "
-                              "kobbq, gsm8k, humaneval, bpb_ko, bpb_en); NAME=PATH reads a local file of that task's shape."),
+                              "kobbq, gsm8k, humaneval, mt_bench, komt_bench, bpb_ko, bpb_en); NAME=PATH "
+                              "reads a local file of that task's shape."),
     limit: int | None = typer.Option(EvalConfig.limit, help="First N items (documents) of each task."),
     backend: str = typer.Option(EvalConfig.backend, help="torch or mlx."),
     batch_size: int = typer.Option(EvalConfig.batch_rows, help="Sequences per forward pass."),
@@ -23,24 +24,34 @@ def eval_command(
     chat_template: bool = typer.Option(EvalConfig.chat_template, "--chat-template",
                                        help="Ask each question as a user turn of the chat template."),
     items: bool = typer.Option(EvalConfig.items, "--items", help="Keep per-item log-likelihoods in results.json."),
-    max_new_tokens: int = typer.Option(EvalConfig.max_new_tokens, help="Generation tasks (gsm8k, humaneval): "
-                                       "most tokens of an answer."),
+    max_new_tokens: int = typer.Option(EvalConfig.max_new_tokens, help="Generation and chat tasks: most tokens "
+                                       "of an answer."),
     code_timeout: float = typer.Option(EvalConfig.code_timeout, help="HumanEval: seconds each program may run "
                                        "in its sandbox."),
+    judge: str | None = typer.Option(EvalConfig.judge, help="Chat tasks (mt_bench, komt_bench): a shell command "
+                                     "run per question and turn, a JSON object on stdin, the score on stdout "
+                                     "as FastChat reads it (8 or 8.5 in double square brackets)."),
+    judgments: str | None = typer.Option(EvalConfig.judgments, help="Chat tasks: read FastChat *_single.jsonl "
+                                         "judgments instead of judging: FILE, or TASK=FILE,..."),
+    model_id: str | None = typer.Option(EvalConfig.model_id, help="Chat tasks: the model's name in answer and "
+                                        "judgment files (default: the checkpoint's folder name)."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="Tokenizer directory "
                                           "(default: the tokenizer of the run CKPT was trained in)."),
     benchmarks: Path | None = typer.Option(None, help="Benchmarks folder (default: $HANYEONG_BENCHMARKS, "
                                            "else ../shared/data/benchmarks beside the checkout)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for results.json and results.md."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for results.json and results.md (and chat "
+                                    "tasks' <task>_answers.jsonl, <task>_judgments.jsonl)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
 ) -> None:
     """Score a checkpoint on benchmarks: multiple choice (acc, acc_norm), generation (GSM8K exact match,
-    HumanEval pass@1 in a sandbox) and bits per byte."""
+    HumanEval pass@1 in a sandbox), chat (MT-Bench, KoMT-Bench: answers, scored by a judge command) and
+    bits per byte."""
     from orchestration.eval.evaluate import evaluate, markdown, write_results
 
     config = EvalConfig(tasks=tasks, limit=limit, backend=backend, batch_rows=batch_size,
                         num_fewshot=num_fewshot, chat_template=chat_template, items=items,
-                        max_new_tokens=max_new_tokens, code_timeout=code_timeout)  # fmt: skip
+                        max_new_tokens=max_new_tokens, code_timeout=code_timeout, judge=judge, judgments=judgments,
+                        model_id=model_id, answers_dir=str(out) if out is not None else None)  # fmt: skip
     results = evaluate(ckpt, config, tokenizer, benchmarks)
     if out is not None:
         write_results(results, out)

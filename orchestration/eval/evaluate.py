@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from hanyeong.errors import ConfigError, DataError
 from hanyeong.files import write_atomic
-from orchestration.eval import generative, scoring
+from orchestration.eval import chat_bench, generative, scoring
 from orchestration.eval.tasks import Item, Selected, benchmarks_dir, load_items, read_texts, select
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 METRICS = ("acc", "acc_norm", "exact_match", "pass@1", "bits_per_byte")  # the table's columns
+CHAT_METRICS = ("score", "score_turn1", "score_turn2")  # more columns when a chat task ran (1-10 scale)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,15 @@ class EvalConfig:
     """Generation tasks: most tokens of an answer (at most half the model's context)."""
     code_timeout: float = 10.0
     """HumanEval: seconds each program may run in its sandbox."""
+    judge: str | None = None
+    """Chat tasks: a shell command that judges one answer (JSON on stdin, "[[score]]" on stdout)."""
+    judgments: str | None = None
+    """Chat tasks: FastChat *_single.jsonl judgments to read instead of judging: FILE or TASK=FILE,..."""
+    model_id: str | None = None
+    """Chat tasks: the model's name in answer and judgment files (evaluate: the checkpoint's folder)."""
+    answers_dir: str | None = None
+    """Chat tasks: folder for <task>_answers.jsonl and _judgments.jsonl (the CLI's --out); None: in
+    the results."""
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -57,6 +67,8 @@ class EvalConfig:
             raise ConfigError(f"code_timeout must be above 0, got {self.code_timeout}")
         if self.num_fewshot < 0:
             raise ConfigError(f"num_fewshot must be 0 or more, got {self.num_fewshot}")
+        if self.judge and self.judgments:
+            raise ConfigError("give --judge or --judgments, not both")
 
 
 def evaluate(ckpt: str | Path, config: EvalConfig, tokenizer_dir: str | Path | None = None,
@@ -73,6 +85,7 @@ def evaluate(ckpt: str | Path, config: EvalConfig, tokenizer_dir: str | Path | N
                         f"vocab_size {spec.vocab_size}")  # fmt: skip
     backend = get_backend(config.backend)
     model = backend.load(ckpt)
+    config = replace(config, model_id=config.model_id or chat_bench.default_model_id(ckpt))
     out = {"checkpoint": str(ckpt), "tokenizer": str(tokenizer_dir), "config": asdict(config)}
     return out | {"tasks": evaluate_model(backend, model, tokenizer, spec, config, selected)}
 
@@ -84,6 +97,8 @@ def evaluate_model(backend, model, tokenizer, spec, config: EvalConfig, selected
         started = time.perf_counter()
         if chosen.task.kind == "generate":
             result = generative.score_generate(backend, model, tokenizer, chosen, config, spec)
+        elif chosen.task.kind == "chat":
+            result = chat_bench.score_chat(backend, model, tokenizer, chosen, config, spec)
         else:
             scorer = score_choice if chosen.task.kind == "choice" else score_bpb
             result = scorer(backend, model, tokenizer, chosen, config, spec.max_seq_len)
@@ -147,14 +162,29 @@ def score_bpb(backend, model, tokenizer, chosen: Selected, config: EvalConfig, m
 
 
 def markdown(results: dict) -> str:
-    """The results as a Markdown table: one row per task."""
+    """The results as a Markdown table: one row per task; chat tasks add score columns and a note."""
+    chat = {name: r for name, r in results["tasks"].items() if r.get("kind") == "chat"}
     lines = ["| task | n | acc | acc_norm | exact_match | pass@1 | bits/byte |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    if chat:
+        lines = [lines[0] + " score | turn 1 | turn 2 |", lines[1] + "---:|" * 3]
     for name, result in results["tasks"].items():
         m = result["metrics"]
         cells = [f"{m[k]:.4f}" if k in m else "" for k in METRICS]
+        cells += [f"{m[k]:.2f}" if k in m else "" for k in CHAT_METRICS] if chat else []
         lines.append(f"| {name} | {result['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = [chat_note(name, result) for name, result in chat.items()]
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def chat_note(name: str, result: dict) -> str:
+    """Where a chat task's answers went and how many judgments counted."""
+    answers = result["answers"] if isinstance(result["answers"], str) else "the results JSON (no --out folder)"
+    m = result["metrics"]
+    if "judged" not in m:
+        return f"- {name}: answers in {answers}; no score (judge them with --judge CMD or --judgments FILE)"
+    return (f"- {name}: answers in {answers}; {m['judged']} turns judged, {m['failed']} failed (no score in the "
+            f"judge's output: left out, not 0), {m['missing']} without a judgment")
 
 
 def write_results(results: dict, out: str | Path) -> tuple[Path, Path]:

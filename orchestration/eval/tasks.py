@@ -7,6 +7,9 @@ completion_len = len(choice) in characters, without the delimiter). Prompts are 
 harness's where it has the task (lm_eval/tasks/kobest/*.yaml and utils.py, kmmlu/default), so the
 two give the same numbers on the same files (tests/orchestration/eval/test_lm_eval_parity.py).
 
+A chat task (MT-Bench, KoMT-Bench) is FastChat's question.jsonl: two-turn questions the model
+answers and a judge scores (chat_bench.py); its reference answers and judge prompts lie beside it.
+
 A bits-per-byte task is plain text: one document per non-empty line (.txt) or per record's "text"
 (.jsonl); gzip when the name ends in .gz.
 
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hanyeong.errors import ConfigError, DataError
-from orchestration.eval import generative
+from orchestration.eval import chat_bench, generative
 
 ENV_BENCHMARKS = "HANYEONG_BENCHMARKS"
 DEFAULT_BENCHMARKS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "benchmarks"
@@ -49,8 +52,9 @@ class Task:
 
     name: str
     kind: str
-    """'choice' (multiple choice by log-likelihood), 'bpb' (bits per byte of text) or 'generate'
-    (the model writes an answer that `check` scores: generative.py)."""
+    """'choice' (multiple choice by log-likelihood), 'bpb' (bits per byte of text), 'generate'
+    (the model writes an answer that `check` scores: generative.py) or 'chat' (two-turn questions,
+    answered and then judged: chat_bench.py)."""
     path: str
     """The evaluated file (or folder of .json files), relative to the benchmarks folder."""
     item: Callable[[dict], Item] | None = None
@@ -194,6 +198,9 @@ for _task in (
          until=generative.GSM8K_UNTIL, check=generative.check_gsm8k, metric="exact_match"),
     Task("humaneval", "generate", "humaneval/HumanEval.jsonl.gz", generative.humaneval,
          until=generative.HUMANEVAL_UNTIL, check=generative.check_humaneval, metric="pass@1"),
+    # NAME=PATH: the reference answers (and KoMT-Bench's judge prompts) are read beside PATH
+    Task("mt_bench", "chat", "mt-bench/question.jsonl", chat_bench.question),
+    Task("komt_bench", "chat", "komt-bench/question_ko.jsonl", chat_bench.question),
     # held-back text, in neither the quickstart corpus nor the recipes' sources
     Task("bpb_ko", "bpb", "../ko/korean-hate-speech/news_title/dev.news_title.txt"),
     Task("bpb_en", "bpb", "../en/wikitext-2/valid.txt.gz"),
