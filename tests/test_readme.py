@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -63,6 +64,7 @@ def test_main_command_as_written_on_a_quarter_budget(tmp_path):
     assert [s["tokens"] for s in stages] == [76_800, 51_200, 32_768, 51_200, 12_288]
     assert_sft_learned_the_template(run)
     assert_dpo_raised_held_back_accuracy(run)
+    assert_run_notebook_plots(run)  # on this run: the notebook needs one, and CI has time for one
 
 
 def run_main_command(tmp_path: Path, shrink: int = 1) -> Path:
@@ -116,14 +118,32 @@ def test_tokenizer_command_as_written(tmp_path):
 
 
 def test_notebook_executes(tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    notebook = nbformat.read(REPO / "notebooks" / "tokenizer_compression.ipynb", as_version=4)
+    pytest.importorskip("nbclient")
     if not list((REPO / "benchmarks" / "results").glob("tokenizer-*.json")):
         pytest.skip("no benchmark results committed yet")
-    nbclient.NotebookClient(notebook, timeout=300, resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    assert execute_notebook("tokenizer_compression.ipynb") >= 1
+
+
+def assert_run_notebook_plots(run: Path) -> None:
+    """notebooks/training_run.ipynb executes on the run directory (HANYEONG_RUN) and draws its
+    three plots: the loss, the [stage.eval] curves and the DPO stage's rewards."""
+    if importlib.util.find_spec("nbclient") is None:
+        return  # the notebook extras are not installed; the run's own laws were checked
+    assert execute_notebook("training_run.ipynb", HANYEONG_RUN=str(run)) >= 3
+
+
+def execute_notebook(name: str, **env: str) -> int:
+    """Run notebooks/NAME from notebooks/ with `env` set for its kernel; the PNG images it drew."""
+    import nbclient
+    import nbformat
+
+    notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    with pytest.MonkeyPatch.context() as patch:  # the kernel inherits this process's environment
+        for key, value in env.items():
+            patch.setenv(key, value)
+        nbclient.NotebookClient(notebook, timeout=300, resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
-    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
+    return sum(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
 
 
 def assert_dpo_raised_held_back_accuracy(run: Path, by: float = 0.0) -> None:
