@@ -27,7 +27,7 @@ ENGINES = ("hf", "kiwi")
 # Measured on held-out kinds of text (benchmarks/tokenizer.py): cutting verb and adjective stems
 # from their endings (E) costs 5-7 points of Korean tokens per word against plain BBPE (reviews and
 # reports -13.6% against -19.3% at Korean share 0.5) and misses the Korean goal; keeping words seen
-# 50+ times whole (keep_whole) costs about 1.2. The default is plain BBPE; `--morphemes E` is there.
+# 50+ times whole (keep_whole) costs 1.5-2. The default is plain BBPE; `--morphemes E` is there.
 DEFAULT_MORPHEMES: tuple[str, ...] = ()
 
 
