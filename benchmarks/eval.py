@@ -215,7 +215,7 @@ def write_results(a, spec, runs: dict, torch_v: str, transformers_v: str, lm_eva
     loads = ", ".join(f"{r['load_average']:.1f}" for pair in zip(*runs.values()) for r in pair)
     md += ["", f"ours / lm_eval items per second: {result['ratio']:.2f}x end to end (goal >= 1.0x: {met}), "
            f"{result['scoring_ratio']:.2f}x scoring alone (best of each). Load average (1 min) after each run, in "
-           f"order: {loads} on {os.cpu_count()} CPUs (above the CPU count, other work slowed the runs).", "",
+           f"order: {loads} on {os.cpu_count()} CPUs (a load above the CPU count means other work shared the runs).", "",
            "Scoring: ours the tasks' own seconds (read the file, encode, run the model), lm_eval the time inside "
            "HFLM.loglikelihood (encode, run the model). Model: ours TorchBackend.logprobs_at (forward, the output "
            "layer at the scored positions only, log-probs), lm_eval HFLM._model_call (forward, the output layer "

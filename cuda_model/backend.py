@@ -191,6 +191,23 @@ class TorchBackend:
         return out.float().cpu().numpy()
 
     @torch.no_grad()
+    def logprobs_at(self, model: Model, tokens: np.ndarray, rows: np.ndarray, positions: np.ndarray,
+                    ids: np.ndarray) -> np.ndarray:  # fmt: skip
+        """float32 [N]: log p(ids[i]) at (rows[i], positions[i]) of tokens [B, T]; the head runs
+        only at the distinct (row, position) pairs (see the protocol, orchestration/core/backends.py)."""
+        if len(ids) == 0:
+            return np.zeros(0, np.float32)
+        model.eval()
+        width = tokens.shape[1]
+        pairs, which = np.unique(np.asarray(rows) * width + np.asarray(positions), return_inverse=True)
+        r, p = self.put(pairs // width), self.put(pairs % width)
+        with steps.precision(self.device):
+            h = model.model(self.put(tokens, np.int64))[r, p]  # (U, d_model)
+            logits = F.linear(h, model.head_weight())  # (U, vocab), bf16 under autocast as in logits
+        logp = torch.log_softmax(logits.float(), dim=-1)  # fp32, as token_logprobs
+        return logp[self.put(which.reshape(-1)), self.put(ids)].cpu().numpy()
+
+    @torch.no_grad()
     def eval_loss(self, model: Model, batch: Batch, loss: str = "causal_lm") -> float:
         """Mean loss per counted target token, no gradient (DataError: the batch lacks an array
         the loss reads)."""

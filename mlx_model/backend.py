@@ -136,6 +136,20 @@ class MLXBackend:
         t = steps.arrays(batch)
         return np.array(token_logprobs(model(t["inputs"], t.get("segment_ids")), t["targets"]))
 
+    def logprobs_at(self, model: Model, tokens: np.ndarray, rows: np.ndarray, positions: np.ndarray,
+                    ids: np.ndarray) -> np.ndarray:  # fmt: skip
+        """float32 [N]: log p(ids[i]) at (rows[i], positions[i]) of tokens [B, T]; the head runs
+        only at the distinct (row, position) pairs (see the protocol, orchestration/core/backends.py)."""
+        if len(ids) == 0:
+            return np.zeros(0, np.float32)
+        width = tokens.shape[1]
+        pairs, which = np.unique(np.asarray(rows) * width + np.asarray(positions), return_inverse=True)
+        h = model.model(mx.array(np.asarray(tokens), mx.int32))
+        h = h[mx.array(pairs // width, mx.int32), mx.array(pairs % width, mx.int32)]  # (U, d_model)
+        logits = model.head(h).astype(mx.float32)  # (U, vocab)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # fp32, as token_logprobs
+        return np.array(logp[mx.array(which.reshape(-1), mx.int32), mx.array(np.asarray(ids), mx.int32)])
+
     def eval_loss(self, model: Model, batch: Batch, loss: str = "causal_lm") -> float:
         """Mean loss per counted target token, no gradient (DataError: the batch lacks an array
         the loss reads)."""

@@ -89,6 +89,14 @@ class Backend(Protocol):
     def logprobs(self, model: Any, batch: Batch) -> np.ndarray:
         """float32 [B, T]: log-probability of each target token."""
 
+    def logprobs_at(self, model: Any, tokens: np.ndarray, rows: np.ndarray, positions: np.ndarray,
+                    ids: np.ndarray) -> np.ndarray:  # fmt: skip
+        """float32 [N]: log p(ids[i] | tokens[rows[i], : positions[i] + 1]), the log-softmax of the
+        logits at (rows[i], positions[i]) read at ids[i]. tokens int [B, T] (right padding: a
+        position never sees what follows it); rows, positions, ids int [N]. The output layer runs
+        only at the distinct (row, position) pairs asked for, never [B, T, vocab]: several ids at
+        one position (the answers A-D after a shared prompt) cost one projection."""
+
     def eval_loss(self, model: Any, batch: Batch, loss: str = "causal_lm") -> float:
         """Mean loss per counted target token, no gradient."""
 

@@ -1,11 +1,11 @@
 """Log-likelihoods of continuations and bits per byte of text, batched through any backend.
 
 A request is (context ids, continuation ids); its log-likelihood is the sum of the continuation
-tokens' log-probabilities (backend.logprobs on a Batch). Pairs are encoded as lm-evaluation-harness
-does (lm_eval/api/model.py `_encode_pair`): trailing spaces of the context move to the
-continuation, the whole text is encoded, and the continuation is what follows the context's ids.
-Rows are right-padded (a causal model never sees what follows), longest first, and left-truncated
-to the model's context.
+tokens' log-probabilities (backend.logprobs_at: the output layer runs at those positions only).
+Pairs are encoded as lm-evaluation-harness does (lm_eval/api/model.py `_encode_pair`): trailing
+spaces of the context move to the continuation, the whole text is encoded, and the continuation is
+what follows the context's ids. Rows are right-padded (a causal model never sees what follows),
+longest first, and left-truncated to the model's context; requests with the same row share it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from orchestration.core.batch import Batch
 from orchestration.eval.tasks import Item
 
 Request = tuple[list[int], list[int]]
@@ -37,27 +36,41 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[Request]:
 
 def loglikelihoods(backend, model, requests: Sequence[Request], max_len: int, batch_size: int,
                    progress: Callable[[int], None] | None = None) -> list[float]:  # fmt: skip
-    """Summed log-probability (nats) of each continuation after its context, float per request."""
-    rows = []
-    for context, continuation in requests:
+    """Summed log-probability (nats) of each continuation after its context, float per request.
+
+    Requests whose model input is the same row (the same tokens but the last, after truncation:
+    the choices of a multiple-choice item whose answers are one token, A-D after one prompt) share
+    one row, as lm_eval's Collator(group_by="contexts") does: the row runs once, each request reads
+    its last token at the last position and the shared targets before it (backend.logprobs_at)."""
+    groups: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}  # row -> (request, n, last id)
+    out = [0.0] * len(requests)
+    for i, (context, continuation) in enumerate(requests):
         tokens = (context + continuation)[-(max_len + 1) :]
-        rows.append((tokens, min(len(continuation), len(tokens) - 1)))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    out = [0.0] * len(rows)
-    for lo in range(0, len(order), batch_size):
-        chunk = order[lo : lo + batch_size]
-        width = max(len(rows[i][0]) for i in chunk) - 1
-        inputs = np.zeros((len(chunk), width), np.int64)
-        targets = np.zeros((len(chunk), width), np.int64)
-        for r, i in enumerate(chunk):
-            tokens = rows[i][0]
-            inputs[r, : len(tokens) - 1], targets[r, : len(tokens) - 1] = tokens[:-1], tokens[1:]
-        logp = backend.logprobs(model, Batch(inputs, targets))
-        for r, i in enumerate(chunk):
-            tokens, n = rows[i]
-            out[i] = float(np.sum(logp[r, len(tokens) - 1 - n : len(tokens) - 1], dtype=np.float64))
+        n = min(len(continuation), len(tokens) - 1)  # continuation tokens scored
+        if n > 0:  # else nothing to score: 0 nats
+            groups.setdefault(tuple(tokens[:-1]), []).append((i, n, tokens[-1]))
+    rows = sorted(groups, key=len, reverse=True)  # longest first: padding stays short
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo : lo + batch_size]
+        inputs = np.zeros((len(chunk), len(chunk[0])), np.int64)
+        queries = {}  # (row, position, id), each once: the shared targets, each distinct last id
+        for r, row in enumerate(chunk):
+            inputs[r, : len(row)] = row
+            end = len(row) - 1  # the last position: its target is each request's own
+            for t in range(end - max(n for _, n, _ in groups[row]) + 1, end):
+                queries[r, t, row[t + 1]] = None
+            for _, _, last in groups[row]:
+                queries[r, end, last] = None
+        at_row, at_pos, at_id = np.array(list(queries), np.int64).T
+        logp = dict(zip(queries, backend.logprobs_at(model, inputs, at_row, at_pos, at_id)))
+        for r, row in enumerate(chunk):
+            end = len(row) - 1
+            for i, n, last in groups[row]:
+                terms = [logp[r, t, row[t + 1]] for t in range(end - n + 1, end)]
+                terms.append(logp[r, end, last])
+                out[i] = float(np.sum(terms, dtype=np.float64))
         if progress:
-            progress(len(chunk))
+            progress(sum(len(groups[row]) for row in chunk))
     return out
 
 

@@ -23,9 +23,8 @@ class PrefersTokens:
     def load(self, path):
         return None
 
-    def logprobs(self, model, batch):
-        targets = batch.targets
-        return -1.0 - 10.0 * np.isin(targets, list(self.disliked)).astype(np.float32)
+    def logprobs_at(self, model, tokens, rows, positions, ids):
+        return -1.0 - 10.0 * np.isin(ids, list(self.disliked)).astype(np.float32)
 
 
 def run_with(backend, monkeypatch, ckpt, tokenizer_dir, tasks: str, limit: int = 40) -> dict:
@@ -64,8 +63,8 @@ def test_acc_norm_divides_by_the_choices_length_in_characters():
 
 def test_loglikelihoods_sum_the_continuation_only_whatever_the_batching():
     class Position:
-        def logprobs(self, model, batch):  # a token's log-probability is -(its id)
-            return -batch.targets.astype(np.float32)
+        def logprobs_at(self, model, tokens, rows, positions, ids):  # log p(a token) = -(its id)
+            return -ids.astype(np.float32)
 
     requests = [([5, 6], [7, 8]), ([1], [2]), ([9, 9, 9, 9], [3])]
     for rows in (1, 2, 3):
@@ -76,8 +75,8 @@ def test_loglikelihoods_sum_the_continuation_only_whatever_the_batching():
 
 def test_bits_per_byte_is_nats_over_ln2_over_utf8_bytes(small_tokenizer):
     class Uniform:
-        def logprobs(self, model, batch):
-            return np.full(batch.targets.shape, -np.log(2), np.float32)  # one bit per token
+        def logprobs_at(self, model, tokens, rows, positions, ids):
+            return np.full(ids.shape, -np.log(2), np.float32)  # one bit per token
 
     texts = ["한국어 문장입니다.", "An English line."]
     n_tokens = sum(len(ids) for ids in small_tokenizer.encode_batch(texts))
