@@ -101,7 +101,7 @@ DELETE = object()
     (edit("run.vocab_size", 9000), r"^run.vocab_size has vocab_size 9,000 but run.tokenizer.vocab_size is 8,000"),
     (edit("run.tokenizer.vocab_size", 100), r"^run.tokenizer.vocab_size must be at least 512"),
     (edit("run.tokenizer", {"path": "tok", "train_inputs": ["x"]}), r"^run.tokenizer.path: give either path .* or train_inputs"),
-    (edit("run.tokenizer.path", "../runs/tok"), r"^run.tokenizer: text_fields, vocab_size only apply with train_inputs"),
+    (edit("run.tokenizer.path", "../runs/tok"), r"^run.tokenizer: morphemes, sample, text_fields, vocab_size only apply with train_inputs"),
     (edit("run.datasets.0.format", "image"), r"^run.datasets\[0\].format must be one of text, chat"),
     (edit("run.datasets.1.name", "general"), r"^run.datasets\[1\].name 'general' is used twice"),
     (edit("run.datasets.1.chat", {"messages_fields": "messages"}), r"^run.datasets\[1\].chat.messages_fields must be an array"),
