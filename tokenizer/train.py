@@ -67,6 +67,8 @@ class TrainConfig:
             raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.keep_whole is not None and self.keep_whole < 1:
             raise ConfigError(f"keep_whole must be a positive count, got {self.keep_whole}")
+        if self.keep_whole is not None and (not self.morphemes or self.engine != "hf"):
+            raise ConfigError("keep_whole only applies to morpheme cuts of the hf engine (--morphemes E)")
         if self.digits not in ("1", "3"):
             raise ConfigError(f"digits must be '1' or '3', got {self.digits!r}")
         minimum = self.special_block + 256

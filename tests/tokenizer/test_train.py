@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tokenizer.bbpe import BBPETokenizer
-from hanyeong.errors import DataError
+from hanyeong.errors import ConfigError, DataError
 from tokenizer.sampling import SampleConfig
 from tokenizer.specials import NAMED_SPECIALS, SPECIAL_BLOCK
 from tokenizer.train import TrainConfig, train_tokenizer
@@ -92,6 +92,13 @@ def test_keep_whole_leaves_frequent_words_mergeable_and_cuts_the_tail(tmp_path):
     assert " 먹었습니다" in vocab  # seen 300 times: left whole, so BPE may merge it
     assert not [t for t in vocab if "읽었" in t]  # seen 4 times: still cut at the stem
     assert result.report["morphemes"]["runs_kept_whole"] == 4  # 밥을 먹었습니다 물을 마셨습니다
+
+
+@pytest.mark.parametrize("kwargs", [{"keep_whole": 0, "morphemes": ("E",)}, {"keep_whole": 50},
+                                    {"keep_whole": 50, "morphemes": ("E",), "engine": "kiwi"}])  # fmt: skip
+def test_keep_whole_without_cuts_to_apply_to_is_a_config_error(kwargs):
+    with pytest.raises(ConfigError, match="keep_whole"):
+        TrainConfig(**kwargs)
 
 
 def test_sources_are_capped_excluded_and_reported(tmp_path):
