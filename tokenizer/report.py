@@ -186,12 +186,10 @@ def training_markdown(report: dict) -> str:
         lines += ["## Sources", "", f"Per-source cap: {f'{cap:.0%} of its side' if cap else 'none'}.", "",
                   "| source (side) | read | sampled | share of side |", "|---|---:|---:|---:|"]  # fmt: skip
         side_total = {}
-        for name, row in sample["sources"].items():
-            side = name.rsplit("(", 1)[-1].rstrip(")")
-            side_total[side] = side_total.get(side, 0) + row["train"]
+        for row in sample["sources"].values():
+            side_total[row["side"]] = side_total.get(row["side"], 0) + row["train"]
         for name, row in sorted(sample["sources"].items(), key=lambda kv: -kv[1]["read"]):
-            side = name.rsplit("(", 1)[-1].rstrip(")")
-            share = row["train"] / side_total[side] if side_total[side] else 0.0
+            share = row["train"] / side_total[row["side"]] if side_total[row["side"]] else 0.0
             lines.append(f"| {name} | {mb(row['read'])} | {mb(row['train'])} | {share:.1%} |")
         lines.append("")
     skipped = [f for f in report["files"] if f["error"] or f["skipped"]]

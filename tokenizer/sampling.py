@@ -178,7 +178,7 @@ def draw_sample(documents: list[str], config: SampleConfig, sources: list[str] |
         data = text.encode("utf-8", "surrogatepass")
         lang = detect_language(text)
         side = "ko" if lang == "ko" else "rest"
-        row = stats.sources.setdefault(f"{source} ({side})", {"read": 0, "train": 0})
+        row = stats.sources.setdefault(f"{source} ({side})", {"side": side, "read": 0, "train": 0})
         stats.read[lang] += len(data)
         stats.read_docs[lang] += 1
         row["read"] += len(data)
