@@ -1,8 +1,9 @@
 """Tokenizer benchmarks on ../shared/data: training speed and memory, compression against peers,
 the Korean-share / morpheme / English trade-off, and encoding throughput against tiktoken.
 
-    python benchmarks/tokenizer.py all            # everything (about an hour on 2 cores)
+    python benchmarks/tokenizer.py all            # everything (about 75 minutes on 2 cores)
     python benchmarks/tokenizer.py train compare  # a subset
+    python benchmarks/tokenizer.py report         # rewrite the .md and the trade-off plot only
 
 Every training run is a fresh `hanyeong tokenizer train` process (cold Kiwi cache unless said),
 so its wall time and peak memory are what a user sees. Results go to benchmarks/results/.
