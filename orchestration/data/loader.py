@@ -14,6 +14,11 @@ The order is a pure function of the seed and two counters, so the cursor is a ha
   so that each source's share of *tokens* converges to its weight;
 - which document that is: the source's k-th draw is position k % n of a seeded permutation of its
   n documents for epoch k // n (Philox keyed by seed, source and epoch).
+
+HELD-OUT DOCUMENTS: `hold_out` documents of each source (at most a tenth) never reach a row; they
+are the validation documents of [stage.eval]. They are drawn by the source's key alone (not the run
+seed), so every stage and run that reads the source holds out the same ones, and n of them are the
+first n of any larger count.
 """
 
 from __future__ import annotations
@@ -85,8 +90,15 @@ class MixtureConfig:
     document on a fresh row and pad the rest with [PAD] (loss_mask 0), as SFT wants; a document
     longer than a row still fills whole rows. In a recipe the stage's kind gives the default
     (orchestration/pipeline/kinds.py: whole conversations for sft)."""
+    hold_out: int | None = None
+    """Documents per source kept out of training (at most a tenth of each source's): the
+    validation documents [stage.eval] scores. None: in a recipe, [stage.eval]'s `documents` when
+    the stage evaluates, else 0 (orchestration/pipeline/stage_config.py); for a bare loader, 0."""
 
     def __post_init__(self) -> None:
+        if self.hold_out is not None and (isinstance(self.hold_out, bool) or not isinstance(self.hold_out, int)
+                                          or self.hold_out < 0):  # fmt: skip
+            raise ConfigError(f"hold_out must be an integer >= 0, got {self.hold_out!r}")
         if not self.sources:
             raise ConfigError("sources: needs at least one entry")
         total = sum(r.fraction for r in self.replay)
@@ -127,10 +139,25 @@ class LoadedSource:
     """Normalised share of the mixture's tokens."""
     masks: np.ndarray | None = field(default=None, repr=False)
     """int8 [total tokens] aligned with `tokens`: the shards' loss_mask column; None = no column."""
+    held: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    """int64, sorted: the documents kept out of training (`MixtureConfig.hold_out`)."""
+
+    def __post_init__(self) -> None:
+        kept = np.ones(len(self.offsets) - 1, bool)
+        kept[self.held] = False
+        self.train = np.flatnonzero(kept)  # the documents training draws from; the cursor counts these
 
     @property
     def documents(self) -> int:
-        return len(self.offsets) - 1
+        """Documents training draws from (held-out ones excluded)."""
+        return len(self.train)
+
+
+def held_documents(key: str, documents: int, count: int) -> np.ndarray:
+    """The `count` documents (at most a tenth of them) a source keeps out of training, sorted:
+    the first of a permutation keyed by the source's key alone (see HELD-OUT DOCUMENTS)."""
+    count = min(count, documents // 10)
+    return np.sort(philox(0, "held-out", key).permutation(documents)[:count]) if count else np.zeros(0, np.int64)
 
 
 def resolve(mixture: MixtureConfig, root: str | Path | None = None) -> tuple[dict, dict]:
@@ -339,13 +366,17 @@ class MixtureLoader:
         # Sorted by key, not by path: the order must not depend on where the datasets are.
         for (directory, name), weight in sorted(weights.items(), key=lambda kv: _key(*kv[0])):
             tokens, offsets, masks = load_source(directory, name, tokenizer)
-            self.sources.append(LoadedSource(_key(directory, name), tokens, offsets, weight, masks))
+            key = _key(directory, name)
+            held = held_documents(key, len(offsets) - 1, mixture.hold_out or 0)
+            self.sources.append(LoadedSource(key, tokens, offsets, weight, masks, held))
         self.masked = any(s.masks is not None for s in self.sources)
         self.pad_id = int(tokenizer.get("pad_id", PAD_ID))
+        # Per source, the start and length of each document training draws from (held-out ones left out).
+        self._begins = [s.offsets[:-1][s.train] for s in self.sources]
+        self._lengths = [np.diff(s.offsets)[s.train] for s in self.sources]
         # Documents are drawn with probability ∝ weight / mean length, so token shares = weights.
-        p = np.array([s.weight * s.documents / s.offsets[-1] for s in self.sources])
+        p = np.array([s.weight * len(n) / n.sum() for s, n in zip(self.sources, self._lengths)])
         self._cdf = np.cumsum(p / p.sum())
-        self._lengths = [np.diff(s.offsets) for s in self.sources]
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
         self._tokens = 0
         self._start(0, 0, np.zeros(len(self.sources), np.int64))
@@ -438,7 +469,7 @@ class MixtureLoader:
                 order = self._permutation(s, epoch)
                 documents[where[done : done + take]] = order[position : position + take]
                 done, k = done + take, k + take
-            begin[where] = source.offsets[documents[where]]
+            begin[where] = self._begins[s][documents[where]]
             length[where] = self._lengths[s][documents[where]]
             for old in [key for key in self._permutations if key[0] == s and key[1] < k // n]:
                 del self._permutations[old]

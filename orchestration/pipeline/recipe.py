@@ -76,6 +76,8 @@ class Recipe:
         identities: list[str] = []
         for i, stage in enumerate(self.stage):
             table = {k: v for k, v in stage.to_dict().items() if k not in NOT_IN_IDENTITY}
+            if not table["data"]["hold_out"]:  # added later: runs made before it keep their identities
+                del table["data"]["hold_out"]
             names = sorted({e.dataset for e in (*stage.data.sources, *stage.data.replay)})
             config = {"index": i, "stage": table, "seed": self.run.seed,
                       "tokenizer": self.run.tokenizer.to_dict(),

@@ -155,19 +155,23 @@ def eval_table(run_dir: Path, manifest: RunManifest) -> str | None:
             cells |= {f"{task} {m}": v for m, v in metrics.items() if m in ("acc", "acc_norm", "exact_match",
                                                                            "pass@1", "bits_per_byte")}  # fmt: skip
         columns += [c for c in cells if c not in columns]
-        rows.append((f"{i + 1}. {stage.name}", lines[-1]["tokens"], cells))
+        mark = " *" if lines[-1].get("val_held_out") is False else ""
+        rows.append((f"{i + 1}. {stage.name}{mark}", lines[-1]["tokens"], cells))
     if not rows:
         return None
     out = ["| stage | tokens | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
     for name, tokens, cells in rows:
         values = [f"{cells[c]:.4f}" if c in cells else "" for c in columns]
         out.append(f"| {name} | {tokens:,} | " + " | ".join(values) + " |")
+    if any(name.endswith(" *") for name, _, _ in rows):
+        out += ["", "\\* validation loss partly on training documents (data.hold_out = 0, or a source of under 10 "
+                "documents)."]  # fmt: skip
     return "\n".join(out) + "\n"
 
 
 def write_report(run_dir: Path, manifest: RunManifest) -> Path:
     """RUN_DIR/report.md: the stages (status rows) and, when any stage evaluated, the eval table
-    (validation loss is on a fixed sample of each source's documents: stage_eval.py)."""
+    (validation loss is on each source's held-out documents: stage_eval.py)."""
     from hanyeong.files import write_atomic
 
     header = ("stage", "kind", "status", "tokens / budget", "last loss", "wall")
@@ -180,7 +184,7 @@ def write_report(run_dir: Path, manifest: RunManifest) -> Path:
     table = eval_table(run_dir, manifest)
     if table:
         lines += ["", "## Evaluation", "", "Each stage's last [stage.eval] (validation loss in nats per token on "
-                  "a fixed sample of each source's documents, not held out; task metrics as `hanyeong eval`). "
+                  "each source's documents held out of training; task metrics as `hanyeong eval`). "
                   "Curves: eval.png.", "", table.rstrip()]  # fmt: skip
     out = Path(run_dir) / "report.md"
     write_atomic(out, "\n".join(lines) + "\n")

@@ -25,7 +25,7 @@ from orchestration.core.config import build, positive_int, to_table
 from orchestration.core.optim import OptimConfig
 from orchestration.core.parallel import PARALLELISMS
 from orchestration.data.loader import MixtureConfig
-from orchestration.pipeline.kinds import KINDS, StageKind, get_kind
+from orchestration.pipeline.kinds import KINDS, StageKind, get_kind, mixture_loader
 from orchestration.pipeline.preference_stage import PreferenceSettings
 from orchestration.pipeline.stage_eval import StageEvalConfig
 
@@ -141,7 +141,8 @@ class StageConfig:
     simper); None: their defaults. Left out of other stages' tables, so their identities stay."""
     eval: StageEvalConfig | None = None
     """`[stage.eval]`: validation loss and benchmark tasks every N tokens and at the end
-    (orchestration/pipeline/stage_eval.py); None: no evaluation. Not part of the stage's identity."""
+    (orchestration/pipeline/stage_eval.py); None: no evaluation. Not part of the stage's identity,
+    except through the documents it holds out of training (data.hold_out)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME.match(self.name):
@@ -167,6 +168,7 @@ class StageConfig:
             takes = [k.name for k in KINDS.values() if "preference" in k.tables]
             raise ConfigError(f"preference: [stage.preference] is for kinds {', '.join(takes)}, not "
                               f"{kind.name!r}")  # fmt: skip
+        self._resolve_hold_out(kind)
         if kind.whole_documents and self.data.split_documents:
             raise ConfigError(f"data.split_documents must be false for kind {kind.name!r}: its rows "
                               "hold whole documents")  # fmt: skip
@@ -178,6 +180,16 @@ class StageConfig:
         if self.optim.warmup_steps > total:
             raise ConfigError(f"optim.warmup_steps ({self.optim.warmup_steps:,}) exceeds the stage's "
                               f"{total:,} steps (derived from token_budget and batch_tokens)")  # fmt: skip
+
+    def _resolve_hold_out(self, kind: StageKind) -> None:
+        """data.hold_out left out: the documents [stage.eval] scores are held out of training."""
+        documents = kind.loader is mixture_loader  # preference kinds hold back pairs instead
+        if self.data.hold_out is None:
+            hold_out = self.eval.documents if self.eval is not None and documents else 0
+            object.__setattr__(self, "data", replace(self.data, hold_out=hold_out))
+        elif self.data.hold_out and not documents:
+            raise ConfigError(f"data.hold_out is for kinds that read documents, not {kind.name!r} (its "
+                              "[stage.preference] held_out holds back pairs)")  # fmt: skip
 
     @property
     def stage_kind(self) -> StageKind:

@@ -11,11 +11,13 @@ Each evaluation appends one line to STAGE_DIR/eval.jsonl: the stage, step and to
 `hanyeong eval`). `pipeline status` shows the latest line, RUN_DIR/eval.png plots the lines against
 the run's tokens, RUN_DIR/report.md ends with each stage's last line (run_report.py).
 
-VALIDATION DOCUMENTS: a fixed sample of each source's documents (seeded by the source's name, the
-same at every evaluation and in every stage reading the source), each cut to the row length of the
-step. They are NOT held out: the training loader may also draw them, so the validation loss is
-the fit on a fixed sample of the training data (a held-out split is a data-preparation matter).
-Every token of a document counts (SFT's loss mask is not applied).
+VALIDATION DOCUMENTS: `documents` per source, held out of training: the stage's loader keeps them
+out of every row (data.hold_out defaults to `documents` when a stage has [stage.eval]; the same
+documents in every stage and run reading the source: orchestration/data/loader.py, HELD-OUT
+DOCUMENTS). A source too small to hold any out (under 10 documents), or a stage that sets
+data.hold_out = 0, is scored on a fixed sample of its training documents instead, and the line
+says so (`val_held_out`). Each document is cut to the row length of the step; every token counts
+(SFT's loss mask is not applied).
 
 A data-parallel stage (workers > 1) does not evaluate while training (each rank holds a shard or a
 replica inside a group); evaluate its checkpoint with `hanyeong eval`.
@@ -77,7 +79,7 @@ class Evaluator(Callback):
 
     def __init__(self, config: StageEvalConfig, tokenizer_dir: str, path: Path):
         self.config, self.tokenizer_dir, self.path = config, tokenizer_dir, path
-        self.started = False
+        self.started = self.noted = False
         self.tokenizer = self.selected = None
 
     def before_step(self, run) -> None:
@@ -111,16 +113,25 @@ class Evaluator(Callback):
         started = time.perf_counter()
         model = run.state.model
         line = {"stage": run.name, "step": int(run.state.step), "tokens": int(run.state.tokens_seen)}
-        if self.config.documents:
-            line["val_loss"] = {s.key: loss for s in run.loader.sources
-                                if (loss := validation_loss(run.backend, model, s, self.config.documents,
-                                                            run.loader.seq_len, self.config.batch_rows)) is not None}  # fmt: skip
+        sources = [s for s in run.loader.sources if getattr(s, "offsets", None) is not None]  # not pairs
+        if self.config.documents and sources:
+            line["val_loss"] = {s.key: validation_loss(run.backend, model, s, self.config.documents,
+                                                       run.loader.seq_len, self.config.batch_rows) for s in sources}  # fmt: skip
+            line["val_held_out"] = all(len(s.held) for s in sources)
+            self.note_unheld(run, [s.key for s in sources if not len(s.held)])
         if self.config.tasks:
             line["tasks"] = {name: result["metrics"] for name, result in self.run_tasks(run, model).items()}
         line["seconds"] = round(time.perf_counter() - started, 3)
         line["time"] = round(time.time(), 3)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
+
+    def note_unheld(self, run, keys: list[str]) -> None:
+        """Say once which sources' validation documents are training documents."""
+        if keys and not self.noted:
+            self.noted = True
+            run.notes.append(f"{run.name}: [stage.eval] validation loss of {', '.join(keys)} is on training documents "
+                             "(data.hold_out is 0, or the source has under 10 documents)")  # fmt: skip
 
     def run_tasks(self, run, model) -> dict:
         from orchestration.eval.evaluate import EvalConfig, evaluate_model
@@ -139,15 +150,17 @@ class Evaluator(Callback):
         return evaluate_model(run.backend, model, self.tokenizer, model.spec, config, self.selected)
 
 
-def validation_loss(backend, model, source, documents: int, seq_len: int, batch_rows: int) -> float | None:
-    """Mean loss per token (nats) of a fixed sample of the source's documents, each cut to
-    seq_len + 1 tokens; None for a source without documents (a preference source)."""
-    offsets = getattr(source, "offsets", None)
-    if offsets is None or len(offsets) < 2:
-        return None
-    n_docs = len(offsets) - 1
-    rng = np.random.default_rng(zlib.crc32(source.key.encode()))
-    chosen = np.sort(rng.choice(n_docs, size=min(documents, n_docs), replace=False))
+def validation_loss(backend, model, source, documents: int, seq_len: int, batch_rows: int) -> float:
+    """Mean loss per token (nats) of `documents` of the source's held-out documents (a fixed sample
+    of its documents when it holds none out), each cut to seq_len + 1 tokens."""
+    from orchestration.data.loader import held_documents
+
+    offsets, n_docs = source.offsets, len(source.offsets) - 1
+    if len(source.held):  # the first of the held-out draw: a subset of source.held
+        chosen = held_documents(source.key, n_docs, min(documents, len(source.held)))
+    else:
+        rng = np.random.default_rng(zlib.crc32(source.key.encode()))
+        chosen = np.sort(rng.choice(n_docs, size=min(documents, n_docs), replace=False))
     docs = [np.asarray(source.tokens[offsets[i] : min(offsets[i + 1], offsets[i] + seq_len + 1)]) for i in chosen]
     docs = [d for d in docs if len(d) > 1]
     nats, count = 0.0, 0
@@ -161,4 +174,4 @@ def validation_loss(backend, model, source, documents: int, seq_len: int, batch_
         for r, d in enumerate(chunk):
             nats -= float(np.sum(logp[r, : len(d) - 1], dtype=np.float64))
             count += len(d) - 1
-    return round(nats / count, 6) if count else None
+    return round(nats / count, 6)

@@ -113,6 +113,8 @@ def mixtures(draw) -> dict:
     }
     if draw(st.booleans()):
         config["replay"] = [{"dataset": "stage1", "fraction": draw(st.floats(0.05, 0.5))}]
+    if draw(st.booleans()):  # web (40 documents) holds out up to 4, stage1/web (25) 2, code none
+        config["hold_out"] = draw(st.integers(0, 5))
     return config
 
 
@@ -264,12 +266,28 @@ def test_documents_are_conserved_and_segments_follow_them(datasets, config, seed
         assert stream[len(expected) :].tolist() == [BOS]
     else:  # or inside (or at the end of) the last document
         assert len(expected) - len(stream) < len(doc_of(by_tag, drawn[-1]))
-    # Within each epoch every document of a source comes once.
+    # Held-out documents never come; within each epoch every other document of a source comes once.
+    held = {(s.key, int(i)) for s in data.sources for i in s.held}
+    assert len(held) == sum(min(config.get("hold_out", 0), (len(s.offsets) - 1) // 10) for s in data.sources)
+    assert not held & set(drawn)
     for key in {k for k, _ in drawn}:
         order = [i for k, i in drawn if k == key]
-        n = sum(1 for k, _, _ in by_tag.values() if k == key)
+        n = next(s.documents for s in data.sources if s.key == key)
         for e in range(0, len(order), n):
             assert len(set(order[e : e + n])) == len(order[e : e + n])
+
+
+def test_held_out_documents_depend_on_the_source_alone_and_nest(datasets):
+    root, _ = datasets
+    config = {"sources": [{"dataset": "stage2", "source": "web"}], "replay": [{"dataset": "stage1", "fraction": 0.3}]}
+    two = loader(root, {**config, "hold_out": 2}, seed=1)
+    four = loader(root, {**config, "hold_out": 4}, seed=2)  # another seed: the same documents
+    none = loader(root, config, seed=1)
+    for a, b, c in zip(two.sources, four.sources, none.sources):
+        assert len(a.held) == min(2, (len(a.offsets) - 1) // 10) and len(c.held) == 0
+        assert set(a.held) <= set(b.held) and len(b.held) == min(4, (len(b.offsets) - 1) // 10)
+        assert a.documents == len(a.offsets) - 1 - len(a.held)  # the cursor counts training documents
+    assert [len(s.held) for s in four.sources] == [2, 4]  # stage1/web: 25 documents, at most 2
 
 
 def doc_of(by_tag: dict, drawn: tuple[str, int]) -> np.ndarray:
@@ -419,6 +437,9 @@ BAD = [
         r"mixture.sources\[0\].dataset: no prepared dataset at .*nowhere",
     ),
 ]
+
+
+BAD.append(({"sources": [{"dataset": "stage2"}], "hold_out": -1}, r"^mixture.hold_out must be an integer >= 0, got -1"))
 
 
 @pytest.mark.parametrize("config, message", BAD)
