@@ -5,8 +5,8 @@
 The same model (a preset with the quickstart tokenizer's 8,000 ids, random init: speed does not
 depend on the weights), exported with `hanyeong model export-hf` for lm_eval's HF model; the same
 items (the first `limit` of KoBEST BoolQ, KoBEST COPA and the KMMLU slice in
-../shared/data/benchmarks), the same prompts (lm_eval's, as the parity test writes them:
-tests/orchestration/eval/test_lm_eval_parity.py), the same batch size, fp32, torch on the CPU
+../shared/data/benchmarks), the same prompts (lm_eval's, in the task YAMLs the parity test uses too:
+orchestration/eval/lm_eval_tasks.py), the same batch size, fp32, torch on the CPU
 with `threads` threads. Each side runs end to end as a user calls it, in this process: ours
 `evaluate(ckpt, EvalConfig(...))` (load the checkpoint and tokenizer, read the files, score),
 theirs `simple_evaluate(model="hf", ...)` (load the exported model, build the tasks from the local
@@ -60,20 +60,6 @@ def build(work: Path, preset: str, tokenizer: Path | None) -> tuple[Path, Path, 
     return tokenizer, work / "ckpt", work / "hf"
 
 
-def write_lm_eval_tasks(folder: Path, limit: int) -> None:
-    """lm_eval task YAMLs over the first `limit` records of each local benchmark file."""
-    from orchestration.eval.tasks import TASKS as OURS, benchmarks_dir, read_records
-    from tests.orchestration.eval.test_lm_eval_parity import PROMPTS, UTILS, YAML
-
-    (folder / "utils.py").write_text(UTILS, encoding="utf-8")
-    for name in TASKS:
-        records = read_records(benchmarks_dir() / OURS[name].path)[:limit]
-        data = folder / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        (folder / f"{name}.yaml").write_text(YAML.format(name=f"local_{name}", data=data, prompt=PROMPTS[name]),
-                                             encoding="utf-8")  # fmt: skip
-
-
 @contextlib.contextmanager
 def watching(cls, method: str, shape):
     """Time the calls of cls.method, and count the rows and (padded) tokens `shape(*args)` says each
@@ -116,16 +102,18 @@ def run_theirs(hf_dir: Path, task_manager, batch: int) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from orchestration.eval.lm_eval_tasks import PREFIX
+
     with watching(HFLM, "loglikelihood", lambda *a: None) as scoring, \
             watching(HFLM, "_model_call", lambda inps, *a: tuple(inps.shape)) as forward:  # fmt: skip
         started = time.perf_counter()
         out = simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32", device="cpu",
-                              batch_size=batch, tasks=[f"local_{name}" for name in TASKS],
+                              batch_size=batch, tasks=[PREFIX + name for name in TASKS],
                               task_manager=task_manager, log_samples=False)  # fmt: skip
         seconds = time.perf_counter() - started
     return {"seconds": seconds, "scoring_seconds": scoring["seconds"], "forward": forward,
-            "items": sum(out["n-samples"][f"local_{name}"]["effective"] for name in TASKS),
-            "acc": {name: out["results"][f"local_{name}"]["acc,none"] for name in TASKS}}  # fmt: skip
+            "items": sum(out["n-samples"][PREFIX + name]["effective"] for name in TASKS),
+            "acc": {name: out["results"][PREFIX + name]["acc,none"] for name in TASKS}}  # fmt: skip
 
 
 def main() -> None:
@@ -160,9 +148,10 @@ def measure(a, work: Path) -> tuple:
     from lm_eval.tasks import TaskManager
 
     from orchestration.core.checkpoint import load_spec
+    from orchestration.eval.lm_eval_tasks import write_tasks
 
     tokenizer, ckpt, hf_dir = build(work, a.preset, a.tokenizer)
-    write_lm_eval_tasks(work, a.limit)
+    write_tasks(work, a.limit, names=TASKS)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notes about the YAMLs
     task_manager = TaskManager(include_path=str(work))
     runs: dict[str, list[dict]] = {"ours": [], "lm_eval": []}

@@ -1,10 +1,11 @@
 """Chat benchmarks (MT-Bench, KoMT-Bench): the model answers two-turn questions, a judge scores them.
 
-Answers: turn 1 of every question is asked as a user turn of the chat template, batched through the
-backend's generate (greedy, generative.generate_texts); turn 2 is asked after the question's own
-turn-1 answer. They are written in FastChat's answer format (fastchat/llm_judge/gen_model_answer.py:
-question_id, answer_id, model_id, choices=[{"index": 0, "turns": [a1, a2]}], tstamp; sorted by
-question_id as its reorg_answer_file does), so FastChat's gen_judgment.py can read them.
+Answers (chat_answers.py): turn 1 of every question is asked as a user turn of the chat template,
+turn 2 after the question's own turn-1 answer, each question at its category's temperature as
+FastChat does (or at the one `--chat-temperature` forces). They are written in FastChat's answer
+format (fastchat/llm_judge/gen_model_answer.py: question_id, answer_id, model_id,
+choices=[{"index": 0, "turns": [a1, a2]}], tstamp; sorted by question_id as its reorg_answer_file
+does), so FastChat's gen_judgment.py can read them, with "generate_params" beside them.
 
 Judging is pluggable, none ships. `--judge CMD` runs the shell command once per question and turn
 with one JSON object on stdin (the question's turns, the model's answers, the reference answer for
@@ -28,13 +29,14 @@ import math
 import re
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from hanyeong.errors import ConfigError, DataError
 from hanyeong.files import write_atomic
-from orchestration.eval import generative
+from orchestration.eval import chat_answers
+from orchestration.eval.plan import Plan
 
 NEED_REF_CATS = ("math", "reasoning", "coding")  # fastchat/llm_judge/common.py: judged against a reference
 KOREAN_EXEMPT = (138, 140)  # KoMT-Bench detector.py: no penalty on these questions
@@ -124,34 +126,6 @@ def default_model_id(ckpt: str | Path) -> str:
     """The checkpoint's folder name; a stage's `checkpoint` folder takes its stage's name."""
     path = Path(ckpt).resolve()
     return path.parent.name if path.name == "checkpoint" else path.name
-
-
-# ---- answers --------------------------------------------------------------------------------------
-
-
-def answer(backend, model, tokenizer, spec, questions: list[Question], config) -> list[list[str]]:
-    """[turn-1 answer, turn-2 answer] per question: one batched pass per turn."""
-    chats = [[{"role": "user", "content": q.turns[0]}] for q in questions]
-    first = reply(backend, model, tokenizer, spec, chats, config)
-    for chat, q, a in zip(chats, questions, first):
-        chat += [{"role": "assistant", "content": a}, {"role": "user", "content": q.turns[1]}]
-    return [[a, b] for a, b in zip(first, reply(backend, model, tokenizer, spec, chats, config))]
-
-
-def reply(backend, model, tokenizer, spec, chats: list[list[dict]], config) -> list[str]:
-    from orchestration.data.chat import render
-
-    texts = [render(chat, add_generation_prompt=True) for chat in chats]
-    replies = generative.generate_texts(backend, model, tokenizer, spec, texts, config.max_new_tokens,
-                                        config.batch_rows, until=())  # fmt: skip
-    return [text.strip() for text in replies]  # FastChat strips each answer too
-
-
-def answer_records(questions: list[Question], answers: list[list[str]], model_id: str) -> list[dict]:
-    """FastChat's answer lines, sorted by question_id."""
-    pairs = sorted(zip(questions, answers), key=lambda p: p[0].question_id)
-    return [{"question_id": q.question_id, "answer_id": uuid.uuid4().hex, "model_id": model_id,
-             "choices": [{"index": 0, "turns": a}], "tstamp": time.time()} for q, a in pairs]  # fmt: skip
 
 
 def write_jsonl(path: Path, records: list[dict]) -> str:
@@ -323,9 +297,10 @@ def summarize(rows: list[dict]) -> dict:
     return metrics
 
 
-def score_chat(backend, model, tokenizer, chosen, config, spec) -> dict:
-    """Answers (written to config.answers_dir, else kept in the result) and, with a judge or a
-    judgments file, the mean scores."""
+def plan_chat(chosen, config) -> Plan:
+    """Inputs: the questions; results: both turns' answers (generated in shards or here); the
+    judging and the scores in the driver (finish_chat). Every file the scoring needs is read
+    here, before the (long) generation."""
     from orchestration.eval.tasks import read_records, to_item
 
     name = chosen.task.name
@@ -333,12 +308,19 @@ def score_chat(backend, model, tokenizer, chosen, config, spec) -> dict:
     if name not in BENCHES:
         raise ConfigError(f"{name}: not a chat benchmark (known: {', '.join(BENCHES)})")
     questions = [to_item(chosen, r, i) for i, r in enumerate(read_records(chosen.path)[: config.limit])]
-    # every file the scoring needs is read before the (long) generation
     judging = judge_inputs(name, chosen.path.parent, questions) if config.judge else None
     source = judgments_file(config.judgments, name, config.tasks) if config.judgments else None
     lines = read_judgments(source, config.model_id) if source is not None else None
-    answers = answer(backend, model, tokenizer, spec, questions, config)
-    records = answer_records(questions, answers, config.model_id)
+    return Plan(questions, chat_answers.answer, partial(finish_chat, chosen, config, questions, judging, source, lines))
+
+
+def finish_chat(chosen, config, questions: list[Question], judging: tuple | None, source: Path | None,
+                lines: list[dict] | None, answered: list[dict]) -> dict:  # fmt: skip
+    """Answers (written to config.answers_dir, else kept in the result) and, with a judge or a
+    judgments file, the mean scores."""
+    name = chosen.task.name
+    answers = [a["turns"] for a in answered]
+    records = chat_answers.answer_records(questions, answered, config)
     out = Path(config.answers_dir) if config.answers_dir else None
     result = {"kind": "chat", "path": str(chosen.path), "n": len(questions), "metrics": {},
               "answers": write_jsonl(out / f"{name}_answers.jsonl", records) if out else records}  # fmt: skip

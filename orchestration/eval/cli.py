@@ -35,6 +35,18 @@ def eval_command(
                                          "judgments instead of judging: FILE, or TASK=FILE,..."),
     model_id: str | None = typer.Option(EvalConfig.model_id, help="Chat tasks: the model's name in answer and "
                                         "judgment files (default: the checkpoint's folder name)."),
+    chat_temperature: str = typer.Option(str(EvalConfig.chat_temperature), help="Chat tasks: 'category' answers "
+                                         "each question at its category's temperature, as FastChat does (0.7 "
+                                         "writing and roleplay, 0.1 stem and humanities, greedy for the rest); a "
+                                         "number forces it on all (0: greedy)."),
+    seed: int = typer.Option(EvalConfig.seed, help="Chat tasks: seeds sampled answers (same seed, same answers)."),
+    workers: int = typer.Option(EvalConfig.workers, help="Score shards of every task in this many Ray tasks at "
+                                "once, each loading the checkpoint (a GPU each where the cluster has them; MLX: "
+                                "apple_silicon); chat answers are generated in shards, judged here. 1: in this "
+                                "process, no Ray."),
+    address: str | None = typer.Option(EvalConfig.address, help="The Ray cluster whose tasks score the shards "
+                                       "(default: a local Ray with --workers above 1). CKPT and the tokenizer "
+                                       "must be readable at the same paths on its nodes."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="Tokenizer directory "
                                           "(default: the tokenizer of the run CKPT was trained in)."),
     benchmarks: Path | None = typer.Option(None, help="Benchmarks folder (default: $HANYEONG_BENCHMARKS, "
@@ -45,13 +57,14 @@ def eval_command(
 ) -> None:
     """Score a checkpoint on benchmarks: multiple choice (acc, acc_norm), generation (GSM8K exact match,
     HumanEval pass@1 in a sandbox), chat (MT-Bench, KoMT-Bench: answers, scored by a judge command) and
-    bits per byte."""
+    bits per byte; in this process, or sharded over Ray tasks with --workers."""
     from orchestration.eval.evaluate import evaluate, markdown, write_results
 
     config = EvalConfig(tasks=tasks, limit=limit, backend=backend, batch_rows=batch_size,
                         num_fewshot=num_fewshot, chat_template=chat_template, items=items,
                         max_new_tokens=max_new_tokens, code_timeout=code_timeout, judge=judge, judgments=judgments,
-                        model_id=model_id, answers_dir=str(out) if out is not None else None)  # fmt: skip
+                        model_id=model_id, answers_dir=str(out) if out is not None else None,
+                        chat_temperature=chat_temperature, seed=seed, workers=workers, address=address)  # fmt: skip
     results = evaluate(ckpt, config, tokenizer, benchmarks)
     if out is not None:
         write_results(results, out)

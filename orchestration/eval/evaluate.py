@@ -4,7 +4,9 @@
     write_results(results, out_dir)        # results.json (per task; per item with items=True)
 
 The model runs through the backend protocol (get_backend(name).load / .logprobs), so the same code
-scores a checkpoint on PyTorch and on MLX.
+scores a checkpoint on PyTorch and on MLX. A task is planned (its per-item inputs), worked (one
+result per item) and finished (its metrics from those results): plan.py. With workers > 1 the work
+is sharded over Ray tasks (sharded.py) and the results are the same as in one process.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from hanyeong.errors import ConfigError, DataError
 from hanyeong.files import write_atomic
 from orchestration.eval import chat_bench, generative, scoring
+from orchestration.eval.plan import Plan
 from orchestration.eval.tasks import Item, Selected, benchmarks_dir, load_items, read_texts, select
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
@@ -55,6 +59,17 @@ class EvalConfig:
     answers_dir: str | None = None
     """Chat tasks: folder for <task>_answers.jsonl and _judgments.jsonl (the CLI's --out); None: in
     the results."""
+    chat_temperature: str | float = "category"
+    """Chat tasks: 'category' answers each question at its category's temperature as FastChat does
+    (chat_answers.CATEGORY_TEMPERATURE); a number forces that temperature on all (0: greedy)."""
+    seed: int = 0
+    """Chat tasks: seeds the sampled answers; the same seed gives the same answers."""
+    workers: int = 1
+    """`evaluate`: Ray tasks scoring shards of every task, this many at once (sharded.py); 1 (and
+    no address): in this process, no Ray. (evaluate_model scores its loaded model in its process.)"""
+    address: str | None = None
+    """The Ray cluster whose tasks score the shards (even with workers = 1: on its GPUs);
+    None: a local Ray when workers > 1."""
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -69,6 +84,20 @@ class EvalConfig:
             raise ConfigError(f"num_fewshot must be 0 or more, got {self.num_fewshot}")
         if self.judge and self.judgments:
             raise ConfigError("give --judge or --judgments, not both")
+        if self.workers < 1:
+            raise ConfigError(f"workers (--workers) must be at least 1, got {self.workers}")
+        object.__setattr__(self, "chat_temperature", chat_temperature(self.chat_temperature))
+
+
+def chat_temperature(value: str | float) -> str | float:
+    """'category', or the temperature forced as a float (the CLI gives it as text); ConfigError else."""
+    try:
+        forced = value if value == "category" else float(value)
+    except (TypeError, ValueError):
+        forced = None
+    if forced is None or (forced != "category" and not 0 <= forced < float("inf")):
+        raise ConfigError(f"chat_temperature (--chat-temperature) must be 'category' or a number >= 0, got {value!r}")
+    return forced
 
 
 def evaluate(ckpt: str | Path, config: EvalConfig, tokenizer_dir: str | Path | None = None,
@@ -83,10 +112,15 @@ def evaluate(ckpt: str | Path, config: EvalConfig, tokenizer_dir: str | Path | N
     if tokenizer.vocab_size > spec.vocab_size:
         raise DataError(f"{tokenizer_dir}: {tokenizer.vocab_size} ids do not fit the model's "
                         f"vocab_size {spec.vocab_size}")  # fmt: skip
-    backend = get_backend(config.backend)
-    model = backend.load(ckpt)
     config = replace(config, model_id=config.model_id or chat_bench.default_model_id(ckpt))
     out = {"checkpoint": str(ckpt), "tokenizer": str(tokenizer_dir), "config": asdict(config)}
+    if config.workers > 1 or config.address:  # the driver never loads the model: each shard does
+        from orchestration.eval.sharded import evaluate_sharded
+
+        plans = {chosen.task.name: plan_task(chosen, config) for chosen in selected}
+        return out | {"tasks": evaluate_sharded(ckpt, tokenizer_dir, spec, config, plans)}
+    backend = get_backend(config.backend)
+    model = backend.load(ckpt)
     return out | {"tasks": evaluate_model(backend, model, tokenizer, spec, config, selected)}
 
 
@@ -95,13 +129,7 @@ def evaluate_model(backend, model, tokenizer, spec, config: EvalConfig, selected
     out = {}
     for chosen in selected:
         started = time.perf_counter()
-        if chosen.task.kind == "generate":
-            result = generative.score_generate(backend, model, tokenizer, chosen, config, spec)
-        elif chosen.task.kind == "chat":
-            result = chat_bench.score_chat(backend, model, tokenizer, chosen, config, spec)
-        else:
-            scorer = score_choice if chosen.task.kind == "choice" else score_bpb
-            result = scorer(backend, model, tokenizer, chosen, config, spec.max_seq_len)
+        result = plan_task(chosen, config).run(backend, model, tokenizer, spec, config)
         result["seconds"] = round(time.perf_counter() - started, 3)
         out[chosen.task.name] = result
     return out
@@ -140,12 +168,31 @@ def prompts(items: list[Item], chosen: Selected, config: EvalConfig) -> tuple[li
     return items, delimiter
 
 
-def score_choice(backend, model, tokenizer, chosen: Selected, config: EvalConfig, max_len: int) -> dict:
+def plan_task(chosen: Selected, config: EvalConfig) -> Plan:
+    """The task's inputs, its per-item scoring and its metrics (plan.py), by its kind."""
+    kind = chosen.task.kind
+    if kind == "generate":
+        return generative.plan_generate(chosen, config)
+    if kind == "chat":
+        return chat_bench.plan_chat(chosen, config)
+    return plan_choice(chosen, config) if kind == "choice" else plan_bpb(chosen, config)
+
+
+def plan_choice(chosen: Selected, config: EvalConfig) -> Plan:
+    """Inputs: each item's (context, delimiter + choice) pairs; results: their log-likelihoods."""
     items, delimiter = prompts(load_items(chosen, config.limit), chosen, config)
-    pairs = [(item.context, delimiter + choice) for item in items for choice in item.choices]
-    requests = scoring.encode_pairs(tokenizer, pairs)
-    flat = iter(scoring.loglikelihoods(backend, model, requests, max_len, config.batch_rows))
-    lls = [[next(flat) for _ in item.choices] for item in items]
+    inputs = [[(item.context, delimiter + choice) for choice in item.choices] for item in items]
+    return Plan(inputs, choice_loglikelihoods, partial(choice_result, chosen, items, config))
+
+
+def choice_loglikelihoods(backend, model, tokenizer, spec, config: EvalConfig, inputs: list) -> list[list[float]]:
+    """Per item, the log-likelihood (nats) of each choice after its context."""
+    requests = scoring.encode_pairs(tokenizer, [pair for pairs in inputs for pair in pairs])
+    flat = iter(scoring.loglikelihoods(backend, model, requests, spec.max_seq_len, config.batch_rows))
+    return [[next(flat) for _ in pairs] for pairs in inputs]
+
+
+def choice_result(chosen: Selected, items: list[Item], config: EvalConfig, lls: list[list[float]]) -> dict:
     result = {"kind": "choice", "path": str(chosen.path), "n": len(items),
               "metrics": scoring.choice_metrics(items, lls)}  # fmt: skip
     if config.items:
@@ -154,11 +201,19 @@ def score_choice(backend, model, tokenizer, chosen: Selected, config: EvalConfig
     return result
 
 
-def score_bpb(backend, model, tokenizer, chosen: Selected, config: EvalConfig, max_len: int) -> dict:
+def plan_bpb(chosen: Selected, config: EvalConfig) -> Plan:
+    """Inputs: the documents; results: the log-likelihoods of each one's windows."""
     texts = read_texts(chosen.path)[: config.limit]
+    return Plan(texts, bpb_loglikelihoods, partial(bpb_result, chosen, texts))
+
+
+def bpb_loglikelihoods(backend, model, tokenizer, spec, config: EvalConfig, texts: list[str]) -> list[list[float]]:
     bos = tokenizer.hf.token_to_id("[BOS]")
-    metrics = scoring.bits_per_byte(backend, model, tokenizer, texts, max_len, config.batch_rows, bos)
-    return {"kind": "bpb", "path": str(chosen.path), "n": len(texts), "metrics": metrics}
+    return scoring.window_loglikelihoods(backend, model, tokenizer, texts, spec.max_seq_len, config.batch_rows, bos)
+
+
+def bpb_result(chosen: Selected, texts: list[str], lls: list[list[float]]) -> dict:
+    return {"kind": "bpb", "path": str(chosen.path), "n": len(texts), "metrics": scoring.bpb_metrics(texts, lls)}
 
 
 def markdown(results: dict) -> str:

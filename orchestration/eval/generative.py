@@ -21,9 +21,11 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from hanyeong.errors import DataError
 from orchestration.eval import sandbox
+from orchestration.eval.plan import Plan
 
 FEWSHOT_SEED = 1234
 GSM8K_UNTIL = ("Question:", "</s>", "<|im_end|>")
@@ -137,9 +139,10 @@ def cut(text: str, until: Sequence[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
-def generate_texts(backend, model, tokenizer, spec, texts: Sequence[str], max_new_tokens: int,
-                   batch_rows: int, until: Sequence[str]) -> list[str]:  # fmt: skip
-    """Greedy completions of the texts ([BOS] + text), batched by length, cut at `until`."""
+def generate_texts(backend, model, tokenizer, spec, texts: Sequence[str], max_new_tokens: int, batch_rows: int,
+                   until: Sequence[str], temperature: float = 0.0, seed: int = 0) -> list[str]:  # fmt: skip
+    """Completions of the texts ([BOS] + text), batched by length, cut at `until`: greedy, or
+    sampled at `temperature` (top_p 1) from `seed` (each batch draws from seed + its index)."""
     from orchestration.core.generation import suppressed_ids
 
     stops = [tokenizer.hf.token_to_id("[|endofturn|]"), tokenizer.hf.token_to_id("[EOS]")]
@@ -153,21 +156,21 @@ def generate_texts(backend, model, tokenizer, spec, texts: Sequence[str], max_ne
     out = [""] * len(prompts)
     for lo in range(0, len(order), batch_rows):
         chunk = order[lo : lo + batch_rows]
-        rows = backend.generate(model, [prompts[i] for i in chunk], new, 0.0, 1.0, 0, stops,
-                                suppress_ids=suppress)  # fmt: skip
+        rows = backend.generate(model, [prompts[i] for i in chunk], new, temperature, 1.0, seed + lo // batch_rows,
+                                stops, suppress_ids=suppress)  # fmt: skip
         for i, ids in zip(chunk, rows):
             ids = [t for t in ids if t not in stops]
             out[i] = cut(tokenizer.stream_decoder(skip_special_tokens=True).decode(ids), until)
     return out
 
 
-def score_generate(backend, model, tokenizer, chosen, config, spec) -> dict:
-    """A generation task's metric (exact_match or pass@1) and, with config.items, each answer."""
+def plan_generate(chosen, config) -> Plan:
+    """Inputs: each item's prompt (few-shot examples drawn over all items, as one run would);
+    results: the completions, checked and counted in the driver (generate_result)."""
     from orchestration.eval.tasks import read_records
 
     task = chosen.task
-    records = read_records(chosen.path)[: config.limit]
-    items = [task.item(r) for r in records]
+    items = [task.item(r) for r in read_records(chosen.path)[: config.limit]]
     if config.num_fewshot:
         same = chosen.fewshot_path is None
         pool = items if same else [task.item(r) for r in read_records(chosen.fewshot_path)]
@@ -176,8 +179,17 @@ def score_generate(backend, model, tokenizer, chosen, config, spec) -> dict:
         prompts = [[item] for item in items]
     texts = [render(p, config.chat_template) for p in prompts]
     until = task.until if not config.chat_template or task.metric == "pass@1" else ()
-    completions = generate_texts(backend, model, tokenizer, spec, texts, config.max_new_tokens,
-                                 config.batch_rows, until)  # fmt: skip
+    return Plan(texts, partial(complete, until=until), partial(generate_result, chosen, items, config))
+
+
+def complete(backend, model, tokenizer, spec, config, texts: list[str], until: Sequence[str] = ()) -> list[str]:
+    """Greedy completions of the prompts (plan_generate's per-item part)."""
+    return generate_texts(backend, model, tokenizer, spec, texts, config.max_new_tokens, config.batch_rows, until)
+
+
+def generate_result(chosen, items: list[GenItem], config, completions: list[str]) -> dict:
+    """A generation task's metric (exact_match or pass@1) and, with config.items, each answer."""
+    task = chosen.task
     checked = task.check(items, completions, config)
     n = max(len(items), 1)
     result = {"kind": task.kind, "path": str(chosen.path), "n": len(items),

@@ -105,13 +105,23 @@ def bits_per_byte(backend, model, tokenizer, texts: Sequence[str], max_len: int,
                   bos_id: int) -> dict[str, float]:  # fmt: skip
     """Summed NLL (nats) / ln 2 / UTF-8 bytes over the texts, every token scored: each text after
     BOS, in disjoint windows of the model's context (lm_eval's rolling windows, context 1 token)."""
-    requests = []
+    return bpb_metrics(texts, window_loglikelihoods(backend, model, tokenizer, texts, max_len, batch_size, bos_id))
+
+
+def window_loglikelihoods(backend, model, tokenizer, texts: Sequence[str], max_len: int, batch_size: int,
+                          bos_id: int) -> list[list[float]]:  # fmt: skip
+    """Per text, the log-likelihood (nats) of each of its windows, in order (bits_per_byte's per-item part)."""
+    windows = []
     for ids in tokenizer.encode_batch(list(texts)):
         tokens = [bos_id, *ids]
-        for start in range(1, len(tokens), max_len):
-            window = tokens[max(start - 1, 0) : start + max_len]
-            requests.append((window[:1], window[1:]))
-    lls = loglikelihoods(backend, model, requests, max_len, batch_size)
-    nats = -sum(lls)
+        spans = [tokens[max(start - 1, 0) : start + max_len] for start in range(1, len(tokens), max_len)]
+        windows.append([(w[:1], w[1:]) for w in spans])
+    flat = iter(loglikelihoods(backend, model, [r for doc in windows for r in doc], max_len, batch_size))
+    return [[next(flat) for _ in doc] for doc in windows]
+
+
+def bpb_metrics(texts: Sequence[str], lls: Sequence[Sequence[float]]) -> dict[str, float]:
+    """bits_per_byte, bytes and nll_nats of the texts from their windows' log-likelihoods."""
+    nats = -sum(ll for doc in lls for ll in doc)  # one sum in text and window order, sharded or not
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {"bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "bytes": n_bytes, "nll_nats": nats}

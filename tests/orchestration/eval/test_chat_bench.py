@@ -1,6 +1,7 @@
-"""MT-Bench and KoMT-Bench: answers in FastChat's format, turn 2 asked after the model's turn-1 answer;
-a judge command scores every question and turn, KoMT-Bench's rule for answers not in Korean, failed
-judgments, judgment files read back, and the command's errors."""
+"""MT-Bench and KoMT-Bench: answers in FastChat's format, turn 2 asked after the model's turn-1 answer,
+each question at its category's temperature and seeded; a judge command scores every question and
+turn, KoMT-Bench's rule for answers not in Korean, failed judgments, judgment files read back, and
+the command's errors."""
 
 from __future__ import annotations
 
@@ -65,15 +66,17 @@ def test_answers_are_fastchat_lines_and_turn_two_follows_the_models_turn_one(tin
     monkeypatch.setattr(backends, "get_backend", lambda name, device=None: spy)
     code, out, err = cli(monkeypatch, capsys, "eval", str(tiny_ckpt), "-t", str(small_tokenizer_dir),
                          "--tasks", "mt_bench,komt_bench", "--limit", "2", "--max-new-tokens", "5",
-                         "--out", str(tmp_path))  # fmt: skip
+                         "--out", str(tmp_path), "--chat-temperature", "0")  # fmt: skip
     assert code == 0, err
-    assert len(spy.calls) == 4  # per task: turn 1 of both questions in one batch, then turn 2
+    assert len(spy.calls) == 4  # greedy: per task, turn 1 of both questions in one batch, then turn 2
     assert all(len(prompts) == 2 and budget == 5 for prompts, budget in spy.calls)
     tasks = [("mt_bench", MT / "question.jsonl"), ("komt_bench", KO / "question_ko.jsonl")]
     for n, (task, questions) in enumerate(tasks):
         lines = read_jsonl(tmp_path / f"{task}_answers.jsonl")
         asked = read_jsonl(questions)[:2]
-        assert [set(line) for line in lines] == [{"question_id", "answer_id", "model_id", "choices", "tstamp"}] * 2
+        fastchat = {"question_id", "answer_id", "model_id", "choices", "tstamp"}  # gen_model_answer.py's
+        assert [set(line) for line in lines] == [fastchat | {"generate_params"}] * 2
+        assert all(line["generate_params"]["temperature"] == 0.0 for line in lines)
         assert [line["question_id"] for line in lines] == [q["question_id"] for q in asked]
         assert all(line["model_id"] == tiny_ckpt.name and isinstance(line["tstamp"], float) for line in lines)
         assert all(len(line["choices"]) == 1 and line["choices"][0]["index"] == 0 for line in lines)
