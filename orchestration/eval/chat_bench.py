@@ -40,6 +40,7 @@ from orchestration.eval.plan import Plan
 
 NEED_REF_CATS = ("math", "reasoning", "coding")  # fastchat/llm_judge/common.py: judged against a reference
 KOREAN_EXEMPT = (138, 140)  # KoMT-Bench detector.py: no penalty on these questions
+JUDGE_CALLS = 8  # judge commands running at once
 JUDGE_TIMEOUT_S = 600  # one judgment; an API judge retrying for longer is stuck
 ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")  # fastchat/llm_judge/common.py one_score_pattern
 ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")  # ... and one_score_pattern_backup
@@ -195,21 +196,30 @@ def judge_inputs(name: str, folder: Path, questions: list[Question]) -> tuple[di
 
 def run_judge(name: str, questions: list[Question], answers: list[list[str]], prompts: dict,
               refs: list[list[str] | None], config) -> list[dict]:  # fmt: skip
-    """FastChat single-judgment lines (score -1 where the judge gave none) for every question and turn."""
-    lines = []
+    """FastChat single-judgment lines (score -1 where the judge gave none) for every question and
+    turn, in order. JUDGE_CALLS commands run at once: a judge is usually a remote model's API, so the
+    time is spent waiting; the first failure stops the run (its one line)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    asks = []
     for q, a, ref in zip(questions, answers, refs):
         for turn in (1, 2):
             prompt = judge_prompt(prompts, q, a, ref, turn)
             payload = {"task": name, "question_id": q.question_id, "category": q.category, "turn": turn,
                        "questions": list(q.turns), "answers": a, "reference": ref,
                        "judge_prompt": prompt}  # fmt: skip
-            output = call_judge(config.judge, payload, f"{name} question {q.question_id} turn {turn}")
-            score = parse_score(output)
-            lines.append({"question_id": q.question_id, "model": config.model_id,
-                          "judge": [config.judge, prompt["name"]], "user_prompt": prompt["user_prompt"],
-                          "judgment": output, "score": -1 if score is None else score, "turn": turn,
-                          "tstamp": time.time()})  # fmt: skip
-    return lines
+            asks.append((q, turn, prompt, payload))
+
+    def judged(ask) -> dict:
+        q, turn, prompt, payload = ask
+        output = call_judge(config.judge, payload, f"{name} question {q.question_id} turn {turn}")
+        score = parse_score(output)
+        return {"question_id": q.question_id, "model": config.model_id, "judge": [config.judge, prompt["name"]],
+                "user_prompt": prompt["user_prompt"], "judgment": output, "score": -1 if score is None else score,
+                "turn": turn, "tstamp": time.time()}  # fmt: skip
+
+    with ThreadPoolExecutor(JUDGE_CALLS) as pool:
+        return list(pool.map(judged, asks))
 
 
 def judgments_file(spec: str, name: str, tasks: str) -> Path | None:
