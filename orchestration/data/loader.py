@@ -222,7 +222,9 @@ def load_source(
     """Read every shard of a source: int32 tokens [N], int64 document offsets [docs + 1], and the
     int8 loss_mask [N] when the shards have that column (all of them or none), else None.
 
-    A source of one shard read as one chunk stays a zero-copy view of the Arrow buffer; otherwise
+    Each shard's bytes are checked against the manifest's sha256 before they are parsed, so a
+    damaged or replaced shard never trains silently. A source of one shard read as one chunk stays
+    a zero-copy view of the Arrow buffer; otherwise
     chunks are copied one by one into an array sized from the manifest, so memory peaks at the
     tokens plus one shard, not twice the tokens.
     """
@@ -240,8 +242,12 @@ def load_source(
     for shard in shards:
         path = directory / shard["path"]
         try:
+            data = path.read_bytes()
+            if shard.get("sha256") and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                raise DataError(f"{path}: its sha256 is not the manifest's: the shard changed or was damaged "
+                                "after preparation; prepare the dataset again")  # fmt: skip
             columns = ["input_ids", "loss_mask"] if masked else ["input_ids"]
-            table = pq.read_table(path, columns=columns)
+            table = pq.read_table(pa.BufferReader(data), columns=columns)
             column = table.column("input_ids")
         except (OSError, KeyError, ValueError) as err:
             raise DataError(f"{path}: cannot read the input_ids column ({err})") from None

@@ -2,7 +2,8 @@
 
 The driver trains or finds the tokenizer, prepares the datasets, then submits `run_stage`
 (orchestration/pipeline/stage.py, a function that runs alone) as a Ray task per stage and follows its
-metrics.jsonl with a progress bar. A worker killed mid-stage is retried by Ray (`max_retries`) and
+metrics.jsonl with a progress bar. A worker killed mid-stage is retried (Ray's `max_retries` for a
+single worker; the group's own restarts for a multi-worker stage, at most STAGE_RETRIES either way) and
 the stage resumes from its last checkpoint; a Python exception is not retried (`retry_exceptions`
 off): it stops the run, the stage is marked failed, earlier stages keep their checkpoints.
 
@@ -153,7 +154,7 @@ def failure_message(err: BaseException) -> str:
         name = type(err).__name__
         if "worker died" in text.lower() or name in ("WorkerCrashedError", "OutOfMemoryError"):
             text = text.splitlines()[0] if text else "the worker died"
-            return f"{name}: {text} (retried {STAGE_RETRIES} times)"
+            return f"{name}: {text} (after up to {STAGE_RETRIES} retries)"
         text = f"{name}: {text}" if text else name
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
@@ -175,7 +176,10 @@ def run_stages(recipe, manifest: rm.RunManifest, run_dir: Path, first: int, ray,
     manifest.save(run_dir)
     node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
     task = ray.remote(max_retries=STAGE_RETRIES, retry_exceptions=False)(_stage_task)
-    workers_task = ray.remote(max_retries=STAGE_RETRIES, retry_exceptions=False)(_workers_task)
+    # A group's coordinator is not retried: the group restarts its own workers STAGE_RETRIES times
+    # (train_group / ring_group), and Ray retrying the coordinator too would multiply the starts
+    # ((3 + 1) x (3 + 1) = 16). A lost coordinator fails the stage; running again resumes it.
+    workers_task = ray.remote(max_retries=0, retry_exceptions=False)(_workers_task)
     specs = recipe.stage_specs()
     recipe_dict = recipe.to_dict()
     datasets = {name: d["path"] for name, d in manifest.datasets.items()}

@@ -52,12 +52,10 @@ class MetricsLog(Callback):
 
     def truncate(self, step: int) -> None:
         """Keep the lines of steps up to `step` (a checkpoint's): the steps after it run again."""
-        from hanyeong.files import write_atomic
+        from hanyeong.files import read_jsonl, write_atomic
 
-        try:
-            kept = [line for line in self.read() if line["step"] <= step]
-        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut by a crash: start afresh
-            kept = []
+        # read_jsonl skips a line a kill cut short (the last one), keeping every whole line before it
+        kept = [line for line in read_jsonl(self.path) if isinstance(line.get("step"), int) and line["step"] <= step]
         write_atomic(self.path, "".join(json.dumps(line) + "\n" for line in kept))
 
     def after_step(self, run, record: dict) -> None:

@@ -258,3 +258,13 @@ def test_the_mlx_backend_runs_a_stage_to_the_same_checkpoint_format(
     assert set(weights(result["checkpoint"])) == set(
         checkpoint.parameter_names(checkpoint.load_spec(result["checkpoint"]))
     )
+
+
+def test_metrics_log_truncation_keeps_the_whole_lines_before_a_cut_one(tmp_path):
+    from orchestration.pipeline.stage_callbacks import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    lines = "".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in (1, 2, 3, 4))
+    log.path.write_text(lines + '{"step": 5, "lo', encoding="utf-8")  # a kill cut step 5's line
+    log.truncate(3)
+    assert [line["step"] for line in log.read()] == [1, 2, 3]

@@ -484,6 +484,13 @@ def test_broken_shards_are_data_errors(tmp_path):
     (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="the manifest says 1, 4"):
         loader(tmp_path, {"sources": [{"dataset": "b"}]})
+    write_dataset(tmp_path / "c", {"web": [[BOS, 5, 6, 7, EOS]] * 3})
+    shard = next((tmp_path / "c" / "shards" / "web").glob("*.parquet"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit flipped: parquet might still read it, wrongly
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"part-00000.parquet: its sha256 is not the manifest's"):
+        loader(tmp_path, {"sources": [{"dataset": "c"}]})
 
 
 def test_bad_cursors_are_checkpoint_errors(datasets):
