@@ -26,6 +26,7 @@ from cuda_model import step as steps
 from cuda_model.losses import Tensors, check_reads, get_loss, token_logprobs
 from cuda_model.model import Model
 from orchestration.core import generation
+from orchestration.core.backends import check_lengths
 from orchestration.core.batch import Batch
 from orchestration.core.checkpoint import (
     MODEL_FILE,
@@ -70,22 +71,33 @@ def decode_rng(text: str) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator,
-           suppress: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """logits (B, V) fp32 -> next ids (B,): argmax at temperature 0, else nucleus sampling; ids
-    where `suppress` (V,) bool is True are never chosen (-inf before either)."""
+           suppress: torch.Tensor | None = None, top_k: int = 0,
+           uniforms: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """logits (B, V) fp32 -> next ids (B,): argmax at temperature 0, else sampling from the top_k
+    most likely ids (0: all) that hold top_p of the probability; ids where `suppress` (V,) bool is
+    True are never chosen (-inf before either). With `uniforms` (B,) in [0, 1) each row takes the id
+    where its uniform falls in the kept ids' CDF (core/generation.RowUniforms: a row's draw depends
+    on its own stream only); else torch draws from `generator`."""
     if suppress is not None:
         logits = logits.masked_fill(suppress, float("-inf"))
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p >= 1.0:
+    if top_p >= 1.0 and not top_k and uniforms is None:
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    keep = (
-        sorted_p.cumsum(dim=-1) - sorted_p < top_p
-    )  # smallest prefix reaching top_p (never empty)
-    choice = torch.multinomial(sorted_p * keep, 1, generator=generator)  # multinomial renormalises
-    return order.gather(-1, choice)[:, 0]
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    keep = sorted_p.cumsum(dim=-1) - sorted_p < top_p  # smallest prefix reaching top_p (never empty)
+    if top_k:
+        keep[:, top_k:] = False
+    if uniforms is None:
+        choice = torch.multinomial(sorted_p * keep, 1, generator=generator)  # multinomial renormalises
+        return order.gather(-1, choice)[:, 0]
+    # The CDF runs over ids in their own order, not by probability: two near-equal probabilities
+    # swapping places (last-bit differences between batch shapes) then moves no other id's interval.
+    kept = probs * torch.zeros_like(keep).scatter_(-1, order, keep)
+    cdf = kept.cumsum(dim=-1)
+    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    return (cdf <= target).sum(dim=-1).clamp_(max=probs.shape[-1] - 1)
 
 
 class TorchBackend:
@@ -208,6 +220,19 @@ class TorchBackend:
         return logp[self.put(which.reshape(-1)), self.put(ids)].cpu().numpy()
 
     @torch.no_grad()
+    def rewards(self, model: Model, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """float32 [B]: a reward model's score of each row of tokens int [B, T] (right padded), read
+        at its last token tokens[b, lengths[b] - 1]; columns past the longest row are not run."""
+        lengths = check_lengths(tokens, lengths)
+        if len(lengths) == 0:
+            return np.zeros(0, np.float32)
+        model.eval()
+        width = int(lengths.max())
+        with steps.precision(self.device):
+            r = model.rewards(self.put(np.asarray(tokens)[:, :width], np.int64), self.put(lengths - 1))
+        return r.float().cpu().numpy()
+
+    @torch.no_grad()
     def eval_loss(self, model: Model, batch: Batch, loss: str = "causal_lm") -> float:
         """Mean loss per counted target token, no gradient (DataError: the batch lacks an array
         the loss reads)."""
@@ -221,9 +246,12 @@ class TorchBackend:
     def generate(self, model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  stop_ids: Sequence[int] = (), allow_ids: Sequence[int] = (),
-                 suppress_ids: Sequence[int] | None = None) -> list[list[int]]:  # fmt: skip
+                 suppress_ids: Sequence[int] | None = None, row_seeds: Sequence[int] | None = None,
+                 top_k: int = 0) -> list[list[int]]:  # fmt: skip
         """New tokens per prompt (a stop id ends a row and is included), batched with a KV cache.
-        Special ids are never sampled but for stop and allowed ids (core/generation.py)."""
+        Special ids are never sampled but for stop and allowed ids (core/generation.py). With
+        `row_seeds` (one key per row, generation.sample_key) each row samples from its own stream,
+        so its tokens do not depend on the other rows of the batch; else one stream from `seed`."""
         if not prompts or max_new_tokens <= 0:
             return [[] for _ in prompts]
         spec = model.spec
@@ -232,13 +260,15 @@ class TorchBackend:
         model.eval()
         cache = model.new_cache(plan.capacity)
         generator = torch.Generator(device=self.device).manual_seed(seed)
+        streams = generation.row_streams(row_seeds, len(prompts))
         x, seg, suppress = self.put(plan.tokens), self.put(plan.segments), self.put(plan.suppress)
         rows = generation.Rows(len(prompts), stop_ids)
         for _ in range(max_new_tokens):
             with steps.precision(self.device):
                 h = model.model(x, seg, cache)[:, -1]  # (B, d_model): the last position's only
                 logits = F.linear(h, model.head_weight()).float()
-            next_ids = sample(logits, temperature, top_p, generator, suppress)
+            uniforms = None if streams is None else torch.from_numpy(streams.next()).to(self.device)
+            next_ids = sample(logits, temperature, top_p, generator, suppress, top_k, uniforms)
             if rows.add(next_ids.tolist()):
                 break
             x, seg = next_ids[:, None], None  # continue each row's document

@@ -302,3 +302,64 @@ def simper(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor
 register_loss("dpo", dpo, reads=PAIR_READS + REFERENCE_READS)
 register_loss("ipo", ipo, reads=PAIR_READS + REFERENCE_READS)
 register_loss("simper", simper, reads=PAIR_READS)
+
+
+# ---- Bradley-Terry reward model ------------------------------------------------------------------
+# The model is a reward model (spec.head 'score'). A batch row is one PAIR, each sequence WHOLE:
+#   inputs, loss_mask                  [B, T] the prompt + CHOSEN answer up to its last answer token,
+#                                      right-padded; the mask is 1 on the answer's tokens OF INPUTS
+#                                      (not of targets): the reward is read at the last of them, which
+#                                      is the row's last non-pad token, where transformers'
+#                                      LlamaForSequenceClassification reads it
+#   rejected_inputs, rejected_mask     [B, T] the same prompt + REJECTED answer
+#   margin [B] (optional)              per pair: -log s(r_c - r_r - margin) (TRL's `margin` column)
+#   center_coefficient [B] (optional)  TRL's center_rewards_coefficient c: + c (r_c + r_r)^2 per pair
+# targets ride along (a Batch has them) unread. Returns (sum of per-pair losses, pairs,
+# REWARD_METRICS summed over the pairs): the step's means are TRL's RewardTrainer's loss, accuracy
+# (strictly r_c > r_r) and margin.
+REWARD_READS = ("inputs", "loss_mask", "rejected_inputs", "rejected_mask")
+REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def last_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask -> (B,) int64: each row's last position with mask > 0 (0 in a row without one),
+    found as transformers finds the last non-pad token (argmax of position x mask)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (positions * (mask > 0)).argmax(-1)
+
+
+def pair_rewards(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen and rejected answers, (B,) each, float32: one forward over the 2B
+    rows [chosen; rejected]."""
+    B = batch["inputs"].shape[0]
+    x = torch.cat([batch["inputs"], batch["rejected_inputs"]])
+    mask = torch.cat([batch["loss_mask"], batch["rejected_mask"]])
+    r = model.rewards(x, last_positions(mask))
+    return r[:B], r[B:]
+
+
+def bradley_terry_loss(chosen, rejected, margin=None, center_coefficient=None) -> torch.Tensor:
+    """Per pair: -log sigmoid(r_c - r_r - margin) + c (r_c + r_r)^2. Summed over a batch and divided
+    by its pairs, this is TRL's RewardTrainer.compute_loss (mean BT loss + c * mean squared sum)."""
+    z = chosen - rejected if margin is None else chosen - rejected - margin
+    loss = -F.logsigmoid(z)
+    if center_coefficient is not None:
+        loss = loss + center_coefficient * (chosen + rejected) ** 2
+    return loss
+
+
+@torch.no_grad()
+def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """REWARD_METRICS summed over the batch's pairs (the step reports their means)."""
+    values = (chosen, rejected, chosen - rejected, (chosen > rejected).float())
+    return {name: v.detach().float().sum() for name, v in zip(REWARD_METRICS, values)}
+
+
+def reward(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Bradley-Terry reward model loss (the pair layout above); -> (sum over pairs, pairs, metrics)."""
+    c, r = pair_rewards(model, batch)
+    loss = bradley_terry_loss(c, r, batch.get("margin"), batch.get("center_coefficient"))
+    return loss.sum(), pairs(batch), reward_metrics(c, r)
+
+
+register_loss("reward", reward, reads=REWARD_READS)

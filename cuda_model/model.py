@@ -1,7 +1,8 @@
 """Full definition of the hanyeong decoder in PyTorch, all of it in this file.
 
 A Llama-family decoder built from `orchestration.core.spec.ModelSpec`: pre-RMSNorm, GQA attention with
-rotate-half RoPE, SwiGLU MLP, final norm, LM head (tied to the embedding or not). Attribute names
+rotate-half RoPE, SwiGLU MLP, final norm, LM head (tied to the embedding or not), or for a reward
+model (spec.head 'score') a scalar score head read at each row's last token. Attribute names
 are the Hugging Face Llama checkpoint names, so `state_dict()` is `model.safetensors` with no
 mapping (STYLE rule 4). Single-device code: no device strings, no parallelism (STYLE part 3.2).
 """
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hanyeong.errors import ConfigError
 from orchestration.core.spec import ModelSpec
 
 # SDPA grew enable_gqa in torch 2.5; before it, key/value heads are repeated by hand
@@ -218,13 +220,32 @@ class Model(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = LlamaModel(spec)
-        # tied: no lm_head module at all, so state_dict() has no lm_head.weight (as transformers saves)
+        reward = spec.head == "score"
+        # tied, or a reward model: no lm_head module at all, so state_dict() has no lm_head.weight
+        # (as transformers saves a tied LlamaForCausalLM and any LlamaForSequenceClassification)
         self.lm_head = (
-            None if spec.tie_embeddings else nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+            None
+            if spec.tie_embeddings or reward
+            else nn.Linear(spec.d_model, spec.vocab_size, bias=False)
         )
+        # a reward model's head, one score per sequence: LlamaForSequenceClassification's `score`
+        self.score = nn.Linear(spec.d_model, 1, bias=False) if reward else None
 
     def head_weight(self) -> torch.Tensor:
+        if self.score is not None:
+            raise ConfigError("this is a reward model (spec head 'score'): it scores sequences "
+                              "(rewards), it has no LM head to predict tokens with")  # fmt: skip
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def rewards(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int, last (B,) int: each row's scored position -> rewards (B,) fp32, the
+        score head on the final hidden state there (right padding after `last` is never seen)."""
+        if self.score is None:
+            raise ConfigError("this is a language model (spec head 'lm'): it has no score head to "
+                              "give rewards; train a reward stage (kind 'reward') from it")  # fmt: skip
+        h = self.model(tokens)  # (B, T, d_model)
+        h = h[torch.arange(tokens.shape[0], device=tokens.device), last]  # (B, d_model)
+        return self.score(h)[:, 0].float()
 
     def forward(
         self,
@@ -242,8 +263,8 @@ class Model(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Normal(0, 0.02); residual outputs (o_proj, down_proj) 0.02/sqrt(2·n_layers) as GPT-2 and
-        OLMo do; norms 1. Drawn on the CPU from one generator, so a seed gives the same weights on
-        every device."""
+        OLMo do; a score head spec.score_init_std; norms 1. Drawn on the CPU from one generator,
+        so a seed gives the same weights on every device."""
         generator = torch.Generator().manual_seed(seed)
         residual_std = 0.02 / math.sqrt(2 * self.spec.n_layers)
         for name, p in self.named_parameters():  # registration order: fixed by the spec
@@ -251,6 +272,7 @@ class Model(nn.Module):
                 p.fill_(1.0)
                 continue
             std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            std = self.spec.score_init_std if name == "score.weight" else std
             p.copy_(
                 torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
             )

@@ -24,6 +24,7 @@ from mlx_model import step as steps
 from mlx_model.losses import check_reads, get_loss, token_logprobs
 from mlx_model.model import Model
 from orchestration.core import generation
+from orchestration.core.backends import check_lengths
 from orchestration.core.batch import Batch
 from orchestration.core.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, SPEC_FILE, check_tensors,
                                       read_trainer_state, verify, write_trainer_state, writing)  # fmt: skip
@@ -44,23 +45,34 @@ def read_tensors(file: Path) -> dict[str, mx.array]:
 
 
 def sample(logits: mx.array, temperature: float, top_p: float, key: mx.array,
-           suppress: mx.array | None = None) -> mx.array:  # fmt: skip
-    """logits (B, V) fp32 -> next ids (B,): argmax at temperature 0, else nucleus sampling; ids
-    where `suppress` (V,) bool is True are never chosen (-inf before either)."""
+           suppress: mx.array | None = None, top_k: int = 0, uniforms: mx.array | None = None) -> mx.array:  # fmt: skip
+    """logits (B, V) fp32 -> next ids (B,): argmax at temperature 0, else sampling from the top_k
+    most likely ids (0: all) that hold top_p of the probability; ids where `suppress` (V,) bool is
+    True are never chosen (-inf before either). With `uniforms` (B,) in [0, 1) each row takes the id
+    where its uniform falls in the kept ids' CDF (core/generation.RowUniforms); else MLX draws from
+    `key`."""
     if suppress is not None:
         logits = mx.where(suppress, mx.array(float("-inf"), logits.dtype), logits)
     if temperature <= 0:
         return logits.argmax(axis=-1)
     logits = logits / temperature
-    if top_p >= 1.0:
+    if top_p >= 1.0 and not top_k and uniforms is None:
         return mx.random.categorical(logits, key=key)
     probs = mx.softmax(logits, axis=-1)
     order = mx.argsort(-probs, axis=-1)
     sorted_p = mx.take_along_axis(probs, order, axis=-1)
     # the smallest prefix reaching top_p (never empty)
     keep = mx.cumsum(sorted_p, axis=-1) - sorted_p < top_p
-    choice = mx.random.categorical(mx.log(sorted_p * keep), key=key)  # log 0 = -inf: never drawn
-    return mx.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    if top_k:
+        keep = keep & (mx.arange(probs.shape[-1]) < top_k)
+    if uniforms is None:
+        choice = mx.random.categorical(mx.log(sorted_p * keep), key=key)  # log 0 = -inf: never drawn
+        return mx.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    # The CDF runs over ids in their own order (see cuda_model/backend.py: robust to near-ties).
+    kept = probs * mx.put_along_axis(mx.zeros(keep.shape, keep.dtype), order, keep, axis=-1)
+    cdf = mx.cumsum(kept, axis=-1)
+    target = uniforms.astype(cdf.dtype)[:, None] * cdf[:, -1:]
+    return mx.minimum((cdf <= target).sum(axis=-1), probs.shape[-1] - 1)
 
 
 class MLXBackend:
@@ -150,6 +162,15 @@ class MLXBackend:
         logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # fp32, as token_logprobs
         return np.array(logp[mx.array(which.reshape(-1), mx.int32), mx.array(np.asarray(ids), mx.int32)])
 
+    def rewards(self, model: Model, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """float32 [B]: a reward model's score of each row of tokens int [B, T] (right padded), read
+        at its last token tokens[b, lengths[b] - 1]; columns past the longest row are not run."""
+        lengths = check_lengths(tokens, lengths)
+        if len(lengths) == 0:
+            return np.zeros(0, np.float32)
+        x = mx.array(np.asarray(tokens)[:, : int(lengths.max())], mx.int32)
+        return np.array(model.rewards(x, mx.array(lengths - 1, mx.int32)))
+
     def eval_loss(self, model: Model, batch: Batch, loss: str = "causal_lm") -> float:
         """Mean loss per counted target token, no gradient (DataError: the batch lacks an array
         the loss reads)."""
@@ -160,9 +181,11 @@ class MLXBackend:
     def generate(self, model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  stop_ids: Sequence[int] = (), allow_ids: Sequence[int] = (),
-                 suppress_ids: Sequence[int] | None = None) -> list[list[int]]:  # fmt: skip
+                 suppress_ids: Sequence[int] | None = None, row_seeds: Sequence[int] | None = None,
+                 top_k: int = 0) -> list[list[int]]:  # fmt: skip
         """New tokens per prompt (a stop id ends a row and is included), batched with a KV cache.
-        Special ids are never sampled but for stop and allowed ids (core/generation.py)."""
+        Special ids are never sampled but for stop and allowed ids (core/generation.py). With
+        `row_seeds` each row samples from its own stream (generation.sample_key); else one from `seed`."""
         if not prompts or max_new_tokens <= 0:
             return [[] for _ in prompts]
         spec = model.spec
@@ -170,13 +193,15 @@ class MLXBackend:
                                   stop_ids, allow_ids, suppress_ids)  # fmt: skip
         cache = model.new_cache(plan.capacity)
         key = mx.random.key(seed)
+        streams = generation.row_streams(row_seeds, len(prompts))
         x, seg = mx.array(plan.tokens, mx.int32), mx.array(plan.segments, mx.int32)
         suppress = mx.array(plan.suppress)
         rows = generation.Rows(len(prompts), stop_ids)
         for _ in range(max_new_tokens):
             h = model.model(x, seg, cache)[:, -1]  # (B, d_model): only the last position's logits
             key, sub = mx.random.split(key)
-            next_ids = sample(model.head(h).astype(mx.float32), temperature, top_p, sub, suppress)
+            uniforms = None if streams is None else mx.array(streams.next(), mx.float32)
+            next_ids = sample(model.head(h).astype(mx.float32), temperature, top_p, sub, suppress, top_k, uniforms)
             mx.eval(next_ids, cache.k, cache.v)  # keep the lazy graph one step long
             if rows.add(next_ids.tolist()):
                 break

@@ -169,3 +169,55 @@ def simper(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array, dict]:
 register_loss("dpo", dpo, reads=PAIR_READS + REFERENCE_READS)
 register_loss("ipo", ipo, reads=PAIR_READS + REFERENCE_READS)
 register_loss("simper", simper, reads=PAIR_READS)
+
+
+# ---- Bradley-Terry reward model: the pair layout of cuda_model/losses.py's `reward` ------------------
+# A reward model (spec.head 'score'); one PAIR per row, each sequence WHOLE: inputs/loss_mask [B, T]
+# the prompt + chosen answer up to its last answer token, right-padded, the mask 1 on the answer's
+# tokens OF INPUTS (the reward is read at the last of them: the row's last non-pad token);
+# rejected_inputs/rejected_mask the same for the rejected answer; optional margin [B] and
+# center_coefficient [B] (TRL's per-pair margin and center_rewards_coefficient).
+REWARD_READS = ("inputs", "loss_mask", "rejected_inputs", "rejected_mask")
+REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def last_positions(mask: mx.array) -> mx.array:
+    """(B, T) mask -> (B,) each row's last position with mask > 0 (0 in a row without one)."""
+    positions = mx.arange(mask.shape[1])
+    return mx.argmax(positions * (mask > 0), axis=-1)
+
+
+def pair_rewards(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array]:
+    """Rewards of the chosen and rejected answers, (B,) each, float32: one forward over the 2B
+    rows [chosen; rejected]."""
+    B = batch["inputs"].shape[0]
+    x = mx.concatenate([batch["inputs"], batch["rejected_inputs"]])
+    mask = mx.concatenate([batch["loss_mask"], batch["rejected_mask"]])
+    r = model.rewards(x, last_positions(mask))
+    return r[:B], r[B:]
+
+
+def bradley_terry_loss(chosen, rejected, margin=None, center_coefficient=None) -> mx.array:
+    """Per pair: -log sigmoid(r_c - r_r - margin) + c (r_c + r_r)^2 (TRL's RewardTrainer once
+    summed over a batch and divided by its pairs)."""
+    z = chosen - rejected if margin is None else chosen - rejected - margin
+    loss = -nn.log_sigmoid(z)
+    if center_coefficient is not None:
+        loss = loss + center_coefficient * (chosen + rejected) ** 2
+    return loss
+
+
+def reward_metrics(chosen: mx.array, rejected: mx.array) -> dict[str, mx.array]:
+    """REWARD_METRICS summed over the batch's pairs, no gradient through them."""
+    values = (chosen, rejected, chosen - rejected, (chosen > rejected).astype(mx.float32))
+    return {name: mx.stop_gradient(v.astype(mx.float32).sum()) for name, v in zip(REWARD_METRICS, values)}
+
+
+def reward(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array, dict]:
+    """Bradley-Terry reward model loss; -> (sum over pairs, pairs, metrics)."""
+    c, r = pair_rewards(model, batch)
+    loss = bradley_terry_loss(c, r, batch.get("margin"), batch.get("center_coefficient"))
+    return loss.sum(), pairs(batch), reward_metrics(c, r)
+
+
+register_loss("reward", reward, reads=REWARD_READS)

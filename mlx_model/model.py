@@ -1,7 +1,8 @@
 """Full definition of the hanyeong decoder in MLX, all of it in this file.
 
 A Llama-family decoder built from `orchestration.core.spec.ModelSpec`: pre-RMSNorm, GQA attention with
-rotate-half RoPE, SwiGLU MLP, final norm, LM head (tied to the embedding or not). Attribute names
+rotate-half RoPE, SwiGLU MLP, final norm, LM head (tied to the embedding or not), or for a reward
+model (spec.head 'score') a scalar score head read at each row's last token. Attribute names
 are the Hugging Face Llama checkpoint names, so `tree_flatten(model.parameters())` is
 `model.safetensors` with no mapping (STYLE rule 4). It reads as cuda_model/model.py with MLX in
 place of PyTorch; the fast kernels (`mx.fast.rms_norm`, `rope`, `scaled_dot_product_attention`)
@@ -16,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from hanyeong.errors import ConfigError
 from orchestration.core.spec import ModelSpec
 
 # RoPE positions: an offset (int, or (B,) per row) for the fast kernel, or (B, T) positions
@@ -195,13 +197,30 @@ class Model(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = LlamaModel(spec)
-        # tied: no lm_head module at all, so no lm_head.weight parameter (as transformers saves)
-        if not spec.tie_embeddings:
+        reward = spec.head == "score"
+        # tied, or a reward model: no lm_head module at all, so no lm_head.weight parameter (as
+        # transformers saves a tied LlamaForCausalLM and any LlamaForSequenceClassification)
+        if not (spec.tie_embeddings or reward):
             self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        if reward:  # one score per sequence: LlamaForSequenceClassification's `score`
+            self.score = nn.Linear(spec.d_model, 1, bias=False)
 
     def head(self, h: mx.array) -> mx.array:
         """Hidden states (..., d_model) -> logits (..., vocab)."""
+        if self.spec.head == "score":
+            raise ConfigError("this is a reward model (spec head 'score'): it scores sequences "
+                              "(rewards), it has no LM head to predict tokens with")  # fmt: skip
         return self.model.embed_tokens.as_linear(h) if self.spec.tie_embeddings else self.lm_head(h)
+
+    def rewards(self, tokens: mx.array, last: mx.array) -> mx.array:
+        """tokens (B, T) int, last (B,) int: each row's scored position -> rewards (B,) fp32, the
+        score head on the final hidden state there (right padding after `last` is never seen)."""
+        if self.spec.head != "score":
+            raise ConfigError("this is a language model (spec head 'lm'): it has no score head to "
+                              "give rewards; train a reward stage (kind 'reward') from it")  # fmt: skip
+        h = self.model(tokens)  # (B, T, d_model)
+        h = h[mx.arange(tokens.shape[0]), last]  # (B, d_model)
+        return self.score(h)[:, 0].astype(mx.float32)
 
     def __call__(
         self, tokens: mx.array, segment_ids: mx.array | None = None, cache: KVCache | None = None
@@ -215,7 +234,8 @@ class Model(nn.Module):
 
     def init_weights(self, seed: int) -> None:
         """Normal(0, 0.02); residual outputs (o_proj, down_proj) 0.02/sqrt(2·n_layers) as GPT-2 and
-        OLMo do; norms 1. One key per parameter in checkpoint order, so a seed fixes every weight."""
+        OLMo do; a score head spec.score_init_std; norms 1. One key per parameter in checkpoint
+        order, so a seed fixes every weight."""
         residual_std = 0.02 / math.sqrt(2 * self.spec.n_layers)
         params = tree_flatten(self.parameters())
         keys = mx.random.split(mx.random.key(seed), len(params))
@@ -225,6 +245,7 @@ class Model(nn.Module):
                 weights.append((name, mx.ones(p.shape, mx.float32)))
                 continue
             std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            std = self.spec.score_init_std if name == "score.weight" else std
             weights.append((name, std * mx.random.normal(p.shape, mx.float32, key=key)))
         self.update(tree_unflatten(weights))
         mx.eval(self.parameters())

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hanyeong.errors import ConfigError
+from hanyeong.errors import ConfigError, DataError
 from orchestration.core.batch import Batch
 from orchestration.core.optim import OptimConfig
 from orchestration.core.parallel import GROUP_PARALLELISMS
@@ -100,12 +100,22 @@ class Backend(Protocol):
     def eval_loss(self, model: Any, batch: Batch, loss: str = "causal_lm") -> float:
         """Mean loss per counted target token, no gradient."""
 
+    def rewards(self, model: Any, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """float32 [B]: a reward model's (spec.head 'score') score of each sequence, read at its last
+        token tokens[b, lengths[b] - 1]. tokens int [B, T], right padded (a position never sees
+        what follows it, so the padding's ids do not matter); lengths int [B] in 1..T. What
+        transformers' LlamaForSequenceClassification gives for the same rows padded with
+        pad_token_id. A language model is a ConfigError."""
+
     def generate(self, model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  stop_ids: Sequence[int] = (), allow_ids: Sequence[int] = (),
-                 suppress_ids: Sequence[int] | None = None) -> list[list[int]]:
-        """New tokens for each prompt (KV cache): greedy at temperature 0, else nucleus sampling.
-        Never samples a special id but the stop and allowed ones (core/generation.py)."""
+                 suppress_ids: Sequence[int] | None = None, row_seeds: Sequence[int] | None = None,
+                 top_k: int = 0) -> list[list[int]]:
+        """New tokens for each prompt (KV cache): greedy at temperature 0, else sampling (top_k, then
+        top_p). Never samples a special id but the stop and allowed ones (core/generation.py). With
+        `row_seeds` (generation.sample_key per row) a row's tokens depend on its key and its prompt
+        only, not on the batch; else one stream from `seed`."""
 
     def init_train_state(self, model: Any, optim: OptimConfig, seed: int = 0,
                          parallel: str | None = None) -> Any:
@@ -188,3 +198,17 @@ def default_backend() -> str:
     if platform.system() == "Darwin" and platform.machine() == "arm64" and importlib.util.find_spec("mlx"):
         return "mlx"
     return "torch"
+
+
+def check_lengths(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """`lengths` as int64 [B] after checking it against tokens [B, T] (rewards' arguments): one per
+    row, each in 1..T; a DataError says which is not."""
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    if tokens.ndim != 2 or lengths.shape != (tokens.shape[0],):
+        raise DataError(f"rewards: tokens must be [B, T] and lengths [B], got {tokens.shape} and "
+                        f"{lengths.shape}")  # fmt: skip
+    bad = np.flatnonzero((lengths < 1) | (lengths > tokens.shape[1]))
+    if len(bad):
+        raise DataError(f"rewards: row {bad[0]} has length {lengths[bad[0]]}, outside "
+                        f"1..{tokens.shape[1]}")  # fmt: skip
+    return lengths.astype(np.int64)

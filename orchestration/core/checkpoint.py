@@ -32,12 +32,16 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 INDEX_FILE = "checkpoint.json"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+SCORE = "score.weight"  # a reward model's head: LlamaForSequenceClassification's name
 
 
 def parameter_names(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor of `model.safetensors` with its shape: the Hugging Face Llama names.
 
     A tied model stores no `lm_head.weight` (as transformers does); loaders tie it to the embedding.
+    A reward model (spec.head 'score') stores `score.weight` [1, d_model] and no `lm_head.weight`,
+    as transformers' LlamaForSequenceClassification (num_labels=1) names and holds them: it never
+    predicts tokens, so it carries no vocab x d_model head.
     """
     d, kv, ff = spec.d_model, spec.n_kv_heads * spec.head_dim, spec.d_ff
     names: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, d)}
@@ -55,7 +59,9 @@ def parameter_names(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             p + "mlp.down_proj.weight": (d, ff),
         })  # fmt: skip
     names["model.norm.weight"] = (d,)
-    if not spec.tie_embeddings:
+    if spec.head == "score":
+        names[SCORE] = (1, d)
+    elif not spec.tie_embeddings:
         names["lm_head.weight"] = (spec.vocab_size, d)
     return names
 
@@ -178,7 +184,7 @@ def check_tensors(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], where: st
     expected = parameter_names(spec)
     missing = sorted(set(expected) - set(shapes))
     # a tied checkpoint written by a tool that saves the head anyway is accepted (it equals the embedding)
-    allowed = {"lm_head.weight"} if spec.tie_embeddings else set()
+    allowed = {"lm_head.weight"} if spec.tie_embeddings and spec.head == "lm" else set()
     extra = sorted(set(shapes) - set(expected) - allowed)
     wrong = sorted(n for n in set(expected) & set(shapes) if tuple(shapes[n]) != expected[n])
     problems = []
@@ -191,3 +197,26 @@ def check_tensors(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], where: st
         problems.append(f"{n} has shape {tuple(shapes[n])}, the spec says {expected[n]}")
     if problems:
         raise CheckpointError(f"{where}: weights do not match spec.json: " + "; ".join(problems))
+
+
+def with_score_head(source: str | Path, spec: ModelSpec, out: str | Path, seed: int) -> Path:
+    """A reward model's start at `out`: `source`'s weights (a language model's) without its LM head,
+    plus a fresh `score.weight` [1, d_model] drawn from N(0, spec.score_init_std) by numpy's
+    Generator(seed), so both backends start from the same head; `spec` says head 'score'. Written
+    atomically; no framework needed (safetensors' numpy API)."""
+    import numpy as np
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file, save_file
+
+    file = Path(source) / MODEL_FILE
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: cannot read the tensors ({err})") from None
+    tensors.pop("lm_head.weight", None)
+    draw = np.random.default_rng(seed).normal(0.0, spec.score_init_std, (1, spec.d_model))
+    tensors[SCORE] = draw.astype(np.float32)
+    check_tensors(spec, {k: tuple(v.shape) for k, v in tensors.items()}, str(file))
+    with writing(out, spec) as tmp:
+        save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt"})
+    return Path(out)

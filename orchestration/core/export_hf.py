@@ -2,6 +2,12 @@
 
 The checkpoint's tensor names already are the Llama ones, so the weights are copied as they are;
 only config.json (and the tokenizer files) are written. No framework is needed.
+
+A reward model (spec.head 'score') exports as LlamaForSequenceClassification with num_labels=1:
+its `score.weight` is that class's head, and pad_token_id ([PAD], 0) is how transformers finds the
+token it scores, the rightmost one that is not padding. Our rewards are read at the last answer
+token of rows that end there (orchestration/pipeline/reward_stage.py), padded after it with [PAD],
+which no text encodes to: the same token, so the same scores.
 """
 
 from __future__ import annotations
@@ -19,10 +25,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 PAD_ID, BOS_ID, EOS_ID, END_OF_TURN_ID = 0, 1, 2, 7
 
 
+def architecture(spec: ModelSpec) -> str:
+    """The transformers class an export of `spec` loads as."""
+    return "LlamaForSequenceClassification" if spec.head == "score" else "LlamaForCausalLM"
+
+
 def llama_config(spec: ModelSpec) -> dict:
-    """config.json of a LlamaForCausalLM with the spec's shape."""
+    """config.json of a LlamaForCausalLM (or, for a reward model, a LlamaForSequenceClassification
+    with one label) with the spec's shape."""
     config = {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [architecture(spec)],
         "model_type": "llama",
         "vocab_size": spec.vocab_size,
         "hidden_size": spec.d_model,
@@ -45,6 +57,8 @@ def llama_config(spec: ModelSpec) -> dict:
         "eos_token_id": [EOS_ID, END_OF_TURN_ID],
         "torch_dtype": "float32",
     }
+    if spec.head == "score":  # num_labels = 1, as transformers writes it; no LM head to tie
+        config |= {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "tie_word_embeddings": False}
     if spec.rope_scaling is not None:
         scaling = spec.rope_scaling
         config["rope_scaling"] = (
@@ -62,7 +76,8 @@ def llama_config(spec: ModelSpec) -> dict:
 
 
 def export_hf(ckpt: str | Path, out: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write `out` (atomically): config.json, generation_config.json, model.safetensors, tokenizer files."""
+    """Write `out` (atomically): config.json, generation_config.json (language models),
+    model.safetensors, tokenizer files."""
     ckpt, out = Path(ckpt), Path(out)
     spec = checkpoint.load_spec(ckpt)
     if tokenizer_dir is not None:
@@ -79,8 +94,9 @@ def export_hf(ckpt: str | Path, out: str | Path, tokenizer_dir: str | Path | Non
     tmp.mkdir(parents=True)
     try:
         (tmp / "config.json").write_text(json.dumps(llama_config(spec), indent=2) + "\n", encoding="utf-8")
-        generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, END_OF_TURN_ID], "pad_token_id": PAD_ID}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        if spec.head == "lm":  # a reward model does not generate
+            generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, END_OF_TURN_ID], "pad_token_id": PAD_ID}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(ckpt / checkpoint.MODEL_FILE, tmp / "model.safetensors")
         for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
             shutil.copyfile(tokenizer_dir / name, tmp / name)

@@ -110,3 +110,37 @@ class Rows:
                 self.tokens[i].append(int(t))
                 self.done[i] = t in self.stop
         return all(self.done)
+
+
+# ---- per-row random streams: a sample's tokens independent of its batch ------------------------
+
+
+def sample_key(seed: int, prompt: int, sample: int) -> int:
+    """The 128-bit key of sample `sample` of prompt `prompt` under `seed` (blake2b of the three):
+    the same in every process, batch and machine."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}/{prompt}/{sample}".encode(), digest_size=16).digest()
+    return int.from_bytes(digest, "little")
+
+
+class RowUniforms:
+    """One uniform in [0, 1) per row per step, each row from its own Philox stream (keyed by
+    `sample_key`): sampling by inverse CDF with these makes a row's tokens a function of its key and
+    its own logits only, whatever rows share its batch."""
+
+    def __init__(self, keys: Sequence[int]):
+        self.streams = [np.random.Generator(np.random.Philox(key=int(k))) for k in keys]
+
+    def next(self) -> np.ndarray:
+        """float64 [B]: the next uniform of every row."""
+        return np.array([s.random() for s in self.streams])
+
+
+def row_streams(row_seeds: Sequence[int] | None, rows: int) -> RowUniforms | None:
+    """The rows' uniform streams (None without keys); ConfigError unless one key per row."""
+    if row_seeds is None:
+        return None
+    if len(row_seeds) != rows:
+        raise ConfigError(f"generate: {len(row_seeds)} row_seeds for {rows} prompts; give one per prompt")
+    return RowUniforms(row_seeds)

@@ -18,6 +18,7 @@ from hanyeong.errors import ConfigError
 from orchestration.core.config import build
 
 ROPE_SCALING_TYPES = ("linear", "llama3")
+HEADS = ("lm", "score")  # what the decoder's last hidden states feed: next-token logits, or one score
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ class ModelSpec:
     """Share the token embedding with the LM head (EXAONE 3.5 2.4B does)."""
     rope_scaling: RopeScaling | None = None
     """Optional RoPE scaling for context beyond pretraining length."""
+    head: str = "lm"
+    """'lm': next-token logits (`lm_head`, or the tied embedding). 'score': a reward model, one
+    scalar per sequence read at its last token (`score.weight` [1, d_model], transformers'
+    LlamaForSequenceClassification with num_labels=1); it has no LM head (see checkpoint.py)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -89,10 +94,20 @@ class ModelSpec:
             raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps}")
         if not isinstance(self.tie_embeddings, bool):
             raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        if self.head not in HEADS:
+            raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def score_init_std(self) -> float:
+        """Std of a fresh score head: 1/sqrt(d_model + 1), the reward head of OpenAI's
+        lm-human-preferences (Ziegler et al. 2019): with unit-RMS final hidden states the first
+        rewards are ~N(0, 1) at any width, so the decoder gets gradients from the first step
+        (a zero head would give it none until the head has moved)."""
+        return 1.0 / math.sqrt(self.d_model + 1)
 
     # ---- size and cost -------------------------------------------------------------------------
 
@@ -101,7 +116,10 @@ class ModelSpec:
         d, kv = self.d_model, self.n_kv_heads * self.head_dim
         attention = 2 * d * d + 2 * d * kv  # q, o: d x d; k, v: d x kv
         block = attention + 3 * d * self.d_ff + 2 * d  # SwiGLU gate/up/down, two RMSNorm weights
-        head = 0 if self.tie_embeddings else self.vocab_size * d
+        if self.head == "score":
+            head = d  # score.weight [1, d]; a reward model keeps no LM head
+        else:
+            head = 0 if self.tie_embeddings else self.vocab_size * d
         total = self.n_layers * block + d + head  # + final norm
         return total + (self.vocab_size * d if embeddings else 0)
 
@@ -177,7 +195,12 @@ class ModelSpec:
     # ---- serialization -------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields by name; `head` only when not 'lm', so a language model's spec.json is what it
+        was before heads existed (its bytes key reference caches and stage identities)."""
+        data = asdict(self)
+        if data["head"] == "lm":
+            del data["head"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "spec") -> ModelSpec:

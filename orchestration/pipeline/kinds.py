@@ -6,6 +6,7 @@
     dpo       dpo        preference             one (chosen, rejected) pair per row, padded
     ipo       ipo        preference             the same; IPO's squared, length-averaged objective
     simper    simper     preference             the same; SimPER (no reference model)
+    reward    reward     preference             the same, each answer whole; a reward model (score head)
 
 A kind names the backend loss it trains with, the dataset formats its `[stage.data]` sources may
 have (orchestration/data/manifest.py's DATASET_FORMATS), whether its rows hold whole documents, and
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 
 from hanyeong.errors import ConfigError
 from orchestration.core.batch import Batch
+from orchestration.core.spec import HEADS
 from orchestration.data.manifest import DATASET_FORMATS
 
 
@@ -77,6 +79,11 @@ class StageKind:
     directories."""
     tables: tuple[str, ...] = ()
     """Optional `[stage.<table>]` tables of its own that its stages may set (e.g. 'preference')."""
+    head: str = "lm"
+    """The head of the model its stages train (ModelSpec.head): 'lm', or 'score' (a reward model).
+    A stage starting from a model with the other head gets it converted (orchestration/pipeline/
+    stage.py start_model: an LM gets a fresh score head), or refused (a reward model cannot
+    become a language model)."""
     prepare: Callable[..., list | None] | None = None
     """`prepare(run, recipe, init_from)`, called by run_stage once the model and loader are ready and
     before the first step: what the kind computes up front (preference kinds: the reference
@@ -95,6 +102,9 @@ def register_kind(kind: StageKind) -> None:
         raise ConfigError(
             f"stage kind {kind.name!r}: formats must be some of {known}, got {list(kind.formats)}"
         )
+    if kind.head not in HEADS:
+        raise ConfigError(f"stage kind {kind.name!r}: head must be one of {', '.join(HEADS)}, "
+                          f"got {kind.head!r}")  # fmt: skip
     KINDS[kind.name] = kind
 
 
@@ -130,3 +140,22 @@ def prepare_pairs(run, recipe, init_from: str | None) -> list:
 for _name in ("dpo", "ipo", "simper"):  # [stage.preference] sets beta, label_smoothing, sft_weight
     register_kind(StageKind(_name, loss=_name, formats=("preference",), whole_documents=True,
                             loader=pair_loader, tables=("preference",), prepare=prepare_pairs))  # fmt: skip
+
+
+def reward_loader(mixture, seq_len: int, rows: int, seed: int) -> Loader:
+    """Whole preference pairs as a reward model scores them (orchestration/pipeline/reward_stage.py)."""
+    from orchestration.pipeline.reward_stage import RewardLoader
+
+    return RewardLoader(mixture, seq_len, rows, seed)
+
+
+def prepare_rewards(run, recipe, init_from: str | None) -> list:
+    """The held-back pairs and per-row settings of a reward stage (orchestration/pipeline/reward_stage.py)."""
+    from orchestration.pipeline.reward_stage import prepare_rewards as prepare
+
+    return prepare(run, recipe, init_from)
+
+
+# [stage.reward] sets center_rewards_coefficient and held_out
+register_kind(StageKind("reward", loss="reward", formats=("preference",), whole_documents=True,
+                        loader=reward_loader, tables=("reward",), head="score", prepare=prepare_rewards))  # fmt: skip

@@ -108,11 +108,17 @@ def stage_specs(recipe: Recipe) -> list[ModelSpec]:
 
 
 def apply_overrides(spec: ModelSpec, stage, label: str) -> ModelSpec:
-    """`spec` with the stage's rope_theta and max_seq_len; its sequence lengths must fit. Errors
-    start with `label` ("stage 1 'name'")."""
+    """`spec` with the stage's rope_theta and max_seq_len, and its kind's head (a reward stage's
+    model is a reward model); its sequence lengths must fit. Errors start with `label` ("stage 1
+    'name'")."""
     changes = {
         k: getattr(stage, k) for k in ("rope_theta", "max_seq_len") if getattr(stage, k) is not None
     }
+    if spec.head != stage.stage_kind.head:
+        if spec.head == "score":  # its LM head is gone (orchestration/pipeline/reward_stage.py)
+            raise ConfigError(f"{label}: starts from a reward model (a score head, no LM head); a "
+                              f"{stage.kind!r} stage trains a language model: start it from one")  # fmt: skip
+        changes["head"] = stage.stage_kind.head
     try:
         spec = spec.replace(**changes) if changes else spec
     except ConfigError as err:

@@ -249,7 +249,7 @@ def start_model(backend, recipe, index: int, init_from: str | None, directory: P
     if spec != saved:
         out = directory / "start"
         if main:  # one writer; the others wait for it (the same content, so any rank may read it)
-            respec(source, spec, out)
+            respec(source, spec, out, seed=recipe.run.seed + index)
         else:
             wait_for(out / checkpoint.INDEX_FILE)
         source = out
@@ -265,9 +265,12 @@ def wait_for(path: Path, seconds: float = 300.0) -> None:
         time.sleep(0.05)
 
 
-def respec(source: str | Path, spec, out: Path) -> Path:
+def respec(source: str | Path, spec, out: Path, seed: int = 0) -> Path:
     """A checkpoint at `out` with `source`'s weights (hard-linked, or copied) and a new spec.json:
-    rope_theta and max_seq_len change no tensor, so no framework is needed."""
+    rope_theta and max_seq_len change no tensor, so no framework is needed. A language model made a
+    reward model (spec.head 'score') loses its LM head and gets a score head drawn from `seed`."""
+    if spec.head != checkpoint.load_spec(source).head:
+        return checkpoint.with_score_head(source, spec, out, seed)
     with checkpoint.writing(out, spec) as tmp:
         weights = Path(source) / checkpoint.MODEL_FILE
         try:

@@ -27,6 +27,7 @@ from orchestration.core.parallel import PARALLELISMS
 from orchestration.data.loader import MixtureConfig
 from orchestration.pipeline.kinds import KINDS, StageKind, get_kind, mixture_loader
 from orchestration.pipeline.preference_stage import PreferenceSettings
+from orchestration.pipeline.reward_stage import RewardSettings
 from orchestration.pipeline.stage_eval import StageEvalConfig
 
 STARTS = ("init", "previous")  # anything else is a checkpoint path
@@ -139,6 +140,9 @@ class StageConfig:
     preference: PreferenceSettings | None = None
     """`[stage.preference]`: beta, label_smoothing, sft_weight of the preference kinds (dpo, ipo,
     simper); None: their defaults. Left out of other stages' tables, so their identities stay."""
+    reward: RewardSettings | None = None
+    """`[stage.reward]`: center_rewards_coefficient and held_out of a reward stage; None: their
+    defaults. Left out of other stages' tables."""
     eval: StageEvalConfig | None = None
     """`[stage.eval]`: validation loss and benchmark tasks every N tokens and at the end
     (orchestration/pipeline/stage_eval.py); None: no evaluation. Not part of the stage's identity,
@@ -168,6 +172,12 @@ class StageConfig:
             takes = [k.name for k in KINDS.values() if "preference" in k.tables]
             raise ConfigError(f"preference: [stage.preference] is for kinds {', '.join(takes)}, not "
                               f"{kind.name!r}")  # fmt: skip
+        if self.reward is not None and "reward" not in kind.tables:
+            takes = [k.name for k in KINDS.values() if "reward" in k.tables]
+            raise ConfigError(f"reward: [stage.reward] is for kinds {', '.join(takes)}, not {kind.name!r}")
+        if kind.head != "lm" and self.eval is not None and self.eval.tasks:
+            raise ConfigError(f"eval.tasks: benchmark tasks score a language model; a {kind.name!r} stage trains a "
+                              "reward model (its held-back pairs are scored instead)")  # fmt: skip
         self._resolve_hold_out(kind)
         if kind.whole_documents and self.data.split_documents:
             raise ConfigError(f"data.split_documents must be false for kind {kind.name!r}: its rows "

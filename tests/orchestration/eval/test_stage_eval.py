@@ -104,3 +104,19 @@ def test_validation_loss_scores_the_held_out_documents(tmp_path, hold_out):
     cut = [np.array(docs[[d[1] for d in docs].index(tag)][:21]) for tag in scored]  # seq_len + 1 tokens
     nats = [-backend.logprobs(model, Batch(d[None, :-1], d[None, 1:])).sum() for d in cut]
     assert loss == pytest.approx(sum(nats) / sum(len(d) - 1 for d in cut), abs=1e-5)
+
+
+def test_a_reward_stage_takes_no_benchmark_tasks_and_other_kinds_no_reward_table():
+    tables = quickstart_tables()
+    dpo = next(i for i, stage in enumerate(tables["stage"]) if stage["kind"] == "dpo")
+    reward = copy.deepcopy(tables)
+    reward["stage"][dpo]["kind"] = "reward"
+    del reward["stage"][dpo]["preference"]
+    with pytest.raises(ConfigError, match=r"eval.tasks: benchmark tasks score a language model; a 'reward' stage"):
+        identities(reward)
+    reward["stage"][dpo]["eval"]["tasks"] = ""
+    reward["stage"][dpo]["reward"] = {"center_rewards_coefficient": 0.01}
+    assert len(identities(reward)) == len(tables["stage"])
+    tables["stage"][0]["reward"] = {}
+    with pytest.raises(ConfigError, match=r"reward: \[stage.reward\] is for kinds reward, not 'pretrain'"):
+        identities(tables)
