@@ -1,4 +1,5 @@
-"""`hanyeong model ...`: init, plan, export-hf, inspect, generate (orchestration/eval/cli.py).
+"""`hanyeong model ...`: init, plan, export-hf, inspect, average, upscale, generate
+(orchestration/eval/cli.py).
 
 Commands parse options, make one library call and print a summary; frameworks are imported inside
 the command bodies so `hanyeong --help` stays fast.
@@ -102,18 +103,22 @@ def export_hf(
     tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="hanyeong tokenizer directory to include "
                                           "(default: the tokenizer of the run CKPT was trained in)."),
 ) -> None:
-    """Export a checkpoint as a Llama directory that transformers and mlx-lm load."""
+    """Export a checkpoint as a Llama directory that transformers and mlx-lm load (a reward model:
+    LlamaForSequenceClassification)."""
+    from orchestration.core.checkpoint import load_spec
+    from orchestration.core.export_hf import architecture
     from orchestration.core.export_hf import export_hf as export
     from orchestration.pipeline.run_manifest import run_tokenizer
 
     found = tokenizer or run_tokenizer(ckpt)
     export(ckpt, out, found)
+    kind = architecture(load_spec(ckpt))  # LlamaForCausalLM, or a reward model's LlamaForSequenceClassification
     if found is None:
-        typer.echo(f"wrote {out}: LlamaForCausalLM without a tokenizer ({ckpt} is not in a run directory "
+        typer.echo(f"wrote {out}: {kind} without a tokenizer ({ckpt} is not in a run directory "
                    f"that has one), so AutoTokenizer cannot load it; add one: hanyeong model export-hf {ckpt} {out} "
                    "--tokenizer DIR")  # fmt: skip
     else:
-        typer.echo(f"wrote {out}: LlamaForCausalLM with the tokenizer {found}")
+        typer.echo(f"wrote {out}: {kind} with the tokenizer {found}")
 
 
 @app.command()
@@ -128,3 +133,45 @@ def inspect(ckpt: Path = typer.Argument(..., help="Checkpoint directory.")) -> N
     if checkpoint.has_training_state(ckpt):
         state = checkpoint.read_trainer_state(ckpt)
         typer.echo(f"training state: step {state.get('step')}, {state.get('tokens_seen', 0):,} tokens seen")
+
+
+@app.command()
+def average(
+    ckpts: list[Path] = typer.Argument(..., help="Checkpoints of one spec (for ema: oldest first)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory of the merged checkpoint."),
+    method: str = typer.Option("linear", help="linear (weighted mean), ema (moving average in order), slerp "
+                               "(of the task vectors from --base), warp (slerp, then toward --base by --eta)."),
+    weights: str | None = typer.Option(None, help="linear: one weight per checkpoint, comma-separated "
+                                       "(normalised to sum 1); default uniform."),
+    ema: float = typer.Option(0.1, help="ema: the weight of each newer checkpoint."),
+    t: float = typer.Option(0.5, help="slerp/warp with two checkpoints: 0 gives the first, 1 the second."),
+    eta: float = typer.Option(0.5, help="warp: how far from --base toward the slerp (LITI)."),
+    base: Path | None = typer.Option(None, help="slerp/warp: the checkpoint the others started from."),
+) -> None:
+    """Average checkpoints' weights (Llama 3.1's model averaging; Gemma 2's WARP: SLERP of task vectors,
+    then interpolation toward the start)."""
+    from hanyeong.errors import ConfigError
+    from orchestration.core.merge import average as merge
+
+    try:
+        parsed = None if weights is None else [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise ConfigError(f"weights: comma-separated numbers, got {weights!r}") from None
+    merge(ckpts, out, method=method, weights=parsed, alpha=ema, t=t, eta=eta, base=base)
+    typer.echo(f"wrote {out}: {method} of {len(ckpts)} checkpoints" + (f" from {base}" if base else ""))
+
+
+@app.command()
+def upscale(
+    ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
+    layers: str = typer.Option(..., help="Layer ranges START:END, in the new order: SOLAR's 0:24,8:32."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory of the up-scaled checkpoint."),
+) -> None:
+    """Depth up-scaling (SOLAR): stack copies of the given layer ranges into a deeper model."""
+    from orchestration.core.checkpoint import load_spec
+    from orchestration.core.upscale import upscale as deepen
+
+    before = load_spec(ckpt)
+    after = load_spec(deepen(ckpt, layers, out))
+    typer.echo(f"wrote {out}: {before.n_layers} -> {after.n_layers} layers, {before.parameter_count():,} -> "
+               f"{after.parameter_count():,} parameters")
