@@ -97,7 +97,15 @@ def _first(record: dict, names: tuple[str, ...]):
 
 
 def conversation(record: object, config: ChatConfig) -> tuple[list[dict] | None, str | None]:
-    """A record as `[{"role", "content"}, ...]`, or None and the reason it is not a conversation."""
+    """A record as `[{"role", "content"}, ...]`, or None and the reason it is not a conversation
+    to train on."""
+    messages, reason = turns_of(record, config)
+    reason = reason or check_conversation(messages)
+    return (None, reason) if reason else (messages, None)
+
+
+def turns_of(record: object, config: ChatConfig) -> tuple[list[dict] | None, str | None]:
+    """A record's turns, whatever their content (a prompt may lack the answer), or None and why."""
     if not isinstance(record, dict):
         return None, "not a record"
     turns = _first(record, config.messages_fields)
@@ -123,8 +131,7 @@ def conversation(record: object, config: ChatConfig) -> tuple[list[dict] | None,
     system = system if isinstance(system, str) and system else config.system_prompt
     if system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
-    reason = check_conversation(messages)
-    return (None, reason) if reason else (messages, None)
+    return messages, None
 
 
 def _turns(turns: object, config: ChatConfig) -> tuple[list[dict] | None, str | None]:

@@ -85,22 +85,37 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int):
 def generate_command(
     ckpt: Path = typer.Argument(..., help="Checkpoint directory."),
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="A prompt (repeat for several)."),
-    prompts: Path | None = typer.Option(None, "--prompts", help="A file of prompts, one a line."),
-    chat: bool = typer.Option(False, "--chat", help="Each prompt is a user turn of the chat template."),
-    system: str | None = typer.Option(None, help="System turn (with --chat)."),
-    max_new_tokens: int = typer.Option(128, help="Most new tokens per prompt."),
-    temperature: float = typer.Option(0.0, help="0: greedy; above: sampling at this temperature."),
+    prompts: Path | None = typer.Option(None, "--prompts", help="A file of prompts: one a line; with --out any "
+                                        "prompt dataset (jsonl/json/csv/parquet/txt, .gz): `prompt` fields or "
+                                        "conversations, whose last user turn is asked."),
+    chat: bool = typer.Option(False, "--chat", help="Each plain prompt is a user turn of the chat template."),
+    system: str | None = typer.Option(None, help="System turn (with --chat, without --out)."),
+    max_new_tokens: int = typer.Option(128, help="Most new tokens per answer."),
+    temperature: float | None = typer.Option(None, help="0: greedy; above: sampling at this temperature "
+                                             "(default: 0, with --out 1)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling: keep this much probability."),
+    top_k: int = typer.Option(0, help="With --out: sample from the k most likely tokens (0: all)."),
     seed: int = typer.Option(0, help="Seeds sampling."),
+    n: int = typer.Option(1, "--n", help="With --out: answers per prompt."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write a Parquet dataset of prompts and answers "
+                                    "here (resumable: run again to finish a killed job)."),
+    workers: int = typer.Option(1, help="With --out: Ray actors sampling, one model each."),
+    address: str | None = typer.Option(None, help="With --out: the Ray cluster to sample on (default: this "
+                                       "machine)."),
+    limit: int | None = typer.Option(None, help="With --out: the first N prompts only."),
     backend: str = typer.Option("torch", help="torch or mlx."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="Tokenizer directory "
                                           "(default: the tokenizer of the run CKPT was trained in)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON line per prompt: prompt and completion."),
 ) -> None:
-    """Complete prompts given as arguments or in a file (one batch)."""
+    """Complete prompts given as arguments or in a file (one batch), or with --out sample N answers per
+    prompt of a dataset into Parquet (a resumable job over Ray actors)."""
     from hanyeong.errors import ConfigError
     from orchestration.eval.talk import Talker
 
+    if out is not None:
+        return generate_job(ckpt, prompts, out, n, temperature, top_p, top_k, max_new_tokens, seed, chat, workers,
+                            address, limit, backend, tokenizer, prompt)  # fmt: skip
     texts = list(prompt)
     if prompts is not None:
         try:
@@ -114,7 +129,8 @@ def generate_command(
             raise ConfigError(f"{prompts}: no prompt in it (one a line)")
     if not texts:
         raise ConfigError("give --prompt TEXT or --prompts FILE")
-    talker = Talker.load(ckpt, backend, tokenizer, _sampling(max_new_tokens, temperature, top_p, seed))
+    sampling = _sampling(max_new_tokens, temperature or 0.0, top_p, seed)
+    talker = Talker.load(ckpt, backend, tokenizer, sampling)
     for text, completion in zip(texts, talker.complete(texts, chat=chat, system=system)):
         if as_json:
             typer.echo(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False))
@@ -122,6 +138,24 @@ def generate_command(
             typer.echo(f"{text}{completion}" if not chat else completion)
             if len(texts) > 1:
                 typer.echo("")
+
+
+def generate_job(ckpt, prompts, out, n, temperature, top_p, top_k, max_new_tokens, seed, chat, workers, address,
+                 limit, backend, tokenizer, prompt) -> None:  # fmt: skip
+    """`model generate --out`: the generation job (orchestration/sampling/job.py)."""
+    from hanyeong.errors import ConfigError
+    from orchestration.sampling.job import GenerateConfig, generate_dataset
+
+    if prompts is None or prompt:
+        raise ConfigError("--out samples a prompt dataset: give --prompts FILE (not --prompt)")
+    config = GenerateConfig(n=n, temperature=1.0 if temperature is None else temperature, top_p=top_p, top_k=top_k,
+                            max_new_tokens=max_new_tokens, seed=seed, chat=chat, workers=workers, backend=backend,
+                            limit=limit)  # fmt: skip
+    manifest = generate_dataset(ckpt, [prompts], out, config, tokenizer, address)
+    reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(manifest["finish_reasons"].items()))
+    skipped = sum(manifest["skipped"].values())
+    typer.echo(f"wrote {out}: {manifest['rows']:,} answers to {manifest['prompts_read']:,} prompts ({reasons}; "
+               f"{manifest['answer_tokens']:,} tokens)" + (f"; {skipped:,} records skipped, not prompts" if skipped else ""))
 
 
 def chat_command(

@@ -1,0 +1,212 @@
+"""Generation as a job: prompt datasets, per-sample random streams (answers independent of batching,
+worker count and a kill), Parquet output, resume, and one clear line per bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+
+import pytest
+
+from hanyeong.errors import ConfigError, DataError
+from orchestration.sampling.prompts import read_prompts
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def test_prompts_of_every_layout(tmp_path):
+    records = [
+        {"prompt": "Once upon a time"},                                                  # plain
+        {"question": "2 + 3?", "answer": "#### 5"},                                       # Q/A: reference kept
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "안녕?"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},  # fmt: skip
+        {"instruction": "Translate", "input": "고양이"},                                   # no output: a prompt
+        {"messages": [{"role": "assistant", "content": "no user"}]},                       # skipped
+        {"prompt": "  "},                                                                  # skipped
+        {"other": 1},                                                                      # skipped
+    ]
+    prompts, skipped = read_prompts([write_jsonl(tmp_path / "p.jsonl", records)])
+    assert [p.index for p in prompts] == [0, 1, 2, 3, 4]
+    assert prompts[0].text == "Once upon a time" and prompts[0].messages is None
+    assert prompts[1].messages == ({"role": "user", "content": "2 + 3?"},) and prompts[1].reference == "#### 5"
+    assert [m["role"] for m in prompts[2].messages] == ["system", "user"] and prompts[2].reference is None
+    assert [m["content"] for m in prompts[3].messages] == ["a", "b", "c"] and prompts[3].reference == "d"
+    assert prompts[4].messages == ({"role": "user", "content": "Translate\n\n고양이"},)
+    assert skipped == Counter({"no user turn": 1, "empty prompt": 1, "no conversation fields": 1})
+    chat, _ = read_prompts([str(tmp_path / "p.jsonl")], chat=True, limit=1)
+    assert chat[0].messages == ({"role": "user", "content": "Once upon a time"},) and len(chat) == 1
+
+
+def test_text_lines_and_gzip(tmp_path):
+    (tmp_path / "a.txt").write_text("first\n\nsecond\n", encoding="utf-8")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": "third"}) + "\n")
+    prompts, _ = read_prompts([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl.gz")])
+    assert [p.text for p in prompts] == ["first", "second", "third"]
+
+
+def test_no_prompts_is_one_line(tmp_path):
+    with pytest.raises(DataError, match=r"p.jsonl: no prompts \(1 no conversation fields\)$"):
+        read_prompts([write_jsonl(tmp_path / "p.jsonl", [{"x": 1}])])
+
+
+def test_sample_keys_differ_by_every_part():
+    from orchestration.core.generation import RowUniforms, sample_key
+
+    keys = {sample_key(s, p, j) for s in range(3) for p in range(3) for j in range(3)}
+    assert len(keys) == 27
+    a, b = RowUniforms([sample_key(0, 1, 2), sample_key(0, 1, 3)]), RowUniforms([sample_key(0, 1, 2)])
+    first = [a.next() for _ in range(3)]
+    assert [x[0] for x in first] == [b.next()[0] for _ in range(3)]  # a row's stream ignores its neighbours
+    assert all(0 <= u < 1 for x in first for u in x) and first[0][0] != first[0][1]
+
+
+def test_bad_settings_are_one_line():
+    from orchestration.sampling.job import GenerateConfig
+
+    for kwargs, message in [({"n": 0}, "^n must be a positive integer"), ({"top_p": 0}, r"^top_p must be in \(0, 1\]"),
+                            ({"temperature": -1}, "^temperature must be 0 or more"), ({"stop": ()}, "^stop: at least one")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            GenerateConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from orchestration.core.backends import get_backend
+    from orchestration.core.spec import ModelSpec
+
+    spec = ModelSpec(vocab_size=600, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=96)
+    return spec
+
+
+@pytest.mark.parametrize("name", ["torch", "mlx"])
+def test_row_seeded_samples_do_not_depend_on_the_batch(tiny_model, name):
+    from orchestration.core.backends import get_backend
+    from orchestration.core.generation import sample_key
+
+    if name == "mlx":
+        pytest.importorskip("mlx.core")
+    backend = get_backend(name)
+    model = backend.init(tiny_model, seed=3)
+    prompts = [[1, 400, 401, 402], [1, 500], [1, 300, 301, 302, 303, 304, 305], [1, 450, 451]]
+    keys = [sample_key(7, i, 0) for i in range(len(prompts))]
+    kwargs = {"temperature": 1.0, "top_p": 0.9, "top_k": 50}
+    together = backend.generate(model, prompts, 12, row_seeds=keys, **kwargs)
+    alone = [backend.generate(model, [p], 12, row_seeds=[k], **kwargs)[0] for p, k in zip(prompts, keys)]
+    reordered = backend.generate(model, prompts[::-1], 12, row_seeds=keys[::-1], **kwargs)[::-1]
+    assert together == alone == reordered
+    other = backend.generate(model, prompts, 12, row_seeds=[sample_key(8, i, 0) for i in range(4)], **kwargs)
+    assert other != together  # another seed, other samples
+    with pytest.raises(ConfigError, match="2 row_seeds for 4 prompts"):
+        backend.generate(model, prompts, 4, row_seeds=keys[:2], **kwargs)
+
+
+def test_top_k_one_is_greedy(tiny_model):
+    from orchestration.core.backends import get_backend
+    from orchestration.core.generation import sample_key
+
+    backend = get_backend("torch")
+    model = backend.init(tiny_model, seed=3)
+    prompts = [[1, 400, 401, 402], [1, 500]]
+    greedy = backend.generate(model, prompts, 10)
+    assert backend.generate(model, prompts, 10, temperature=1.0, top_k=1,
+                            row_seeds=[sample_key(0, i, 0) for i in range(2)]) == greedy  # fmt: skip
+
+
+# ---- the job ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def job_inputs(tmp_path_factory, small_tokenizer_dir):
+    """A tiny model of the small tokenizer's vocabulary and a prompt file of both kinds."""
+    from orchestration.core.backends import get_backend
+    from orchestration.core.spec import ModelSpec
+    from tokenizer.bbpe import BBPETokenizer
+
+    root = tmp_path_factory.mktemp("job")
+    vocab = BBPETokenizer.load(small_tokenizer_dir).vocab_size
+    spec = ModelSpec(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128)
+    backend = get_backend("torch")
+    backend.save(backend.init(spec, seed=1), root / "ckpt")
+    records = [{"prompt": f"이야기 {i}: 옛날 옛적에"} for i in range(4)]
+    records += [{"question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"} for i in range(4)]
+    records += [{"messages": [{"role": "user", "content": "영화 어땠어요?"}]}, {"broken": True}]
+    return root / "ckpt", write_jsonl(root / "prompts.jsonl", records), small_tokenizer_dir
+
+
+def job_rows(out) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out, columns=None).to_pylist() if out.is_file() else None
+    rows = table or [r for p in sorted(out.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    return sorted(rows, key=lambda r: (r["prompt_index"], r["sample"]))
+
+
+def run_job(job_inputs, out, **kwargs):
+    from orchestration.sampling.job import GenerateConfig, generate_dataset
+
+    ckpt, prompts, tokenizer = job_inputs
+    settings = {"n": 3, "max_new_tokens": 10, "top_p": 0.95, "prompts_per_part": 4, "batch_rows": 5} | kwargs
+    return generate_dataset(ckpt, [prompts], out, GenerateConfig(**settings), tokenizer, progress=False)
+
+
+def test_a_job_writes_n_answers_per_prompt_with_their_provenance(job_inputs, tmp_path):
+    manifest = run_job(job_inputs, tmp_path / "gen")
+    rows = job_rows(tmp_path / "gen")
+    assert manifest["rows"] == len(rows) == 27 and manifest["prompts_read"] == 9
+    assert manifest["skipped"] == {"no conversation fields": 1}
+    assert manifest["sampling"]["n"] == 3 and len(manifest["checkpoint_sha256"]) == 64
+    assert sorted({r["prompt_index"] for r in rows}) == list(range(9))
+    assert [r["sample"] for r in rows[:3]] == [0, 1, 2]
+    assert rows[4 * 3]["reference"] == "#### 0" and json.loads(rows[4 * 3]["prompt"])[0]["content"] == "What is 0 + 0?"
+    for r in rows:
+        assert r["answer_tokens"] == len(r["answer_ids"]) <= 10
+        assert r["finish_reason"] == ("stop" if r["answer_tokens"] < 10 else r["finish_reason"])
+    assert len({tuple(r["answer_ids"]) for r in rows[:3]}) > 1  # sampled: the three answers differ
+    assert sum(manifest["finish_reasons"].values()) == 27
+
+
+def test_answers_do_not_depend_on_batching_and_a_resumed_job_finishes_the_same(job_inputs, tmp_path):
+    first = job_rows(tmp_path / "a") if run_job(job_inputs, tmp_path / "a") else None
+    run_job(job_inputs, tmp_path / "b", batch_rows=2)  # other batches: the same answers
+    assert job_rows(tmp_path / "b") == first
+    # a job killed after its first part: the part files that exist are whole; the rest are made
+    (tmp_path / "a" / "part-00001.parquet").unlink()
+    (tmp_path / "a" / "manifest.json").unlink()
+    run_job(job_inputs, tmp_path / "a")
+    assert job_rows(tmp_path / "a") == first
+
+
+def test_a_folder_of_another_job_is_refused(job_inputs, tmp_path):
+    run_job(job_inputs, tmp_path / "gen")
+    with pytest.raises(ConfigError, match=r"gen: holds another generation job \(its sampling differ\)"):
+        run_job(job_inputs, tmp_path / "gen", seed=1)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("x")
+    with pytest.raises(ConfigError, match="other: not empty and not a generation job's folder"):
+        run_job(job_inputs, tmp_path / "other")
+
+
+@pytest.mark.ray
+def test_two_ray_workers_give_the_answers_of_one(job_inputs, tmp_path):
+    run_job(job_inputs, tmp_path / "one")
+    run_job(job_inputs, tmp_path / "two", workers=2)
+    assert job_rows(tmp_path / "two") == job_rows(tmp_path / "one")
+
+
+def test_model_generate_out_command(job_inputs, tmp_path, monkeypatch, capsys):
+    from tests.conftest import cli
+
+    ckpt, prompts, tokenizer = job_inputs
+    code, out, err = cli(monkeypatch, capsys, "model", "generate", str(ckpt), "--prompts", prompts, "--n", "2",
+                         "--out", str(tmp_path / "gen"), "--max-new-tokens", "6", "-t", str(tokenizer))  # fmt: skip
+    assert code == 0, err
+    assert f"wrote {tmp_path / 'gen'}: 18 answers to 9 prompts" in out and "1 records skipped" in out
+    code, out, err = cli(monkeypatch, capsys, "model", "generate", str(ckpt), "--prompt", "x", "--out",
+                         str(tmp_path / "g2"), "-t", str(tokenizer))  # fmt: skip
+    assert code == 1 and "give --prompts FILE" in err
