@@ -14,15 +14,19 @@ import pytest
 
 from tests.conftest import REPO
 
-ROOMS = ("core", "data", "pipeline", "cluster", "eval")
+ROOMS = ("core", "data", "pipeline", "cluster", "eval", "sampling")
 # room -> the rooms its modules import at module level (besides itself)
 AT_IMPORT = {"core": set(), "cluster": {"core"}, "data": {"core", "cluster"},
              "pipeline": {"core", "data", "cluster"},
              # eval scores checkpoints of runs: the chat template (data), a run's tokenizer (pipeline)
-             "eval": {"core", "data", "pipeline"}}  # fmt: skip
+             "eval": {"core", "data", "pipeline"},
+             # sampling renders prompts (data) and checks answers as eval's GSM8K does (eval)
+             "sampling": {"core", "data", "eval"}}  # fmt: skip
 # ... and may also reach from inside a function: a cluster worker runs the pipeline's stage, a job
-# submits its recipe, a recipe's [stage.eval] scores its model with eval's tasks
-IN_FUNCTIONS = {"core": set(), "cluster": {"pipeline"}, "data": set(), "pipeline": {"eval"}, "eval": set()}
+# submits its recipe, a recipe's [stage.eval] scores its model with eval's tasks, eval and sampling
+# shard their work over Ray (cluster), an online stage samples and scores (sampling)
+IN_FUNCTIONS = {"core": set(), "cluster": {"pipeline"}, "data": set(), "pipeline": {"eval", "sampling"},
+                "eval": {"cluster"}, "sampling": {"cluster", "pipeline"}}  # fmt: skip
 BACKENDS = ("cuda_model", "mlx_model")
 BASE = {"hanyeong": set(), "tokenizer": {"hanyeong"}}  # the packages under orchestration
 

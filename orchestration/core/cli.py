@@ -1,4 +1,4 @@
-"""`hanyeong model ...`: init, plan, export-hf, inspect, average, upscale, generate
+"""`hanyeong model ...`: init, plan, export-hf, inspect, average, upscale, score, generate
 (orchestration/eval/cli.py).
 
 Commands parse options, make one library call and print a summary; frameworks are imported inside
@@ -175,3 +175,22 @@ def upscale(
     after = load_spec(deepen(ckpt, layers, out))
     typer.echo(f"wrote {out}: {before.n_layers} -> {after.n_layers} layers, {before.parameter_count():,} -> "
                f"{after.parameter_count():,} parameters")
+
+
+@app.command()
+def score(
+    ckpt: Path = typer.Argument(..., help="A reward model's checkpoint (a 'reward' stage's)."),
+    data: Path = typer.Option(..., help="A finished generation job's folder (hanyeong model generate --out)."),
+    name: str | None = typer.Option(None, help="Name of the scores in DATA/scores/ (default: the checkpoint's "
+                                    "folder name)."),
+    backend: str = typer.Option("torch", help="torch or mlx."),
+    batch_size: int = typer.Option(16, help="Sequences per forward pass."),
+    workers: int = typer.Option(1, help="Ray tasks scoring contiguous shares of the answers."),
+    address: str | None = typer.Option(None, help="The Ray cluster to score on (default: this machine)."),
+) -> None:
+    """Score every answer of a generation job with a reward model: DATA/scores/NAME.parquet."""
+    from orchestration.sampling.score import score_generations
+
+    info = score_generations(ckpt, data, name, backend, batch_size, workers, address)
+    named = name or ckpt.resolve().name
+    typer.echo(f"wrote {data}/scores/{named}.parquet: {info['rows']:,} answers, mean score {info['mean']:.4f}")

@@ -1,4 +1,4 @@
-"""`hanyeong data ...`: prepare, decontaminate, inspect.
+"""`hanyeong data ...`: prepare, decontaminate, inspect, select (orchestration/sampling/select.py).
 
 Commands parse options, load the config, make one library call and print a summary; the pipeline
 (and Ray, numpy, pyarrow) is imported inside the command bodies so `hanyeong --help` stays fast.
@@ -169,3 +169,27 @@ def inspect(
         typer.echo(json.dumps(summary(manifest), ensure_ascii=False, indent=2))
     else:
         print_dataset(manifest, dataset)
+
+
+@app.command()
+def select(
+    data: Path = typer.Argument(..., help="A finished generation job's folder (hanyeong model generate --out)."),
+    by: str = typer.Option(..., help="reward:NAME (scores of hanyeong model score) or verifier:NAME "
+                           "(numeric: the final number equals the reference's)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for selected.jsonl and manifest.json."),
+    second: str | None = typer.Option(None, help="reward:NAME: keep only what this second reward model agrees on."),
+    output: str = typer.Option("sft", help="sft: the best answer per prompt; pairs: the best against the worst."),
+    min_score: float | None = typer.Option(None, help="Drop a prompt whose best answer scores below this."),
+    min_margin: float = typer.Option(0.0, help="pairs: chosen above rejected by at least this, under each model."),
+    unfinished: bool = typer.Option(False, "--unfinished", help="Also keep answers cut by max_new_tokens."),
+) -> None:
+    """Rejection sampling: keep the best answer per prompt (or best/worst pairs) by a reward model or a
+    verifier, optionally only where a second reward model agrees."""
+    from orchestration.sampling.select import SelectConfig
+    from orchestration.sampling.select import select as run
+
+    manifest = run(data, out, SelectConfig(by=by, second=second, output=output, min_score=min_score,
+                                           min_margin=min_margin, finished_only=not unfinished))  # fmt: skip
+    dropped = ", ".join(f"{n:,} {reason}" for reason, n in sorted(manifest["dropped"].items())) or "none"
+    typer.echo(f"wrote {out}/selected.jsonl: kept {manifest['kept']:,} of {manifest['prompts']:,} prompts "
+               f"(dropped: {dropped})")

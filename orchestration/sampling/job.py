@@ -5,9 +5,10 @@
     OUT/part-00000.parquet    the samples of prompts [0, prompts_per_part), one row per (prompt, sample)
     OUT/manifest.json         written last: counts, finish reasons, tokens, throughput
 
-Columns: prompt_index, prompt (text, or the chat turns as JSON), reference (the record's own answer
-or null), sample (0..n-1), answer (decoded, special tokens left out), answer_ids, prompt_tokens,
-answer_tokens, finish_reason ("stop": a stop id ended it, kept in answer_ids; "length": max_new_tokens).
+Columns: prompt_index, prompt (text, or the chat turns as JSON), chat (which of the two), reference
+(the record's own answer or null), sample (0..n-1), answer (decoded, special tokens left out),
+prompt_ids (what the model saw: [BOS] + the rendering), answer_ids, prompt_tokens, answer_tokens,
+finish_reason ("stop": a stop id ended it, kept in answer_ids; "length": max_new_tokens).
 
 SAMPLING KEYS. Sample j of prompt i draws its tokens from its own random stream, keyed by (seed, i,
 j) (core/generation.py `sample_key`), so its answer does not depend on which rows share its batch, on
@@ -128,8 +129,9 @@ class Sampler:
                                         row_seeds=keys, top_k=c.top_k)  # fmt: skip
             answers.update(zip(batch, out))
         decode = self.tokenizer.stream_decoder
-        return [{"prompt_index": p.index, "prompt": p.shown(), "reference": p.reference, "sample": j,
-                 "answer": decode(skip_special_tokens=True).decode(answers[r]), "answer_ids": answers[r],
+        return [{"prompt_index": p.index, "prompt": p.shown(), "chat": p.messages is not None,
+                 "reference": p.reference, "sample": j, "answer": decode(skip_special_tokens=True).decode(answers[r]),
+                 "prompt_ids": prompt, "answer_ids": answers[r],
                  "prompt_tokens": len(prompt), "answer_tokens": len(answers[r]),
                  "finish_reason": "stop" if answers[r] and answers[r][-1] in self.stop_ids else "length"}
                 for r, (p, j, prompt) in enumerate(rows)]  # fmt: skip
@@ -155,8 +157,9 @@ def write_part(path: Path, rows: list[dict], sampling: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("prompt_index", pa.int64()), ("prompt", pa.string()), ("reference", pa.string()),
-                        ("sample", pa.int32()), ("answer", pa.string()), ("answer_ids", pa.list_(pa.int32())),
+    schema = pa.schema([("prompt_index", pa.int64()), ("prompt", pa.string()), ("chat", pa.bool_()),
+                        ("reference", pa.string()), ("sample", pa.int32()), ("answer", pa.string()),
+                        ("prompt_ids", pa.list_(pa.int32())), ("answer_ids", pa.list_(pa.int32())),
                         ("prompt_tokens", pa.int32()), ("answer_tokens", pa.int32()),
                         ("finish_reason", pa.string())],
                        metadata={"hanyeong.sampling": json.dumps(sampling)})  # fmt: skip
@@ -267,3 +270,28 @@ def write_manifest(out: Path, job: dict, prompts: int, skipped: Counter, seconds
                 "seconds_this_run": round(seconds, 3)}  # fmt: skip
     write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def finished(out: str | Path) -> Path:
+    """OUT, when it holds a finished generation job; DataError saying what it is otherwise."""
+    out = Path(out)
+    if not (out / MANIFEST_FILE).is_file():
+        unfinished = (out / JOB_FILE).is_file()
+        raise DataError(f"{out}: " + ("an unfinished generation job (run it again to finish it)" if unfinished
+                                      else "not a generation job's folder"))  # fmt: skip
+    return out
+
+
+def read_generations(out: str | Path, columns: list[str] | None = None):
+    """A finished job's rows as one Arrow table, ordered by (prompt_index, sample)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted(finished(out).glob("part-*.parquet"))
+    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
+    return table.sort_by([("prompt_index", "ascending"), ("sample", "ascending")])
+
+
+def read_job(out: str | Path) -> dict:
+    """OUT/manifest.json of a finished job (its provenance: checkpoint, prompts, sampling, counts)."""
+    return json.loads((finished(out) / MANIFEST_FILE).read_text(encoding="utf-8"))

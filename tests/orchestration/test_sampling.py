@@ -7,6 +7,7 @@ import gzip
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from hanyeong.errors import ConfigError, DataError
@@ -210,3 +211,116 @@ def test_model_generate_out_command(job_inputs, tmp_path, monkeypatch, capsys):
     code, out, err = cli(monkeypatch, capsys, "model", "generate", str(ckpt), "--prompt", "x", "--out",
                          str(tmp_path / "g2"), "-t", str(tokenizer))  # fmt: skip
     assert code == 1 and "give --prompts FILE" in err
+
+
+# ---- scoring and selection --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scored_job(job_inputs, tmp_path_factory):
+    """A finished job (9 prompts x 4 answers) and two reward models made from its policy (fresh
+    score heads of two seeds), their scores written as rm1 and rm2."""
+    from orchestration.core.checkpoint import load_spec, with_score_head
+    from orchestration.sampling.score import score_generations
+
+    ckpt, _, _ = job_inputs
+    root = tmp_path_factory.mktemp("scored")
+    run_job(job_inputs, root / "gen", n=4, max_new_tokens=12)
+    spec = load_spec(ckpt).replace(head="score")
+    rms = [with_score_head(ckpt, spec, root / f"rm{k}", seed=k) for k in (1, 2)]
+    for k, rm in enumerate(rms, 1):
+        score_generations(rm, root / "gen", name=f"rm{k}")
+    return root / "gen", rms
+
+
+def test_scores_are_the_reward_models_on_prompt_plus_answer(scored_job):
+    from orchestration.core.backends import get_backend
+    from orchestration.sampling.score import read_scores
+
+    gen, (rm1, _) = scored_job
+    rows, scores = job_rows(gen), read_scores(gen, "rm1")
+    assert len(scores) == len(rows) == 36 and len(set(scores.tolist())) > 30
+    backend = get_backend("torch")
+    model = backend.load(rm1)
+    for i in (0, 17, 35):  # one row alone: the batched, length-sorted scores are the same
+        ids = np.array([rows[i]["prompt_ids"] + rows[i]["answer_ids"]])
+        assert backend.rewards(model, ids, np.array([ids.shape[1]]))[0] == pytest.approx(scores[i], abs=1e-5)
+
+
+@pytest.mark.ray
+def test_scoring_on_two_ray_tasks_gives_the_same_scores(scored_job):
+    from orchestration.sampling.score import read_scores, score_generations
+
+    gen, (rm1, _) = scored_job
+    score_generations(rm1, gen, name="rm1-ray", workers=2)
+    np.testing.assert_allclose(read_scores(gen, "rm1-ray"), read_scores(gen, "rm1"), atol=1e-5)
+
+
+def test_best_of_n_keeps_the_highest_scored_finished_answer(scored_job, tmp_path):
+    from orchestration.sampling.score import read_scores
+    from orchestration.sampling.select import SelectConfig, select
+
+    gen, _ = scored_job
+    manifest = select(gen, tmp_path / "sft", SelectConfig(by="reward:rm1", finished_only=False))
+    assert select(gen, tmp_path / "stop", SelectConfig(by="reward:rm1"))["dropped"].get("no finished answer")
+    rows, scores = job_rows(gen), read_scores(gen, "rm1")
+    kept = [json.loads(line) for line in (tmp_path / "sft" / "selected.jsonl").read_text().splitlines()]
+    assert manifest["kept"] == len(kept) and manifest["kept"] + sum(manifest["dropped"].values()) == 9
+    for line in kept:
+        p = line["provenance"]
+        mine = [(i, r) for i, r in enumerate(rows) if r["prompt_index"] == p["prompt_index"]]
+        best = max([(scores[i], r) for i, r in mine], key=lambda x: x[0])
+        assert p["samples"] == [best[1]["sample"]] and line["messages"][-1]["content"] == best[1]["answer"]
+        assert line["messages"][-1]["role"] == "assistant" and line["messages"][-2]["role"] == "user"
+    assert len(kept) == 9 and manifest["policy_sha256"] and manifest["scorers"]["reward:rm1"]["rows"] == 36
+
+
+def test_two_reward_models_keep_only_what_both_agree_on(scored_job, tmp_path):
+    from orchestration.sampling.select import SelectConfig, select
+
+    gen, _ = scored_job
+    pairs = {"output": "pairs", "finished_only": False}
+    one = select(gen, tmp_path / "one", SelectConfig(by="reward:rm1", **pairs))
+    same = select(gen, tmp_path / "same", SelectConfig(by="reward:rm1", second="reward:rm1", **pairs))
+    two = select(gen, tmp_path / "two", SelectConfig(by="reward:rm1", second="reward:rm2", **pairs))
+    assert same["kept"] == one["kept"] == 9  # a model always agrees with itself
+    assert 0 < two["kept"] < 9  # two random heads agree on some pairs, not all
+    assert two["kept"] + two["dropped"].get("second model disagrees", 0) == one["kept"]
+    for m in (one, same, two):
+        assert m["kept"] + sum(m["dropped"].values()) == m["prompts"] == 9
+    pairs = [json.loads(line) for line in (tmp_path / "two" / "selected.jsonl").read_text().splitlines()]
+    for pair in pairs:
+        first, second = pair["provenance"]["scores"]["by"], pair["provenance"]["scores"]["second"]
+        assert first[0] > first[1] and second[0] > second[1]
+
+
+def test_a_verifier_keeps_only_correct_answers(scored_job, tmp_path):
+    from orchestration.sampling.rewards import REWARDS, register_reward
+    from orchestration.sampling.select import SelectConfig, select
+
+    gen, _ = scored_job
+    register_reward("even-length", lambda answer, reference, prompt: float(len(answer) % 2 == 0))
+    try:
+        manifest = select(gen, tmp_path / "v", SelectConfig(by="verifier:even-length", finished_only=False))
+    finally:
+        del REWARDS["even-length"]
+    kept = [json.loads(line) for line in (tmp_path / "v" / "selected.jsonl").read_text().splitlines()]
+    assert kept and all(len(line["messages"][-1]["content"]) % 2 == 0 for line in kept)
+    assert manifest["kept"] + manifest["dropped"].get("no correct answer", 0) == 9
+    numeric = select(gen, tmp_path / "n", SelectConfig(by="verifier:numeric"))  # a random model: none right
+    assert numeric["kept"] + sum(numeric["dropped"].values()) == 9
+
+
+def test_select_and_score_refuse_bad_inputs_in_one_line(scored_job, job_inputs, tmp_path):
+    from orchestration.sampling.score import score_generations
+    from orchestration.sampling.select import SelectConfig, select
+
+    gen, _ = scored_job
+    with pytest.raises(DataError, match=r"no scores named 'rm9' \(has: rm1, rm1-ray, rm2|no scores named 'rm9' \(has: rm1, rm2"):
+        select(gen, tmp_path / "x", SelectConfig(by="reward:rm9"))
+    with pytest.raises(ConfigError, match=r"^by must be 'reward:NAME' or 'verifier:NAME'"):
+        SelectConfig(by="rm1")
+    with pytest.raises(ConfigError, match=r"a language model, not a reward model"):
+        score_generations(job_inputs[0], gen)
+    with pytest.raises(DataError, match=r"not a generation job's folder"):
+        select(tmp_path, tmp_path / "x", SelectConfig(by="reward:rm1"))
