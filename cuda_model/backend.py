@@ -83,18 +83,21 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p >= 1.0 and not top_k and uniforms is None:
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
-    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-    keep = sorted_p.cumsum(dim=-1) - sorted_p < top_p  # smallest prefix reaching top_p (never empty)
-    if top_k:
-        keep[:, top_k:] = False
-    if uniforms is None:
-        choice = torch.multinomial(sorted_p * keep, 1, generator=generator)  # multinomial renormalises
-        return order.gather(-1, choice)[:, 0]
+    if top_p >= 1.0 and not top_k:
+        if uniforms is None:
+            return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        kept = probs  # nothing to cut: no sort
+    else:
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+        keep = sorted_p.cumsum(dim=-1) - sorted_p < top_p  # smallest prefix reaching top_p (never empty)
+        if top_k:
+            keep[:, top_k:] = False
+        if uniforms is None:
+            choice = torch.multinomial(sorted_p * keep, 1, generator=generator)  # multinomial renormalises
+            return order.gather(-1, choice)[:, 0]
+        kept = probs * torch.zeros_like(keep).scatter_(-1, order, keep)
     # The CDF runs over ids in their own order, not by probability: two near-equal probabilities
     # swapping places (last-bit differences between batch shapes) then moves no other id's interval.
-    kept = probs * torch.zeros_like(keep).scatter_(-1, order, keep)
     cdf = kept.cumsum(dim=-1)
     target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
     return (cdf <= target).sum(dim=-1).clamp_(max=probs.shape[-1] - 1)

@@ -59,17 +59,20 @@ def sample(logits: mx.array, temperature: float, top_p: float, key: mx.array,
     if top_p >= 1.0 and not top_k and uniforms is None:
         return mx.random.categorical(logits, key=key)
     probs = mx.softmax(logits, axis=-1)
-    order = mx.argsort(-probs, axis=-1)
-    sorted_p = mx.take_along_axis(probs, order, axis=-1)
-    # the smallest prefix reaching top_p (never empty)
-    keep = mx.cumsum(sorted_p, axis=-1) - sorted_p < top_p
-    if top_k:
-        keep = keep & (mx.arange(probs.shape[-1]) < top_k)
-    if uniforms is None:
-        choice = mx.random.categorical(mx.log(sorted_p * keep), key=key)  # log 0 = -inf: never drawn
-        return mx.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    if top_p >= 1.0 and not top_k:
+        kept = probs  # nothing to cut: no sort
+    else:
+        order = mx.argsort(-probs, axis=-1)
+        sorted_p = mx.take_along_axis(probs, order, axis=-1)
+        # the smallest prefix reaching top_p (never empty)
+        keep = mx.cumsum(sorted_p, axis=-1) - sorted_p < top_p
+        if top_k:
+            keep = keep & (mx.arange(probs.shape[-1]) < top_k)
+        if uniforms is None:
+            choice = mx.random.categorical(mx.log(sorted_p * keep), key=key)  # log 0 = -inf: never drawn
+            return mx.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+        kept = probs * mx.put_along_axis(mx.zeros(keep.shape, keep.dtype), order, keep, axis=-1)
     # The CDF runs over ids in their own order (see cuda_model/backend.py: robust to near-ties).
-    kept = probs * mx.put_along_axis(mx.zeros(keep.shape, keep.dtype), order, keep, axis=-1)
     cdf = mx.cumsum(kept, axis=-1)
     target = uniforms.astype(cdf.dtype)[:, None] * cdf[:, -1:]
     return mx.minimum((cdf <= target).sum(axis=-1), probs.shape[-1] - 1)

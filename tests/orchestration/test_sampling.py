@@ -324,3 +324,30 @@ def test_select_and_score_refuse_bad_inputs_in_one_line(scored_job, job_inputs, 
         score_generations(job_inputs[0], gen)
     with pytest.raises(DataError, match=r"not a generation job's folder"):
         select(tmp_path, tmp_path / "x", SelectConfig(by="reward:rm1"))
+
+
+def test_greedy_answers_are_transformers_generate_on_the_export(tiny_model, tmp_path):
+    """A batch of prompts of different lengths (left padded on both sides), at perturbed weights:
+    our greedy ids are transformers' generate's on the exported model."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from orchestration.core.backends import get_backend
+    from orchestration.core.export_hf import export_hf
+
+    backend = get_backend("torch")
+    model = backend.init(tiny_model, seed=5)
+    with torch.no_grad():  # off the initialisation, where attention barely matters
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    backend.save(model, tmp_path / "ckpt")
+    hf = LlamaForCausalLM.from_pretrained(export_hf(tmp_path / "ckpt", tmp_path / "hf")).eval()
+    prompts = [[1, 400, 401, 402, 403, 404], [1, 500], [1, 300, 301, 302]]
+    ours = backend.generate(backend.load(tmp_path / "ckpt"), prompts, 10, suppress_ids=())
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)[:, width:].tolist()  # fmt: skip
+    assert ours == theirs
