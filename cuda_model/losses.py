@@ -363,3 +363,73 @@ def reward(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor
 
 
 register_loss("reward", reward, reads=REWARD_READS)
+
+
+# ---- distillation (AFM's hard-target mix, Gemma 2's soft targets) -------------------------------
+# Rows are packed documents as in pretraining: inputs, targets, loss_mask and segment_ids behave as
+# causal_lm's. The teacher arrives as extras (orchestration/pipeline/distill_stage.py computes them):
+#   teacher_ids       int [B, T, k]      the teacher's k most likely next tokens, most likely first
+#   teacher_logprobs  float32 [B, T, k]  their log-probs (log-softmax over the vocabulary, temperature 1)
+#   afm_weight [B]    afm: w, the teacher's top-1 share of the target (AFM: 0.9)
+#   temperature [B]   soft: the temperature of both distributions
+#   mix [B]           (optional) the ordinary next-token loss's weight: (1 - mix) kd + mix ce
+# Returns (summed loss over counted targets, their count, DISTILL_METRICS summed over them).
+DISTILL_METRICS = ("distill/ce", "distill/kd", "distill/agreement")
+
+
+def afm_target_loss(logits: torch.Tensor, targets: torch.Tensor, top1: torch.Tensor,
+                    weight: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """(B, T) cross-entropy against w one-hot(teacher top-1) + (1 - w) one-hot(target) (AFM);
+    logits (B, T, V), targets and top1 (B, T), weight (B,)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    at = lambda ids: logp.gather(-1, ids[..., None].long())[..., 0]  # noqa: E731
+    w = weight[:, None]
+    return -(w * at(top1) + (1 - w) * at(targets))
+
+
+def soft_target_loss(logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                     temperature: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """(B, T) cross-entropy -sum_k p_k log q(ids_k) to the teacher at a temperature, times its square
+    (Hinton et al. 2015: the gradient keeps its scale as the temperature changes). q = softmax(logits
+    / tau) over the vocabulary; p = softmax(teacher log-probs / tau) over the k ids given (the rest of
+    the teacher's mass renormalised away; k = V is the whole distribution). logits (B, T, V); ids,
+    logprobs (B, T, k); temperature (B,)."""
+    tau = temperature[:, None, None]
+    logq = F.log_softmax(logits.float() / tau, dim=-1)
+    p = torch.softmax(logprobs.float() / tau, dim=-1)
+    return -(p * logq.gather(-1, ids.long())).sum(-1) * tau[..., 0] ** 2
+
+
+def distill(model: nn.Module, batch: Tensors, kd_term: Callable) -> tuple[torch.Tensor, ...]:
+    """(1 - mix) kd + mix ce per counted target, kd = kd_term(logits, batch); the full logits are
+    kept (the teacher's targets need the whole softmax)."""
+    logits = model(batch["inputs"], batch.get("segment_ids"))  # (B, T, V)
+    ce = -token_logprobs(logits, batch["targets"])
+    kd = kd_term(logits, batch)
+    mix = batch.get("mix")
+    per_token = kd if mix is None else (1 - mix[:, None]) * kd + mix[:, None] * ce
+    mask = batch.get("loss_mask")
+    mask = torch.ones_like(ce) if mask is None else mask.float()
+    with torch.no_grad():
+        agree = (logits.argmax(-1) == batch["teacher_ids"][..., 0]).float()
+        values = (ce, kd, agree)
+        metrics = {name: (v.detach() * mask).sum() for name, v in zip(DISTILL_METRICS, values)}
+    return (per_token * mask).sum(), mask.sum(), metrics
+
+
+def afm(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """AFM's distillation: cross-entropy against 0.9 (afm_weight) x the teacher's top-1 + 0.1 x the
+    true next token."""
+    return distill(model, batch, lambda logits, b: afm_target_loss(
+        logits, b["targets"], b["teacher_ids"][..., 0], b["afm_weight"]))  # fmt: skip
+
+
+def soft(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Gemma 2's distillation: cross-entropy to the teacher's (top-k) distribution at a temperature."""
+    return distill(model, batch, lambda logits, b: soft_target_loss(
+        logits, b["teacher_ids"], b["teacher_logprobs"], b["temperature"]))  # fmt: skip
+
+
+register_loss("afm", afm, reads=("inputs", "targets", "teacher_ids", "afm_weight"))
+register_loss("soft", soft, reads=("inputs", "targets", "teacher_ids", "teacher_logprobs",
+                                   "temperature"))  # fmt: skip

@@ -221,3 +221,64 @@ def reward(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array, dict]:
 
 
 register_loss("reward", reward, reads=REWARD_READS)
+
+
+# ---- distillation (AFM's hard-target mix, Gemma 2's soft targets): cuda_model/losses.py's layout -----
+# Packed rows as in pretraining; extras teacher_ids int [B, T, k] (most likely first) and
+# teacher_logprobs float32 [B, T, k] (log-softmax over the vocabulary, temperature 1), afm_weight [B]
+# (afm's w), temperature [B] (soft), optional mix [B]: (1 - mix) kd + mix ce per counted target.
+DISTILL_METRICS = ("distill/ce", "distill/kd", "distill/agreement")
+
+
+def afm_target_loss(logits: mx.array, targets: mx.array, top1: mx.array,
+                    weight: mx.array) -> mx.array:  # fmt: skip
+    """(B, T) cross-entropy against w one-hot(teacher top-1) + (1 - w) one-hot(target) (AFM)."""
+    x = logits.astype(mx.float32)
+    logp = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    at = lambda ids: mx.take_along_axis(logp, ids[..., None].astype(mx.int32), -1)[..., 0]  # noqa: E731
+    w = weight[:, None]
+    return -(w * at(top1) + (1 - w) * at(targets))
+
+
+def soft_target_loss(logits: mx.array, ids: mx.array, logprobs: mx.array,
+                     temperature: mx.array) -> mx.array:  # fmt: skip
+    """(B, T) -sum_k p_k log q(ids_k) at a temperature, times its square (Hinton et al. 2015); p is
+    the teacher's top-k renormalised (cuda_model/losses.py `soft_target_loss`)."""
+    tau = temperature[:, None, None]
+    x = logits.astype(mx.float32) / tau
+    logq = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    p = mx.softmax(logprobs.astype(mx.float32) / tau, axis=-1)
+    picked = mx.take_along_axis(logq, ids.astype(mx.int32), axis=-1)
+    return -(p * picked).sum(-1) * tau[..., 0] ** 2
+
+
+def distill(model: nn.Module, batch: Arrays, kd_term: Callable) -> tuple[mx.array, mx.array, dict]:
+    """(1 - mix) kd + mix ce per counted target; kd = kd_term(logits, batch)."""
+    logits = model(batch["inputs"], batch.get("segment_ids"))
+    ce = -token_logprobs(logits, batch["targets"])
+    kd = kd_term(logits, batch)
+    mix = batch.get("mix")
+    per_token = kd if mix is None else (1 - mix[:, None]) * kd + mix[:, None] * ce
+    mask = batch.get("loss_mask")
+    mask = mx.ones_like(ce) if mask is None else mask.astype(mx.float32)
+    agree = (mx.argmax(logits, axis=-1) == batch["teacher_ids"][..., 0]).astype(mx.float32)
+    values = (ce, kd, agree)
+    metrics = {name: mx.stop_gradient((v * mask).sum()) for name, v in zip(DISTILL_METRICS, values)}
+    return (per_token * mask).sum(), mask.sum(), metrics
+
+
+def afm(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array, dict]:
+    """AFM's distillation: cross-entropy against w x the teacher's top-1 + (1 - w) x the true token."""
+    return distill(model, batch, lambda logits, b: afm_target_loss(
+        logits, b["targets"], b["teacher_ids"][..., 0], b["afm_weight"]))  # fmt: skip
+
+
+def soft(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array, dict]:
+    """Gemma 2's distillation: cross-entropy to the teacher's (top-k) distribution at a temperature."""
+    return distill(model, batch, lambda logits, b: soft_target_loss(
+        logits, b["teacher_ids"], b["teacher_logprobs"], b["temperature"]))  # fmt: skip
+
+
+register_loss("afm", afm, reads=("inputs", "targets", "teacher_ids", "afm_weight"))
+register_loss("soft", soft, reads=("inputs", "targets", "teacher_ids", "teacher_logprobs",
+                                   "temperature"))  # fmt: skip

@@ -15,6 +15,9 @@ PRESETS: dict[str, ModelSpec] = {
     # Tests, CI and the README quickstart: trains in seconds on a CPU.
     "tiny": ModelSpec(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192,
                       rope_theta=10_000.0, max_seq_len=1024, tie_embeddings=True),
+    # `tiny` at 4 layers: the depth up-scaling recipe's base (recipes/solar-dus.toml: 4 -> 6 layers).
+    "tiny-4l": ModelSpec(vocab_size=VOCAB, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=192,
+                         rope_theta=10_000.0, max_seq_len=1024, tie_embeddings=True),
     # A laptop model (~20M parameters without embeddings).
     "small": ModelSpec(vocab_size=VOCAB, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, d_ff=1024,
                        rope_theta=10_000.0, max_seq_len=2048, tie_embeddings=True),

@@ -1,7 +1,8 @@
 """What a whole recipe costs: `orchestration.core.plan` per stage, summed (`hanyeong model plan --recipe`).
 
-Each stage is planned with its own model spec (rope/max_seq_len overrides applied) over the runs of
-its step plan, so a sequence-length ramp is costed at the length each run trains at.
+Each stage is planned with its own model spec (rope/max_seq_len overrides applied, an `upscale`'s
+new depth) over the runs of its step plan, so a sequence-length ramp is costed at the length each
+run trains at and an up-scaled stage at its new size.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def plan_recipe(recipe, config: PlanConfig) -> dict:
         stages.append({
             "name": stage.name, "kind": stage.kind, "tokens": stage.token_budget, "steps": stage.total_steps,
             "seq_lens": sorted(set(stage.seq_lens)), "batch_tokens": stage.batch_tokens,
-            "parameters": last["parameters"], "rope_theta": spec.rope_theta,
+            "parameters": last["parameters"], "n_layers": spec.n_layers, "rope_theta": spec.rope_theta,
             "training_flops": sum(r["training_flops"] for r in runs),
             "attention_flops": sum(r["attention_flops"] for r in runs),
             "wall_clock_seconds": sum(r["wall_clock_seconds"] for r in runs),
@@ -50,18 +51,18 @@ def describe_recipe(result: dict) -> list[str]:
     device = result["device"]
     title = (f"{result['recipe']}: {len(result['stages'])} stages on {device['count']:,} × "
              f"{device['gpu']} at {device['mfu']:.0%} MFU")  # fmt: skip
-    header = (f"{'stage':<22}{'kind':<10}{'tokens':>10}{'steps':>10}  {'seq_len':<12}{'FLOPs':>9}"
+    header = (f"{'stage':<22}{'kind':<10}{'layers':>6}{'tokens':>10}{'steps':>10}  {'seq_len':<12}{'FLOPs':>9}"
               f"{'days':>8}  memory/device")  # fmt: skip
     lines = [title, header]
     for s in result["stages"]:
         memory = s["memory_per_device_bytes"]["total"]
         seq = "→".join(f"{x:,}" for x in s["seq_lens"])
-        lines.append(f"{s['name']:<22}{s['kind']:<10}{_count(s['tokens']):>10}{s['steps']:>10,}  {seq:<12}"
+        lines.append(f"{s['name']:<22}{s['kind']:<10}{s['n_layers']:>6}{_count(s['tokens']):>10}{s['steps']:>10,}  {seq:<12}"
                      f"{s['training_flops'] + s['attention_flops']:>9.3g}{s['wall_clock_seconds'] / 86_400:>8.1f}  "
                      f"{_bytes(memory)}{'' if s['fits'] else ' (does NOT fit)'}")  # fmt: skip
     t = result["total"]
     kinds = " + ".join(f"{kind} {_count(n)}" for kind, n in t["tokens_by_kind"].items())
-    lines.append(f"{'total':<22}{'':<10}{_count(t['tokens']):>10}{t['steps']:>10,}  {'':<12}"
+    lines.append(f"{'total':<22}{'':<16}{_count(t['tokens']):>10}{t['steps']:>10,}  {'':<12}"
                  f"{t['training_flops'] + t['attention_flops']:>9.3g}{t['wall_clock_seconds'] / 86_400:>8.1f}  "
                  f"{kinds} tokens, {t['gpu_hours']:,.0f} GPU-hours")  # fmt: skip
     if not all(s["fits"] for s in result["stages"]):

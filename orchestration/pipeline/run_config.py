@@ -155,7 +155,7 @@ class RunConfig:
     datasets: tuple[DatasetConfig, ...] = ()
     """`[[run.datasets]]`."""
     seed: int = 0
-    """Seeds the initial weights; stage i's data order is seeded with seed + i."""
+    """Seeds the initial weights; stage i's data order is seeded with seed + i (or its data_seed)."""
     backend: str = "auto"
     """'auto' (MLX on Apple silicon, else PyTorch), 'torch' or 'mlx'."""
     preset: str | None = None

@@ -22,6 +22,9 @@ Plain dicts in and out, so Ray can carry them:
 The loop is `backend.train_step` per batch; the rest are callbacks (orchestration/pipeline/stage_callbacks.py):
 ramps set each step's shape, the metrics log appends a line per step, the checkpointer writes
 STAGE_DIR/checkpoint (weights, AdamW, trainer_state.json whose data_cursor is the loader's cursor).
+UP-SCALING: a stage with `upscale` starts from its start checkpoint up-scaled into STAGE_DIR/upscaled
+(orchestration/core/upscale.py); with [stage.eval] that model is evaluated before the first step
+(eval.jsonl's step-0 line: the loss right after up-scaling, against the last line of the stage before).
 RESUME: when STAGE_DIR/checkpoint holds a training state, run_stage continues from it: the same
 weights, moments, step and data cursor, so the final weights equal an uninterrupted run's.
 DATA PARALLEL: every rank draws the same global batch and trains on its rows
@@ -48,6 +51,7 @@ from orchestration.pipeline.stage_callbacks import Callback, Checkpointer, Metri
 from orchestration.pipeline.stage_config import stage_label
 
 CHECKPOINT, METRICS, STAGE_FILE = "checkpoint", "metrics.jsonl", "stage.json"
+UPSCALED = "upscaled"  # STAGE_DIR/upscaled: an `upscale` stage's start, before its overrides
 STEP_METRICS = ("loss", "grad_norm", "lr", "tokens", "counted_tokens")  # what every train_step returns
 KEYS = {"recipe": dict, "index": int, "stage_dir": str, "init_from": (str, type(None)), "tokenizer": str,
         "datasets": dict, "backend": str, "progress": bool, "workers": int, "parallel": (str, type(None)),
@@ -99,7 +103,8 @@ def run_stage(config: dict) -> dict:
     identity = recipe.stage_identities()[index]
     backend = get_backend(request["backend"], device=request["device"])
     rank, world, parallel = join_group(backend, request["workers"], request["parallel"], index)
-    loader = build_loader(stage, request["datasets"], seed=recipe.run.seed + index)
+    seed = recipe.run.seed + index if stage.data_seed is None else stage.data_seed
+    loader = build_loader(stage, request["datasets"], seed=seed)
     run = StageRun(stage.name, index, stage, backend, None, loader, directory, rank=rank, world=world)
     log = MetricsLog(directory / METRICS, write=run.main)
     options = {"parallel": parallel} if parallel else {}  # single-worker backends need not know the key
@@ -128,13 +133,31 @@ def run_stage(config: dict) -> dict:
     if stage.eval is not None:  # [stage.eval]: STAGE_DIR/eval.jsonl (orchestration/pipeline/stage_eval.py)
         from orchestration.pipeline.stage_eval import EVAL_FILE, Evaluator
 
-        callbacks.append(Evaluator(stage.eval, request["tokenizer"], directory / EVAL_FILE))
+        evaluator = Evaluator(stage.eval, request["tokenizer"], directory / EVAL_FILE)
+        callbacks.append(evaluator)
+        if stage.upscale is not None and run.state.step == 0:
+            evaluate_upscaled(run, evaluator)
     train(run, callbacks)
     lines = log.read()
     return {"checkpoint": str(run.checkpoint_dir), "tokens": int(run.state.tokens_seen),
             "steps": int(run.state.step), "seconds": round(time.perf_counter() - started, 3),
             "first_loss": lines[0]["loss"] if lines else None, "last_loss": lines[-1]["loss"] if lines else None,
             "resumed_from_step": resumed, "notes": run.notes}  # fmt: skip
+
+
+def evaluate_upscaled(run: StageRun, evaluator) -> None:
+    """[stage.eval] at step 0 of an `upscale` stage: the loss right after up-scaling, before any
+    step (once: a stage started over keeps its line), and a note for the run's echo."""
+    from orchestration.pipeline.stage_eval import read_evals
+
+    evaluator.start(run)
+    if not any(line.get("step") == 0 for line in read_evals(evaluator.path)):
+        evaluator.evaluate(run)
+    start = next((line for line in read_evals(evaluator.path) if line.get("step") == 0), None)
+    if start and start.get("val_loss"):
+        losses = ", ".join(f"{k} {v:.3f}" for k, v in start["val_loss"].items())
+        run.notes.append(f"up-scaled to {run.state.model.spec.n_layers} layers ({run.stage.upscale}): "
+                         f"validation loss before any step {losses}")  # fmt: skip
 
 
 def train(run: StageRun, callbacks: list[Callback]) -> None:
@@ -244,6 +267,8 @@ def start_model(backend, recipe, index: int, init_from: str | None, directory: P
         return backend.init(
             apply_overrides(recipe.run.model_spec(), stage, where), seed=recipe.run.seed
         )
+    if stage.upscale is not None:  # SOLAR: the start's layers stacked anew, then trained on
+        source = upscaled_start(source, stage.upscale, directory / UPSCALED, main)
     saved = checkpoint.load_spec(source)
     spec = apply_overrides(saved, stage, where)
     if spec != saved:
@@ -254,6 +279,17 @@ def start_model(backend, recipe, index: int, init_from: str | None, directory: P
             wait_for(out / checkpoint.INDEX_FILE)
         source = out
     return backend.load(source)
+
+
+def upscaled_start(source: str | Path, layers: str, out: Path, main: bool = True) -> Path:
+    """The start checkpoint up-scaled (orchestration/core/upscale.py) into `out`: rank 0 writes it,
+    the other ranks wait for it."""
+    from orchestration.core.upscale import upscale
+
+    if main:
+        return upscale(source, layers, out)
+    wait_for(out / checkpoint.INDEX_FILE)
+    return out
 
 
 def wait_for(path: Path, seconds: float = 300.0) -> None:
