@@ -7,6 +7,7 @@
     ipo       ipo        preference             the same; IPO's squared, length-averaged objective
     simper    simper     preference             the same; SimPER (no reference model)
     reward    reward     preference             the same, each answer whole; a reward model (score head)
+    distill   afm, soft  text, chat             packed as pretrain, each batch with a teacher's top-k
 
 A kind names the backend loss it trains with, the dataset formats its `[stage.data]` sources may
 have (orchestration/data/manifest.py's DATASET_FORMATS), whether its rows hold whole documents, and
@@ -159,3 +160,53 @@ def prepare_rewards(run, recipe, init_from: str | None) -> list:
 # [stage.reward] sets center_rewards_coefficient and held_out
 register_kind(StageKind("reward", loss="reward", formats=("preference",), whole_documents=True,
                         loader=reward_loader, tables=("reward",), head="score", prepare=prepare_rewards))  # fmt: skip
+
+
+def online_loader(mixture, seq_len: int, rows: int, seed: int) -> Loader:
+    """Pairs the policy samples round by round from chat prompts (orchestration/pipeline/online_stage.py)."""
+    from orchestration.pipeline.online_stage import OnlineLoader
+
+    return OnlineLoader(mixture, seq_len, rows, seed)
+
+
+def prepare_online(run, recipe, init_from: str | None) -> list:
+    """The reference, the reward model and the held-back prompts of an online-dpo stage."""
+    from orchestration.pipeline.online_stage import prepare_online as prepare
+
+    return prepare(run, recipe, init_from)
+
+
+# [stage.online] (required) names the reward model and how each round samples
+register_kind(StageKind("online-dpo", loss="dpo", formats=("chat",), whole_documents=True,
+                        loader=online_loader, tables=("online",), prepare=prepare_online))  # fmt: skip
+
+
+def prepare_distill(run, recipe, init_from: str | None) -> list:
+    """The teacher's top-k for every batch: cached or live (orchestration/pipeline/distill_stage.py)."""
+    from orchestration.pipeline.distill_stage import prepare_distill as prepare
+
+    return prepare(run, recipe, init_from)
+
+
+# [stage.distill] names the teacher and the objective: its `objective` is the loss ('afm' the default)
+register_kind(StageKind("distill", loss="afm", formats=("text", "chat"), whole_documents=False,
+                        tables=("distill",), prepare=prepare_distill))  # fmt: skip
+
+
+def rejection_loader(mixture, seq_len: int, rows: int, seed: int) -> Loader:
+    """Chat prompts until the kept answers are made, then those (orchestration/pipeline/rejection_stage.py)."""
+    from orchestration.pipeline.rejection_stage import DeferredLoader
+
+    return DeferredLoader(mixture, seq_len, rows, seed)
+
+
+def prepare_rejection(run, recipe, init_from: str | None) -> list:
+    """Sample, score and keep the best answers before the first step (rejection_stage.py)."""
+    from orchestration.pipeline.rejection_stage import prepare_rejection as prepare
+
+    return prepare(run, recipe, init_from)
+
+
+# [stage.rejection] (required) names the reward model(s) and how many answers are sampled
+register_kind(StageKind("rejection-sft", loss="sft", formats=("chat",), whole_documents=True,
+                        loader=rejection_loader, tables=("rejection",), prepare=prepare_rejection))  # fmt: skip

@@ -377,5 +377,5 @@ class HeldPrompts(Callback):
 
         write_atomic(self.path, json.dumps(body, indent=2) + "\n")
         if body.get("start") is not None:
-            run.notes.append(f"{run.name}: held-back prompts' mean reward {body['start']:.3f} -> {body['end']:.3f} "
+            run.notes.append(f"held-back prompts' mean reward {body['start']:.3f} -> {body['end']:.3f} "
                              f"({body['held_out']} prompts, greedy answers)")  # fmt: skip

@@ -82,8 +82,17 @@ class Recipe:
             config = {"index": i, "stage": table, "seed": self.run.seed,
                       "tokenizer": self.run.tokenizer.to_dict(),
                       "datasets": {n: self.dataset(n).settings() for n in names}}  # fmt: skip
+            if stage.distill is not None:  # the teacher is an input too (distill_stage.py)
+                config["teacher"] = self._teacher_identity(i, identities)
+                for how in ("teacher_run", "tasks"):  # cached or live, any task count: the same result
+                    table["distill"].pop(how, None)
+            rewards = self.reward_models(i)  # online-dpo, rejection-sft: their reward models are inputs too
+            if rewards:
+                config["rewards"] = [identities[r] if isinstance(r, int) else checkpoint_hash(r) for r in rewards]
             if stage.start == "previous":
                 source = {"previous": identities[i - 1]}
+            elif self.start_stage(i) is not None:
+                source = {"stage": identities[self.start_stage(i)]}
             elif stage.start == "init":
                 init = self.run.init_checkpoint
                 source = {"init": {"preset": self.run.preset, "vocab_size": self.run.vocab_size,
@@ -95,6 +104,26 @@ class Recipe:
             )
             identities.append(hashlib.sha256(text.encode("utf-8")).hexdigest())
         return identities
+
+    def start_stage(self, index: int) -> int | None:
+        """The earlier stage whose final checkpoint stage `index` starts from, when its `start`
+        names one (SFT on rejection samples starts from the SFT model, not the reward model
+        trained after it); None for 'init', 'previous' and a checkpoint directory."""
+        names = [s.name for s in self.stage[:index]]
+        start = self.stage[index].start
+        return names.index(start) if start in names else None
+
+    def reward_models(self, index: int) -> list[int | str]:
+        """Stage `index`'s reward models: an earlier stage's index, or a checkpoint directory."""
+        stage, names = self.stage[index], [s.name for s in self.stage[:index]]
+        settings = stage.online or stage.rejection
+        wanted = [] if settings is None else [settings.reward, getattr(settings, "second", None)]
+        return [names.index(w) if w in names else w for w in wanted if w is not None]
+
+    def _teacher_identity(self, index: int, identities: list[str]) -> str:
+        """An earlier teacher stage's identity, or the hash of a teacher checkpoint."""
+        teacher, names = self.stage[index].distill.teacher, [s.name for s in self.stage[:index]]
+        return identities[names.index(teacher)] if teacher in names else checkpoint_hash(teacher)
 
     def check_inputs(self) -> None:
         """DataError naming every input (tokenizer, datasets) that is not there."""
@@ -198,11 +227,22 @@ def _resolve_paths(data: dict, base: Path) -> dict:
                 for key, fix in (("path", path), ("inputs", paths), ("config", path)):
                     if key in dataset:
                         dataset[key] = fix(dataset[key])
-    for stage in data.get("stage", []) if isinstance(data.get("stage"), list) else []:
+    stages = data.get("stage", []) if isinstance(data.get("stage"), list) else []
+    names = {stage["name"] for stage in stages if isinstance(stage, dict) and isinstance(stage.get("name"), str)}
+    for stage in stages:
         if (
             isinstance(stage, dict)
             and isinstance(stage.get("start"), str)
             and stage["start"] not in STARTS
+            and stage["start"] not in names  # an earlier stage's name, not a checkpoint
         ):
             stage["start"] = path(stage["start"])
+        for table, keys in (("online", ("reward",)), ("rejection", ("reward", "second"))):
+            settings = stage.get(table) if isinstance(stage, dict) else None
+            for key in keys if isinstance(settings, dict) else ():
+                if isinstance(settings.get(key), str) and settings[key] not in names:
+                    settings[key] = path(settings[key])  # a reward model's checkpoint, not a stage's name
+        distill = stage.get("distill") if isinstance(stage, dict) else None
+        if isinstance(distill, dict) and isinstance(distill.get("teacher"), str) and distill["teacher"] not in names:
+            distill["teacher"] = path(distill["teacher"])  # a checkpoint, not a stage's name
     return data

@@ -3,8 +3,9 @@
 Each table checks its own values (orchestration/pipeline/recipe.py, orchestration/pipeline/stage_config.py); these
 check what lies between them: stage names, the first stage's start, dataset references and the
 formats a stage's kind reads (orchestration/pipeline/kinds.py), the model spec of each stage against
-its sequence lengths, and the vocabulary against the tokenizer. Every message names the key path, a
-stage's after "stage 1 'name': ".
+its sequence lengths (after an up-scaling), the vocabulary against the tokenizer, and a distill
+stage's teacher against its student. Every message names the key path, a stage's after
+"stage 1 'name': ".
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def check_recipe(recipe: Recipe) -> None:
     check_datasets(recipe)
     specs = stage_specs(recipe)
     check_vocabulary(recipe, specs)
+    check_teachers(recipe, specs)
 
 
 def check_stages(recipe: Recipe) -> None:
@@ -33,6 +35,12 @@ def check_stages(recipe: Recipe) -> None:
         label = stage_label(i, stage.name)
         if stage.name in names[:i]:
             raise ConfigError(f"{label}: name is used twice")
+        if stage.start in names[i:]:
+            raise ConfigError(f"{label}: start: stage {stage.start!r} is not an earlier stage; a stage starts "
+                              "from 'init', 'previous', an earlier stage's name or a checkpoint")  # fmt: skip
+        for reward in recipe.reward_models(i):
+            if isinstance(reward, str) and reward in names[i:]:
+                raise ConfigError(f"{label}: reward: stage {reward!r} is not an earlier stage")
         if stage.start == "previous" and i == 0:
             raise ConfigError(
                 f"{label}: start: the first stage has no previous stage; use 'init' or a checkpoint"
@@ -43,6 +51,9 @@ def check_stages(recipe: Recipe) -> None:
             and recipe.run.init_checkpoint is None
         ):
             raise ConfigError(f"{label}: start = 'init' needs run.preset or run.init_checkpoint")
+        if stage.upscale is not None and stage.start == "init" and recipe.run.init_checkpoint is None:
+            raise ConfigError(f"{label}: upscale: a fresh init has nothing to up-scale; start from 'previous' "
+                              "or a checkpoint")  # fmt: skip
         if recipe.run.backend != "auto":  # 'auto' is resolved on the cluster: runner.resolve_backend
             check_backend_can_run(recipe.run.backend, stage, label)
 
@@ -98,13 +109,59 @@ def stage_specs(recipe: Recipe) -> list[ModelSpec]:
             base = recipe.run.model_spec()
         elif stage.start == "previous":
             base = specs[i - 1]
+        elif recipe.start_stage(i) is not None:
+            base = specs[recipe.start_stage(i)]
         else:
             try:
                 base = checkpoint.load_spec(stage.start)
             except (CheckpointError, ConfigError) as err:
                 raise ConfigError(f"{stage_label(i, stage.name)}: start: {err}") from None
+        if stage.upscale is not None:
+            base = upscaled(base, stage.upscale, stage_label(i, stage.name))
         specs.append(apply_overrides(base, stage, stage_label(i, stage.name)))
     return specs
+
+
+def upscaled(spec: ModelSpec, layers: str, label: str) -> ModelSpec:
+    """The start's spec after the stage's up-scaling: n_layers = the ranges' total."""
+    from orchestration.core.upscale import upscaled_spec
+
+    try:
+        return upscaled_spec(spec, layers)
+    except ConfigError as err:
+        raise ConfigError(f"{label}: upscale: {str(err).removeprefix('layers: ')}") from None
+
+
+def teacher_spec(recipe: Recipe, index: int, specs: list[ModelSpec]) -> ModelSpec:
+    """The spec of stage `index`'s distillation teacher: an earlier stage's, or its checkpoint's."""
+    from orchestration.core import checkpoint
+
+    stage, names = recipe.stage[index], [s.name for s in recipe.stage]
+    label, teacher = stage_label(index, stage.name), stage.distill.teacher
+    if teacher in names[:index]:
+        return specs[names.index(teacher)]
+    if teacher in names:
+        raise ConfigError(f"{label}: distill.teacher: stage {teacher!r} comes after this one; a teacher "
+                          "is an earlier stage or a checkpoint")  # fmt: skip
+    try:
+        return checkpoint.load_spec(teacher)
+    except (CheckpointError, ConfigError) as err:
+        raise ConfigError(f"{label}: distill.teacher: not an earlier stage's name, and {err}") from None
+
+
+def check_teachers(recipe: Recipe, specs: list[ModelSpec]) -> None:
+    """A teacher is a language model of the student's vocabulary, with at least top_k ids."""
+    for i, stage in enumerate(recipe.stage):
+        if stage.distill is None:
+            continue
+        label, teacher = stage_label(i, stage.name), teacher_spec(recipe, i, specs)
+        if teacher.head != "lm" or teacher.vocab_size != specs[i].vocab_size:
+            raise ConfigError(f"{label}: distill.teacher is a {teacher.head!r} model of vocab_size "
+                              f"{teacher.vocab_size:,}; the student is a language model of {specs[i].vocab_size:,} "
+                              "(the same tokenizer)")  # fmt: skip
+        if stage.distill.k > teacher.vocab_size:
+            raise ConfigError(f"{label}: distill.top_k ({stage.distill.k:,}) exceeds the vocabulary "
+                              f"({teacher.vocab_size:,})")  # fmt: skip
 
 
 def apply_overrides(spec: ModelSpec, stage, label: str) -> ModelSpec:

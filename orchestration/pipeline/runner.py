@@ -189,7 +189,8 @@ def run_stages(recipe, manifest: rm.RunManifest, run_dir: Path, first: int, ray,
         resources = stage.resources.to_dict()
         options = task_options(manifest.backend, resources, cluster, node_cpus, where, stage.workers)
         stage_dir = run_dir / record.dir
-        init_from = str(run_dir / records[i - 1].checkpoint) if stage.start == "previous" else None
+        start = i - 1 if stage.start == "previous" else recipe.start_stage(i)  # a stage before this one
+        init_from = str(run_dir / records[start].checkpoint) if start is not None else None
         config = {"recipe": recipe_dict, "index": i, "stage_dir": str(stage_dir), "init_from": init_from,
                   "tokenizer": manifest.tokenizer["path"], "datasets": datasets, "backend": manifest.backend,
                   "progress": False}  # fmt: skip

@@ -25,8 +25,11 @@ from orchestration.core.config import build, positive_int, to_table
 from orchestration.core.optim import OptimConfig
 from orchestration.core.parallel import PARALLELISMS
 from orchestration.data.loader import MixtureConfig
+from orchestration.pipeline.distill_stage import DistillSettings
 from orchestration.pipeline.kinds import KINDS, StageKind, get_kind, mixture_loader
 from orchestration.pipeline.preference_stage import PreferenceSettings
+from orchestration.pipeline.online_stage import OnlineSettings
+from orchestration.pipeline.rejection_stage import RejectionSettings
 from orchestration.pipeline.reward_stage import RewardSettings
 from orchestration.pipeline.stage_eval import StageEvalConfig
 
@@ -143,10 +146,24 @@ class StageConfig:
     reward: RewardSettings | None = None
     """`[stage.reward]`: center_rewards_coefficient and held_out of a reward stage; None: their
     defaults. Left out of other stages' tables."""
+    online: OnlineSettings | None = None
+    """`[stage.online]`: the reward model and the rounds of an online-dpo stage (required there)."""
+    rejection: RejectionSettings | None = None
+    """`[stage.rejection]`: the reward model(s) and sampling of a rejection-sft stage (required there)."""
     eval: StageEvalConfig | None = None
     """`[stage.eval]`: validation loss and benchmark tasks every N tokens and at the end
     (orchestration/pipeline/stage_eval.py); None: no evaluation. Not part of the stage's identity,
     except through the documents it holds out of training (data.hold_out)."""
+    distill: DistillSettings | None = None
+    """`[stage.distill]`: the teacher and objective of a distill stage (required there, refused
+    elsewhere; orchestration/pipeline/distill_stage.py)."""
+    data_seed: int | None = None
+    """Seeds the stage's data order; None: run.seed + the stage's index (0-based). Two stages with
+    the same data_seed, data and shapes draw the same rows (a distilled student and its baseline)."""
+    upscale: str | None = None
+    """Depth up-scaling (SOLAR) of the start checkpoint before the stage trains: half-open ranges of
+    its layers, stacked in order ("0:24,8:32" is SOLAR's 32 -> 48; orchestration/core/upscale.py).
+    None: the start as it is."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME.match(self.name):
@@ -156,6 +173,8 @@ class StageConfig:
             raise ConfigError("start must be 'init', 'previous' or a checkpoint directory")
         for name in ("token_budget", "seq_len", "batch_tokens", "workers"):
             positive_int(getattr(self, name), name)
+        if self.data_seed is not None and (isinstance(self.data_seed, bool) or self.data_seed < 0):
+            raise ConfigError(f"data_seed must be an integer >= 0, got {self.data_seed!r}")
         for name in ("checkpoint_every_tokens", "max_seq_len"):
             if getattr(self, name) is not None:
                 positive_int(getattr(self, name), name)
@@ -175,6 +194,13 @@ class StageConfig:
         if self.reward is not None and "reward" not in kind.tables:
             takes = [k.name for k in KINDS.values() if "reward" in k.tables]
             raise ConfigError(f"reward: [stage.reward] is for kinds {', '.join(takes)}, not {kind.name!r}")
+        for table, owner in (("online", "online-dpo"), ("rejection", "rejection-sft")):
+            if (getattr(self, table) is not None) != (table in kind.tables):
+                if getattr(self, table) is None:
+                    raise ConfigError(f"{table}: a {kind.name!r} stage needs [stage.{table}] with its reward model")
+                raise ConfigError(f"{table}: [stage.{table}] is for kind {owner}, not {kind.name!r}")
+        self._check_distill(kind)
+        self._check_upscale()
         if kind.head != "lm" and self.eval is not None and self.eval.tasks:
             raise ConfigError(f"eval.tasks: benchmark tasks score a language model; a {kind.name!r} stage trains a "
                               "reward model (its held-back pairs are scored instead)")  # fmt: skip
@@ -190,6 +216,24 @@ class StageConfig:
         if self.optim.warmup_steps > total:
             raise ConfigError(f"optim.warmup_steps ({self.optim.warmup_steps:,}) exceeds the stage's "
                               f"{total:,} steps (derived from token_budget and batch_tokens)")  # fmt: skip
+
+    def _check_distill(self, kind: StageKind) -> None:
+        if self.distill is not None and "distill" not in kind.tables:
+            takes = [k.name for k in KINDS.values() if "distill" in k.tables]
+            raise ConfigError(f"distill: [stage.distill] is for kinds {', '.join(takes)}, not {kind.name!r}")
+        if self.distill is None and "distill" in kind.tables:
+            raise ConfigError(f"distill: a {kind.name!r} stage needs [stage.distill] with its teacher")
+
+    def _check_upscale(self) -> None:
+        """The ranges' syntax here; against the start's layers in recipe_checks.stage_specs."""
+        from orchestration.core.upscale import parse_layers
+
+        if self.upscale is None:
+            return
+        try:
+            parse_layers(self.upscale, 1 << 30)
+        except ConfigError as err:
+            raise ConfigError(f"upscale: {str(err).removeprefix('layers: ')}") from None
 
     def _resolve_hold_out(self, kind: StageKind) -> None:
         """data.hold_out left out: the documents [stage.eval] scores are held out of training."""
@@ -208,7 +252,8 @@ class StageConfig:
 
     @property
     def loss(self) -> str:
-        return self.stage_kind.loss
+        """The backend loss: the kind's, or [stage.distill]'s objective."""
+        return self.distill.objective if self.distill is not None else self.stage_kind.loss
 
     @property
     def train_optim(self) -> OptimConfig:

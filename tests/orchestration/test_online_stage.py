@@ -7,6 +7,7 @@ killed mid-round and rerun in another process ends on the uninterrupted run's we
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -133,3 +134,63 @@ def test_online_settings_are_checked(small_tokenizer_dir, prompts, reward_model,
     del tables["stage"][0]["online"]
     with pytest.raises(ConfigError, match=r"needs \[stage.online\] with its reward model"):
         Recipe.from_dict(tables)
+
+
+# ---- rejection-sampling SFT -------------------------------------------------------------------
+
+
+def rejection_request(tokenizer, prompts: str, policy: str, reward: str, stage_dir: Path, steps: int, **rejection) -> dict:
+    settings = {"reward": reward, "prompts": 24, "samples": 4, "max_new_tokens": 24} | rejection
+    table = {"name": "rs", "kind": "rejection-sft", "start": policy, "token_budget": T * 8 * steps, "seq_len": T,
+             "batch_tokens": T * 8, "data": {"sources": [{"dataset": "prompts", "weight": 1.0}]},
+             "optim": {"lr": 3e-3, "warmup_steps": 2}, "rejection": settings}  # fmt: skip
+    tables = {"run": {"name": "t", "preset": "tiny", "vocab_size": VOCAB, "backend": "torch",
+                      "tokenizer": {"path": str(tokenizer)},
+                      "datasets": [{"name": "prompts", "path": prompts, "format": "chat"}]},
+              "stage": [table]}  # fmt: skip
+    return {"recipe": Recipe.from_dict(tables).to_dict(), "index": 0, "stage_dir": str(stage_dir),
+            "tokenizer": str(tokenizer), "datasets": {"prompts": prompts}, "backend": "torch"}  # fmt: skip
+
+
+def test_rejection_sft_trains_on_the_best_answers_the_two_models_agree_on(small_tokenizer_dir, prompts, policy,
+                                                                         reward_model, tmp_path):  # fmt: skip
+    from orchestration.core.checkpoint import load_spec, with_score_head
+
+    second = str(tmp_path / "rm2")  # a second opinion: the same reward model, its score head redrawn
+    with_score_head(reward_model, load_spec(reward_model), second, seed=11)
+    result = run_stage(rejection_request(small_tokenizer_dir, prompts, policy, reward_model, tmp_path / "rs", 6,
+                                         second=second))  # fmt: skip
+    kept = json.loads((tmp_path / "rs" / "kept" / "manifest.json").read_text())
+    assert kept["prompts"] == 24 and kept["kept"] + sum(kept["dropped"].values()) == 24 and kept["kept"] > 0
+    lines = [json.loads(line) for line in (tmp_path / "rs" / "kept" / "selected.jsonl").read_text().splitlines()]
+    assert len(lines) == kept["kept"] and all(set(line["provenance"]["scores"]) == {"reward", "second"} for line in lines)
+    assert result["steps"] == 6 and any("best answers" in note for note in result["notes"])
+    # the stage trained on exactly the kept conversations, each ending on its answer's [|endofturn|]
+    dataset = json.loads((tmp_path / "rs" / "kept" / "dataset" / "manifest.json").read_text())
+    assert dataset["kind"] == "chat" and dataset["sources"]["kept"]["documents"] == kept["kept"]
+    # rerun: the stage is finished; a resumed one would read kept/ back, never sample again
+    assert run_stage(rejection_request(small_tokenizer_dir, prompts, policy, reward_model, tmp_path / "rs", 6,
+                                       second=second))["steps"] == 6  # fmt: skip
+
+
+def test_the_post_training_recipe_names_its_starts_and_reward_models():
+    from orchestration.pipeline.recipe import load_recipe
+    from orchestration.pipeline.recipe_checks import stage_specs
+
+    recipe = load_recipe(ROOT / "recipes" / "post-training.toml")
+    names = [s.name for s in recipe.stage]
+    assert names == ["pretrain", "sft", "rm1", "rm2", "rs-sft", "online-dpo"]
+    assert [recipe.start_stage(i) for i in range(6)] == [None, None, None, 1, 1, None]
+    assert recipe.reward_models(4) == [2, 3] and recipe.reward_models(5) == [2]
+    specs = stage_specs(recipe)
+    assert [s.head for s in specs] == ["lm", "lm", "score", "score", "lm", "lm"]
+    tables = recipe.to_dict()
+    changed = copy.deepcopy(tables)
+    changed["stage"][2]["optim"]["lr"] = 2e-3  # rm1 changed: the stages that use it are other stages
+    before, after = Recipe.from_dict(tables).stage_identities(), Recipe.from_dict(changed).stage_identities()
+    assert [a == b for a, b in zip(before, after)] == [True, True, False, True, False, False]
+    tables["stage"][4]["start"] = "online-dpo"
+    with pytest.raises(ConfigError, match=r"stage 5 'rs-sft': start: stage 'online-dpo' is not an earlier stage"):
+        from orchestration.pipeline.recipe_checks import check_stages
+
+        check_stages(Recipe.from_dict(tables))
