@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dataclasses import dataclass
+
 from hanyeong.errors import CheckpointError, ConfigError
 from orchestration.core.checkpoint import MODEL_FILE, load_spec, writing
 from orchestration.core.spec import ModelSpec
@@ -148,3 +150,27 @@ def average(checkpoints: Sequence[str | Path], out: str | Path, method: str = "l
     with writing(out, spec) as tmp:
         save_file(merged, tmp / MODEL_FILE, metadata={"format": "pt"})
     return Path(out)
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """`[stage.merge]`: the stage starts from a merge of earlier stages' final checkpoints (WARP as
+    a recipe step: M policies trained from one start, merged, then the next round trains from it)."""
+
+    stages: tuple[str, ...]
+    """The earlier stages merged (their final checkpoints): M policies from the stage's `start`."""
+    method: str = "warp"
+    """'linear', 'slerp' or 'warp' (slerp and warp take the stage's start as the base)."""
+    weights: tuple[float, ...] | None = None
+    """linear: one weight per stage (normalised); None: uniform."""
+    t: float = 0.5
+    """slerp/warp with two policies: 0 gives the first, 1 the second."""
+    eta: float = 0.5
+    """warp: how far from the start toward the slerp (LITI)."""
+
+    def __post_init__(self) -> None:
+        if not self.stages or not all(isinstance(n, str) and n for n in self.stages):
+            raise ConfigError(f"stages must name the earlier stages to merge, got {self.stages!r}")
+        if self.method == "ema":
+            raise ConfigError("method: ema merges a run's checkpoints in order; a stage merges stages: use linear, slerp or warp")
+        combiner(self.method, len(self.stages), self.weights, 0.1, self.t, self.eta, self.method in ("slerp", "warp"))

@@ -41,6 +41,12 @@ def check_stages(recipe: Recipe) -> None:
         for reward in recipe.reward_models(i):
             if isinstance(reward, str) and reward in names[i:]:
                 raise ConfigError(f"{label}: reward: stage {reward!r} is not an earlier stage")
+        for merged in stage.merge.stages if stage.merge is not None else ():
+            if merged not in names[:i]:
+                raise ConfigError(f"{label}: merge.stages: {merged!r} is not an earlier stage")
+        if stage.merge is not None and stage.start == "init" and stage.merge.method != "linear":
+            raise ConfigError(f"{label}: merge: {stage.merge.method} needs the policies' start as its base; start "
+                              "from it (an earlier stage's name, 'previous' or a checkpoint)")  # fmt: skip
         if stage.start == "previous" and i == 0:
             raise ConfigError(
                 f"{label}: start: the first stage has no previous stage; use 'init' or a checkpoint"
@@ -116,6 +122,13 @@ def stage_specs(recipe: Recipe) -> list[ModelSpec]:
                 base = checkpoint.load_spec(stage.start)
             except (CheckpointError, ConfigError) as err:
                 raise ConfigError(f"{stage_label(i, stage.name)}: start: {err}") from None
+        earlier = [s.name for s in recipe.stage[:i]]
+        if stage.merge is not None and set(stage.merge.stages) <= set(earlier):  # else check_stages says so
+            merged = [specs[earlier.index(n)] for n in stage.merge.stages]  # a merge keeps their spec
+            if any(m != merged[0] for m in merged + ([base] if stage.merge.method != "linear" else [])):
+                raise ConfigError(f"{stage_label(i, stage.name)}: merge: the stages merged (and the start) "
+                                  "have different model specs")  # fmt: skip
+            base = merged[0]
         if stage.upscale is not None:
             base = upscaled(base, stage.upscale, stage_label(i, stage.name))
         specs.append(apply_overrides(base, stage, stage_label(i, stage.name)))

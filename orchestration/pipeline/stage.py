@@ -52,6 +52,7 @@ from orchestration.pipeline.stage_config import stage_label
 
 CHECKPOINT, METRICS, STAGE_FILE = "checkpoint", "metrics.jsonl", "stage.json"
 UPSCALED = "upscaled"  # STAGE_DIR/upscaled: an `upscale` stage's start, before its overrides
+MERGED = "merged"  # STAGE_DIR/merged: a [stage.merge] stage's start
 STEP_METRICS = ("loss", "grad_norm", "lr", "tokens", "counted_tokens")  # what every train_step returns
 KEYS = {"recipe": dict, "index": int, "stage_dir": str, "init_from": (str, type(None)), "tokenizer": str,
         "datasets": dict, "backend": str, "progress": bool, "workers": int, "parallel": (str, type(None)),
@@ -267,6 +268,8 @@ def start_model(backend, recipe, index: int, init_from: str | None, directory: P
         return backend.init(
             apply_overrides(recipe.run.model_spec(), stage, where), seed=recipe.run.seed
         )
+    if stage.merge is not None:  # WARP as a recipe step: the start is the merge of earlier stages
+        source = merged_start(recipe, index, source, directory / MERGED, main)
     if stage.upscale is not None:  # SOLAR: the start's layers stacked anew, then trained on
         source = upscaled_start(source, stage.upscale, directory / UPSCALED, main)
     saved = checkpoint.load_spec(source)
@@ -279,6 +282,23 @@ def start_model(backend, recipe, index: int, init_from: str | None, directory: P
             wait_for(out / checkpoint.INDEX_FILE)
         source = out
     return backend.load(source)
+
+
+def merged_start(recipe, index: int, base: str | Path, out: Path, main: bool = True) -> Path:
+    """[stage.merge]'s checkpoint in `out`: the named stages' final checkpoints merged (slerp and
+    warp: with the stage's start as the base). Rank 0 writes it, the other ranks wait for it."""
+    from orchestration.core.merge import average
+    from orchestration.pipeline.run_manifest import stage_dir_name
+
+    settings, names = recipe.stage[index].merge, [s.name for s in recipe.stage]
+    run_dir = out.parent.parent.parent  # RUN_DIR/stages/NN-name/merged
+    policies = [run_dir / stage_dir_name(names.index(n), n) / CHECKPOINT for n in settings.stages]
+    if main:
+        with_base = settings.method in ("slerp", "warp")
+        return average(policies, out, method=settings.method, weights=settings.weights, t=settings.t,
+                       eta=settings.eta, base=base if with_base else None)  # fmt: skip
+    wait_for(out / checkpoint.INDEX_FILE)
+    return out
 
 
 def upscaled_start(source: str | Path, layers: str, out: Path, main: bool = True) -> Path:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from hanyeong.errors import ConfigError
 from orchestration.core.config import build, positive_int, to_table
 from orchestration.core.optim import OptimConfig
+from orchestration.core.merge import MergeSettings
 from orchestration.core.parallel import PARALLELISMS
 from orchestration.data.loader import MixtureConfig
 from orchestration.pipeline.distill_stage import DistillSettings
@@ -160,6 +161,10 @@ class StageConfig:
     data_seed: int | None = None
     """Seeds the stage's data order; None: run.seed + the stage's index (0-based). Two stages with
     the same data_seed, data and shapes draw the same rows (a distilled student and its baseline)."""
+    merge: MergeSettings | None = None
+    """`[stage.merge]`: start from a merge of earlier stages (WARP: SLERP of their task vectors
+    from this stage's start, then LITI toward it; orchestration/core/merge.py); None: the start
+    as it is."""
     upscale: str | None = None
     """Depth up-scaling (SOLAR) of the start checkpoint before the stage trains: half-open ranges of
     its layers, stacked in order ("0:24,8:32" is SOLAR's 32 -> 48; orchestration/core/upscale.py).
