@@ -20,9 +20,9 @@ samples it again from the restored weights with the same keys, getting the same 
 
 HELD-BACK PROMPTS: `held_out` prompts (drawn first, never sampled for training) are answered
 greedily at the stage's start and end and scored by the reward model: STAGE_DIR/online.json holds
-the two mean rewards (the issue's check: online DPO raises the reward model's score of the policy's
-answers on prompts it never trained on), and each round's pair count and mean reward of its
-sampled answers.
+the two mean rewards (whether the rounds raised the reward model's score of the policy's answers
+on prompts it never trained on), and each round's pair count and mean reward of its sampled
+answers.
 
 One worker only (the policy samples in the stage's own process).
 """
