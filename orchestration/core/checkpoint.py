@@ -89,6 +89,7 @@ def writing(path: str | Path, spec: ModelSpec) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -113,6 +114,28 @@ def writing(path: str | Path, spec: ModelSpec) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover(path: str | Path) -> bool:
+    """Undo what a writer killed mid-`writing` left beside `path`; True when a checkpoint came back.
+
+    A kill between its two renames leaves the previous checkpoint as `.NAME.old-PID` and no `path`:
+    it is put back (the newest such, by its index file), so a resumed stage finds it instead of
+    starting over. An `.old-PID` beside a `path` that is there is the replaced one: removed. A
+    `.NAME.tmp-PID` of another process is a killed writer's half-written folder: removed (one writer
+    per checkpoint path: a stage's rank 0, under the run's lock)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return False
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda d: (d / INDEX_FILE).stat().st_mtime
+                  if (d / INDEX_FILE).is_file() else 0.0)  # fmt: skip
+    restored = False
+    if olds and not path.exists() and (olds[-1] / INDEX_FILE).is_file():
+        os.replace(olds.pop(), path)
+        restored = True
+    for stale in olds + [t for t in path.parent.glob(f".{path.name}.tmp-*") if t.name != f".{path.name}.tmp-{os.getpid()}"]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return restored
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -23,6 +23,7 @@ from hanyeong.errors import ConfigError, HanyeongError
 from orchestration.cluster.ray_session import ray_session  # noqa: F401  (callers import it from here too)
 from orchestration.cluster.resources import ray_options, worker_resources
 from orchestration.core.backends import BACKENDS, capabilities
+from orchestration.core.checkpoint import recover
 from orchestration.core.parallel import resolve_parallelism
 from orchestration.pipeline.stage_config import stage_label
 
@@ -189,6 +190,10 @@ def run_stages(recipe, manifest: rm.RunManifest, run_dir: Path, first: int, ray,
         resources = stage.resources.to_dict()
         options = task_options(manifest.backend, resources, cluster, node_cpus, where, stage.workers)
         stage_dir = run_dir / record.dir
+        # a worker killed inside checkpoint.writing may have left the last checkpoint renamed away:
+        # put it back before any worker looks for it (here no writer of this stage is running)
+        if recover(stage_dir / "checkpoint"):
+            echo(f"{where}: restored the checkpoint a killed writer left renamed")
         start = i - 1 if stage.start == "previous" else recipe.start_stage(i)  # a stage before this one
         init_from = str(run_dir / records[start].checkpoint) if start is not None else None
         config = {"recipe": recipe_dict, "index": i, "stage_dir": str(stage_dir), "init_from": init_from,

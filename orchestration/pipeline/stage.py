@@ -110,6 +110,8 @@ def run_stage(config: dict) -> dict:
     log = MetricsLog(directory / METRICS, write=run.main)
     options = {"parallel": parallel} if parallel else {}  # single-worker backends need not know the key
     resumed = None
+    if world == 1:  # a Ray retry of a worker killed inside checkpoint.writing: put its checkpoint back
+        checkpoint.recover(run.checkpoint_dir)  # (a group's ranks would race; the driver does it for them)
     if checkpoint.has_training_state(run.checkpoint_dir):
         check_identity(directory, identity)
         run.state = backend.load_train_state(run.checkpoint_dir, **options)

@@ -130,3 +130,23 @@ def test_every_file_of_a_checkpoint_has_the_ordinary_mode(tmp_path, mask):
         os.umask(old)
     files = [*sorted((tmp_path / "ckpt").iterdir()), tmp_path / "manifest.json"]
     assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: oct(0o666 & ~mask) for f in files}
+
+
+def test_a_writer_killed_between_its_renames_leaves_a_checkpoint_that_recover_puts_back(tmp_path):
+    """A kill after `path` was renamed to .NAME.old-PID and before the new folder took its place
+    leaves no `path`; recover restores the old one and removes what dead writers left."""
+    from orchestration.core.backends import get_backend
+    from orchestration.core.spec import ModelSpec
+
+    backend = get_backend("torch")
+    spec = ModelSpec(vocab_size=300, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32)
+    path = tmp_path / "checkpoint"
+    backend.save(backend.init(spec, seed=0), path)
+    before = (path / "checkpoint.json").read_bytes()
+    path.rename(tmp_path / ".checkpoint.old-999999")  # the first rename done, the second never
+    (tmp_path / ".checkpoint.tmp-999998").mkdir()  # a half-written folder of another dead writer
+    assert not path.exists() and checkpoint.recover(path)
+    assert (path / "checkpoint.json").read_bytes() == before and checkpoint.verify(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    (tmp_path / ".checkpoint.old-999997").mkdir()  # an old one beside a checkpoint that is there
+    assert not checkpoint.recover(path) and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
