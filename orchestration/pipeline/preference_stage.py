@@ -142,10 +142,13 @@ HELD_OUT_FILE = "preference.json"
 
 class HeldOut(Callback):
     """The held-back pairs' scores at the stage's start and end: STAGE_DIR/preference.json
-    {"held_out": pairs, "start": {...}, "end": {...}} (rank 0 writes), and a note for the run's echo."""
+    {"held_out": pairs, "start": {...}, "end": {...}} (rank 0 writes), and a note for the run's echo.
+    A reward stage passes its own scoring and note (reward_stage.py)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, score=None, note=None):
         self.path = path
+        self.score = score or evaluate  # (backend, model, loader, indices) -> {"accuracy", "margin", ...}
+        self.note = note or held_out_note
 
     def read(self) -> dict:
         try:
@@ -166,10 +169,10 @@ class HeldOut(Callback):
         if not len(loader.held):
             return
         if run.records or "end" not in self.read():  # a stage found finished keeps its scores
-            self.write(run, "end", evaluate(run.backend, run.state.model, loader, loader.held))
+            self.write(run, "end", self.score(run.backend, run.state.model, loader, loader.held))
         body = self.read()
         if run.main and "start" in body and "end" in body:
-            run.notes.append(held_out_note(body))
+            run.notes.append(self.note(body))
 
 
 def held_out_note(body: dict) -> str:

@@ -183,22 +183,6 @@ def evaluate(backend, model, loader: RewardLoader, indices: np.ndarray) -> dict:
             "chosen": round(float(r[:, 0].mean()), 6), "rejected": round(float(r[:, 1].mean()), 6)}  # fmt: skip
 
 
-class RewardHeldOut(HeldOut):
-    """The held-back pairs' reward accuracy and margin at the stage's start and end:
-    STAGE_DIR/reward.json {"held_out": pairs, "start": {...}, "end": {...}} (rank 0 writes), and a
-    note for the run's echo."""
-
-    def at_end(self, run) -> None:
-        loader = run.loader
-        if not len(loader.held):
-            return
-        if run.records or "end" not in self.read():  # a stage found finished keeps its scores
-            self.write(run, "end", evaluate(run.backend, run.state.model, loader, loader.held))
-        body = self.read()
-        if run.main and "start" in body and "end" in body:
-            run.notes.append(held_out_note(body))
-
-
 def held_out_note(body: dict) -> str:
     """'held-back reward accuracy 47.5% -> 97.5% (40 pairs), margin 0.012 -> 3.456'."""
     start, end = body["start"], body["end"]
@@ -208,13 +192,12 @@ def held_out_note(body: dict) -> str:
 
 def prepare_rewards(run, recipe, init_from: str | None) -> list:
     """Give the stage's RewardLoader its per-row settings and held-back pairs; score those at
-    step 0. Returns the loop's RewardHeldOut and reward plot callbacks."""
+    step 0. Returns the loop's held-back scores (reward.json) and reward plot callbacks."""
     loader = run.loader
-    # [stage.reward]: read where StageConfig has the table, else its defaults
-    settings = getattr(run.stage, "reward", None) or RewardSettings()
+    settings = run.stage.reward or RewardSettings()
     loader.settings = settings.per_row()
     loader.hold_out(settings.held_out)
-    held = RewardHeldOut(run.directory / HELD_OUT_FILE)
+    held = HeldOut(run.directory / HELD_OUT_FILE, score=evaluate, note=held_out_note)  # reward.json
     if run.state.step == 0 and len(loader.held):
         held.write(run, "start", evaluate(run.backend, run.state.model, loader, loader.held))
     return [held, RewardPlot(run.directory / PLOT_FILE)]
