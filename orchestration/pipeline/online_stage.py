@@ -306,15 +306,14 @@ def read_round(path: Path) -> dict:
 # ---- the kind's prepare and callback -------------------------------------------------------------
 
 
-def reward_checkpoint(settings: OnlineSettings, recipe, index: int, directory: Path) -> Path:
-    """The reward model: an earlier stage's final checkpoint (by name), else a checkpoint directory."""
+def reward_checkpoint(name: str, recipe, index: int, directory: Path) -> Path:
+    """A reward model: an earlier stage's final checkpoint (by name), else a checkpoint directory."""
     from orchestration.pipeline.run_manifest import stage_dir_name
 
     names = [s.name for s in recipe.stage[:index]]
-    if settings.reward in names:
-        i = names.index(settings.reward)
-        return directory.parent.parent / stage_dir_name(i, settings.reward) / "checkpoint"
-    return Path(settings.reward)
+    if name in names:
+        return directory.parent.parent / stage_dir_name(names.index(name), name) / "checkpoint"
+    return Path(name)
 
 
 def prepare_online(run, recipe, init_from: str | None) -> list:
@@ -329,7 +328,7 @@ def prepare_online(run, recipe, init_from: str | None) -> list:
     loader, settings = run.loader, run.stage.online
     loader.settings = settings
     loader.hold_out(settings.held_out)
-    rm = reward_checkpoint(settings, recipe, run.index, run.directory)
+    rm = reward_checkpoint(settings.reward, recipe, run.index, run.directory)
     if load_spec(rm).head != "score":
         raise ConfigError(f"{run.name}: online.reward {settings.reward!r} is a language model, not a reward model")
     reference = start_model(run.backend, recipe, run.index, init_from, run.directory, run.main)

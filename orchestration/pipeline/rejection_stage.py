@@ -115,7 +115,7 @@ def sample_and_keep(run, settings: RejectionSettings, recipe, out: Path, policy:
     scores = {}
     for role in ("reward", "second"):
         if getattr(settings, role) is not None:
-            parts.reward = reward_model(backend, reward_checkpoint_of(getattr(settings, role), recipe, run))
+            parts.reward = reward_model(backend, getattr(settings, role), recipe, run)
             scores[role] = parts.scores(prompts, answers).reshape(len(order), settings.samples)
     finished = np.array([bool(a) and a[-1] in STOP_IDS for a in answers]).reshape(len(order), settings.samples)
     rule = SelectConfig(by="reward:first", second="reward:second" if settings.second else None)
@@ -174,15 +174,12 @@ def write_dataset(dataset: Path, kept: list, tokenizer: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def reward_checkpoint_of(name: str, recipe, run) -> Path:
-    from orchestration.pipeline.online_stage import OnlineSettings, reward_checkpoint
-
-    return reward_checkpoint(OnlineSettings(reward=name), recipe, run.index, run.directory)
-
-
-def reward_model(backend, path: Path):
+def reward_model(backend, name: str, recipe, run):
+    """The reward model `name` (an earlier stage or a checkpoint), loaded; ConfigError for an LM."""
     from orchestration.core.checkpoint import load_spec
+    from orchestration.pipeline.online_stage import reward_checkpoint
 
+    path = reward_checkpoint(name, recipe, run.index, run.directory)
     if load_spec(path).head != "score":
         raise ConfigError(f"{path}: a language model, not a reward model")
     return backend.load(path)
