@@ -433,3 +433,59 @@ def soft(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor, 
 register_loss("afm", afm, reads=("inputs", "targets", "teacher_ids", "afm_weight"))
 register_loss("soft", soft, reads=("inputs", "targets", "teacher_ids", "teacher_logprobs",
                                    "temperature"))  # fmt: skip
+
+
+# ---- GRPO (Shao et al. 2024; DAPO's clip, Dr. GRPO's aggregation) ------------------------------
+# One sampled ANSWER per row: inputs/targets [B, T] the prompt + answer, right-padded; loss_mask
+# [B, T] 1 on the answer's targets (its stop token included). Extras, per row
+# (orchestration/core/grpo.py makes them):
+#   advantages [B]                   the answer's group-relative advantage
+#   epsilon_low, epsilon_high [B]    the ratio's clip range [1 - low, 1 + high] (DAPO: high > low)
+#   token_weight, row_count [B]      the loss aggregation: sum_b w_b sum_t loss_bt / sum_b row_count_b
+#   old_logprobs [B, T] (optional)   the sampling policy's log-probs; absent: the current ones
+#                                    detached, so the ratio is exactly 1 (one update per generation)
+#   ref_logprobs, beta [B, T], [B] (optional)  the reference's log-probs: + beta * k3 KL per token
+# Returns (summed loss, summed row_count, GRPO_METRICS): each metric a mean aggregated like the loss
+# (token_mean: over answer tokens; the others: over answers of their token means).
+GRPO_READS = ("inputs", "targets", "loss_mask", "advantages", "epsilon_low", "epsilon_high",
+              "token_weight", "row_count")  # fmt: skip
+GRPO_METRICS = ("grpo/clip_ratio", "grpo/ratio", "grpo/entropy", "grpo/kl")
+
+
+def grpo_token_loss(logps, old_logps, advantages, epsilon_low, epsilon_high, ref_logps=None, beta=None):
+    """(B, T) per-token loss -min(r A, clip(r, 1 - low, 1 + high) A) [+ beta k3], r = pi / pi_old,
+    k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's unbiased, positive KL estimator), and the
+    ratio r. TRL's GRPOTrainer._compute_loss per token."""
+    ratio = torch.exp(logps - old_logps)
+    A = advantages[:, None]
+    clipped = torch.clamp(ratio, 1 - epsilon_low[:, None], 1 + epsilon_high[:, None])
+    loss = -torch.minimum(ratio * A, clipped * A)
+    if ref_logps is not None:
+        delta = ref_logps - logps
+        loss = loss + beta[:, None] * (torch.exp(delta) - delta - 1)
+    return loss, ratio
+
+
+def grpo(model: nn.Module, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The clipped surrogate of each answer token, aggregated by token_weight / row_count."""
+    logp_all = F.log_softmax(model(batch["inputs"], None).float(), dim=-1)  # (B, T, V)
+    logps = logp_all.gather(-1, batch["targets"][..., None].long())[..., 0]
+    old = batch.get("old_logprobs", logps.detach())
+    ref = batch.get("ref_logprobs")
+    A, low, high = batch["advantages"], batch["epsilon_low"], batch["epsilon_high"]
+    per_token, ratio = grpo_token_loss(logps, old, A, low, high, ref, batch.get("beta"))
+    mask = batch["loss_mask"].float()
+    loss = (batch["token_weight"] * (per_token * mask).sum(-1)).sum()
+    with torch.no_grad():
+        weight = batch["row_count"] / mask.sum(-1).clamp(min=1.0)  # a metric's token mean per answer
+        clipped = ((ratio < 1 - low[:, None]) & (A[:, None] < 0)) | ((ratio > 1 + high[:, None]) & (A[:, None] > 0))
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        values = {"grpo/clip_ratio": clipped.float(), "grpo/ratio": ratio, "grpo/entropy": entropy}
+        if ref is not None:
+            delta = ref - logps
+            values["grpo/kl"] = torch.exp(delta) - delta - 1
+        metrics = {name: (weight * (v.detach() * mask).sum(-1)).sum() for name, v in values.items()}
+    return loss, batch["row_count"].sum(), metrics
+
+
+register_loss("grpo", grpo, reads=GRPO_READS)

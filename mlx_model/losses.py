@@ -282,3 +282,47 @@ def soft(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array, dict]:
 register_loss("afm", afm, reads=("inputs", "targets", "teacher_ids", "afm_weight"))
 register_loss("soft", soft, reads=("inputs", "targets", "teacher_ids", "teacher_logprobs",
                                    "temperature"))  # fmt: skip
+
+
+# ---- GRPO: cuda_model/losses.py's layout (one sampled answer per row, per-row advantages, clip
+# range and aggregation weights; optional old_logprobs, ref_logprobs and beta) ---------------------
+GRPO_READS = ("inputs", "targets", "loss_mask", "advantages", "epsilon_low", "epsilon_high",
+              "token_weight", "row_count")  # fmt: skip
+GRPO_METRICS = ("grpo/clip_ratio", "grpo/ratio", "grpo/entropy", "grpo/kl")
+
+
+def grpo_token_loss(logps, old_logps, advantages, epsilon_low, epsilon_high, ref_logps=None, beta=None):
+    """(B, T) per-token loss -min(r A, clip(r, 1 - low, 1 + high) A) [+ beta k3] and the ratio r."""
+    ratio = mx.exp(logps - old_logps)
+    A = advantages[:, None]
+    clipped = mx.clip(ratio, 1 - epsilon_low[:, None], 1 + epsilon_high[:, None])
+    loss = -mx.minimum(ratio * A, clipped * A)
+    if ref_logps is not None:
+        delta = ref_logps - logps
+        loss = loss + beta[:, None] * (mx.exp(delta) - delta - 1)
+    return loss, ratio
+
+
+def grpo(model: nn.Module, batch: Arrays) -> tuple[mx.array, mx.array, dict]:
+    """The clipped surrogate of each answer token, aggregated by token_weight / row_count."""
+    x = model(batch["inputs"], None).astype(mx.float32)
+    logp_all = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    logps = mx.take_along_axis(logp_all, batch["targets"][..., None].astype(mx.int32), -1)[..., 0]
+    old = batch["old_logprobs"] if "old_logprobs" in batch else mx.stop_gradient(logps)
+    ref = batch.get("ref_logprobs")
+    A, low, high = batch["advantages"], batch["epsilon_low"], batch["epsilon_high"]
+    per_token, ratio = grpo_token_loss(logps, old, A, low, high, ref, batch.get("beta"))
+    mask = batch["loss_mask"].astype(mx.float32)
+    loss = (batch["token_weight"] * (per_token * mask).sum(-1)).sum()
+    weight = batch["row_count"] / mx.maximum(mask.sum(-1), 1.0)  # a metric's token mean per answer
+    clipped = ((ratio < 1 - low[:, None]) & (A[:, None] < 0)) | ((ratio > 1 + high[:, None]) & (A[:, None] > 0))
+    entropy = -(mx.exp(logp_all) * logp_all).sum(-1)
+    values = {"grpo/clip_ratio": clipped.astype(mx.float32), "grpo/ratio": ratio, "grpo/entropy": entropy}
+    if ref is not None:
+        delta = ref - logps
+        values["grpo/kl"] = mx.exp(delta) - delta - 1
+    metrics = {name: mx.stop_gradient((weight * (v * mask).sum(-1)).sum()) for name, v in values.items()}
+    return loss, batch["row_count"].sum(), metrics
+
+
+register_loss("grpo", grpo, reads=GRPO_READS)
