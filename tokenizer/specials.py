@@ -1,4 +1,4 @@
-"""The fixed block of special tokens at the start of the vocabulary, and the chat template."""
+"""The fixed block of special tokens at the start of the vocabulary, and the chat templates."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ NAMED_SPECIALS = (
 SPECIAL_BLOCK = 256
 
 # EXAONE 3.5's template: a default empty system turn, user turns end with a newline, every other
-# turn with [|endofturn|]. Reasoning (EXAONE Deep) puts <thought>...</thought> in assistant content.
+# turn with [|endofturn|]. Under it, reasoning (<thought>...</thought>) is plain assistant content.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}{{ '[|system|][|endofturn|]\\n' }}{% endif %}"
@@ -28,6 +28,28 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'user' %}{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+)
+
+# EXAONE Deep's template, verbatim: the llama.cpp `--chat-template` of LG's README (github.com/
+# LG-AI-EXAONE/EXAONE-Deep, "Run Locally", set "to handle reasoning steps properly"; the README
+# says the shipped tokenizer does the same). Every turn's text before `</thought>` is dropped, and
+# the newlines after it, so no earlier reasoning stays in the history. User turns end bare, others
+# with [|endofturn|]; turns are joined by a newline, none after the last. The generation prompt
+# opens the thought: '\n[|assistant|]<thought>\n'. It drops the last assistant turn's thought as
+# well: it renders prompts and history, and training on a trace keeps that turn whole
+# (orchestration/data/chat.py `encode(..., reasoning=True)`).
+REASONING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}{{ '[|system|][|endofturn|]\\n' }}{% endif %}"
+    "{% set content = message['content'] %}"
+    "{% if '</thought>' in content %}"
+    "{% set content = content.split('</thought>')[-1].lstrip('\\n') %}"
+    "{% endif %}"
+    "{{ '[|' + message['role'] + '|]' + content }}"
+    "{% if not message['role'] == 'user' %}{{ '[|endofturn|]' }}{% endif %}"
+    "{% if not loop.last %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n[|assistant|]<thought>\\n' }}{% endif %}"
 )
 
 

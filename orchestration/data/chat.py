@@ -1,4 +1,4 @@
-"""Chat data for SFT: conversations -> the EXAONE 3.5 chat template -> input_ids + loss_mask shards.
+"""Chat data for SFT: conversations -> the EXAONE chat template -> input_ids + loss_mask shards.
 
 A record becomes a conversation from one of three layouts (field names configurable, `ChatConfig`):
 `messages: [{role, content}, ...]` (also ShareGPT's `conversations: [{from, value}]`), or
@@ -7,11 +7,18 @@ tokenizer/specials.py's CHAT_TEMPLATE renders it (a test holds the two byte-equa
 written in the dataset contract (orchestration/data/shards.py) plus one column:
 
     loss_mask  list<int8>  1 on the tokens of assistant content and the [|endofturn|] that closes
-                           each assistant turn; 0 on BOS, EOS, system and user turns, role tokens
-                           and the newlines after a turn.
+                           each assistant turn (reasoning: the last one only); 0 on BOS, EOS,
+                           system and user turns, role tokens and the newlines after a turn.
 
-Reasoning (EXAONE Deep) stays inside assistant content, `<thought>...</thought>` included, so it is
-trained on. orchestration/data/chat_dataset.py writes the dataset (`prepare_chat`); the loader
+By default reasoning stays inside assistant content, `<thought>...</thought>` included, and every
+assistant turn is trained on. With `reasoning` (ChatConfig.reasoning, `segments`/`render`/`encode`)
+a conversation is a trace rendered as EXAONE Deep's REASONING_TEMPLATE renders it: every turn but
+the last assistant turn loses its thought, as the template drops thoughts from history; the last
+assistant turn keeps `<thought>...</thought>` and is the only one trained (an earlier answer without
+its thought is not what the model says after `[|assistant|]<thought>`). The trained text continues
+the template's generation prompt, `[|assistant|]<thought>\n`, when the thought opens that way.
+
+orchestration/data/chat_dataset.py writes the dataset (`prepare_chat`); the loader
 (orchestration/data/loader.py) carries the column into `Batch.loss_mask`.
 """
 
@@ -30,6 +37,7 @@ ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model"
 # [PAD] [BOS] [EOS] [UNK] and the four turn tokens: content holding one would forge a turn.
 STRUCTURAL = NAMED_SPECIALS[:8]
 SYSTEM, ENDOFTURN = "[|system|]", "[|endofturn|]"
+THOUGHT, END_THOUGHT = "<thought>", "</thought>"
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,9 @@ class ChatConfig:
     """A record-level system prompt, used when the turns have no system turn."""
     system_prompt: str = ""
     """System prompt for conversations that have none; "" keeps the template's empty system turn."""
+    reasoning: bool = False
+    """Reasoning traces (EXAONE Deep): earlier turns lose their <thought>...</thought> as
+    REASONING_TEMPLATE drops them; the last assistant turn keeps it and is the only one trained."""
     dedup: bool = True
     """Drop conversations whose rendering repeats an earlier one exactly."""
     documents_per_shard: int = 50_000
@@ -74,7 +85,10 @@ class ChatConfig:
             )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.reasoning:  # left out when off: datasets prepared before it keep their hash
+            del out["reasoning"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "chat") -> ChatConfig:
@@ -100,7 +114,7 @@ def conversation(record: object, config: ChatConfig) -> tuple[list[dict] | None,
     """A record as `[{"role", "content"}, ...]`, or None and the reason it is not a conversation
     to train on."""
     messages, reason = turns_of(record, config)
-    reason = reason or check_conversation(messages)
+    reason = reason or check_conversation(messages, config.reasoning)
     return (None, reason) if reason else (messages, None)
 
 
@@ -149,8 +163,8 @@ def _turns(turns: object, config: ChatConfig) -> tuple[list[dict] | None, str | 
     return messages, None
 
 
-def check_conversation(messages: list[dict]) -> str | None:
-    """Why the conversation cannot be trained on, or None."""
+def check_conversation(messages: list[dict], reasoning: bool = False) -> str | None:
+    """Why the conversation cannot be trained on (with `reasoning`, as a trace), or None."""
     for i, m in enumerate(messages):
         if not isinstance(m["content"], str):
             return "content is not text"
@@ -158,21 +172,37 @@ def check_conversation(messages: list[dict]) -> str | None:
             return "system turn not first"
         if any(token in m["content"] for token in STRUCTURAL):
             return "content holds a special token"
-    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not any(answers):
         return "no assistant text"
+    if reasoning and not answers[-1]:
+        return "last assistant turn empty"  # the only turn a trace trains
     return None
 
 
-# ---- rendering: the template, in Python --------------------------------------------------------
+# ---- rendering: the templates, in Python -------------------------------------------------------
+
+
+def drop_thought(text: str) -> str:
+    """`text` without its reasoning: what follows the last `</thought>`, leading newlines removed
+    (REASONING_TEMPLATE's rule, applied to every turn)."""
+    return text.split(END_THOUGHT)[-1].lstrip("\n") if END_THOUGHT in text else text
 
 
 def segments(
-    messages: list[dict], add_generation_prompt: bool = False
-) -> list[tuple[str, bool, bool]]:
+    messages: list[dict], add_generation_prompt: bool = False, *, reasoning: bool = False,
+    keep_last_thought: bool = False,
+) -> list[tuple[str, bool, bool]]:  # fmt: skip
     """The rendering as (text, is_special_token, trained) pieces; no two text pieces adjacent.
 
     CHAT_TEMPLATE: an empty system turn unless the first turn is one; `[|role|]content`, then a
-    newline after a user turn, `[|endofturn|]` and a newline after any other.
+    newline after a user turn, `[|endofturn|]` and a newline after any other. Every assistant turn
+    is trained.
+
+    `reasoning`, REASONING_TEMPLATE: the same empty system turn; `[|role|]` and the content without
+    its thought (`drop_thought`), `[|endofturn|]` after any turn but a user's, a newline between
+    turns; the generation prompt is a newline, `[|assistant|]<thought>` and a newline. Only the last
+    assistant turn is trained; `keep_last_thought` keeps its content whole (the trace trained on).
     """
     pieces: list[tuple[str, bool, bool]] = []
 
@@ -186,26 +216,42 @@ def segments(
 
     if messages and messages[0]["role"] != "system":
         add(SYSTEM, True), add(ENDOFTURN, True), add("\n")
-    for m in messages:
-        assistant = m["role"] == "assistant"
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    for i, m in enumerate(messages):
+        trained = m["role"] == "assistant" and (not reasoning or i == last)
+        content = m["content"]
+        if reasoning and not (keep_last_thought and i == last):
+            content = drop_thought(content)
         add(f"[|{m['role']}|]", True)
-        add(m["content"], trained=assistant)
-        if m["role"] == "user":
+        add(content, trained=trained)
+        if m["role"] != "user":
+            add(ENDOFTURN, True, trained=trained)
+        if not reasoning or i < len(messages) - 1:
             add("\n")
-        else:
-            add(ENDOFTURN, True, trained=assistant), add("\n")
-    if add_generation_prompt:
+    if add_generation_prompt and reasoning:
+        add("\n"), add("[|assistant|]", True), add(THOUGHT, True), add("\n")
+    elif add_generation_prompt:
         add("[|assistant|]", True)
     return pieces
 
 
-def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as CHAT_TEMPLATE renders it (byte-equal; tests/orchestration/data/test_chat.py)."""
-    return "".join(text for text, _, _ in segments(messages, add_generation_prompt))
+def render(
+    messages: list[dict], add_generation_prompt: bool = False, *, reasoning: bool = False,
+    keep_last_thought: bool = False,
+) -> str:  # fmt: skip
+    """The conversation as CHAT_TEMPLATE renders it, or with `reasoning` REASONING_TEMPLATE
+    (byte-equal unless `keep_last_thought`; tests/orchestration/data/test_chat.py and
+    test_reasoning_template.py)."""
+    pieces = segments(messages, add_generation_prompt, reasoning=reasoning,
+                      keep_last_thought=keep_last_thought)  # fmt: skip
+    return "".join(text for text, _, _ in pieces)
 
 
-def encode(tokenizer, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(input_ids int32 [BOS ... EOS], loss_mask int8) per conversation.
+def encode(
+    tokenizer, conversations: list[list[dict]], *, reasoning: bool = False
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids int32 [BOS ... EOS], loss_mask int8) per conversation; with `reasoning`, the
+    trace form: REASONING_TEMPLATE's history and the last assistant turn whole, the one trained.
 
     Each text piece between special tokens is encoded on its own, which is what the tokenizer does
     with the whole rendering (added tokens split the text before pre-tokenization), so the ids equal
@@ -213,7 +259,8 @@ def encode(tokenizer, conversations: list[list[dict]]) -> list[tuple[np.ndarray,
     """
     hf = tokenizer.hf
     bos, eos = hf.token_to_id("[BOS]"), hf.token_to_id("[EOS]")
-    rendered = [segments(messages) for messages in conversations]
+    rendered = [segments(messages, reasoning=reasoning, keep_last_thought=reasoning)
+                for messages in conversations]  # fmt: skip
     texts = [text for pieces in rendered for text, special, _ in pieces if not special]
     encoded = iter(tokenizer.encode_batch(texts))
     out = []
@@ -225,3 +272,11 @@ def encode(tokenizer, conversations: list[list[dict]]) -> list[tuple[np.ndarray,
             mask += [int(trained)] * len(piece)
         out.append((np.array(ids + [eos], np.int32), np.array(mask + [0], np.int8)))
     return out
+
+
+def template_of(config: ChatConfig) -> str:
+    """The jinja template data prepared with `config` follows: EXAONE Deep's with reasoning, else
+    EXAONE 3.5's (a prepared dataset's manifest records it)."""
+    from tokenizer.specials import CHAT_TEMPLATE, REASONING_TEMPLATE
+
+    return REASONING_TEMPLATE if config.reasoning else CHAT_TEMPLATE

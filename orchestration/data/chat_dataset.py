@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestration.data.chat import ChatConfig, conversation, encode, render
 from hanyeong.errors import DataError
+from orchestration.data.chat import ChatConfig, conversation, encode, render
 
 
 def write_shard(path: Path, ids: list[str], languages: list[str], input_ids: list[np.ndarray],
@@ -102,16 +102,16 @@ def prepare_chat(inputs: list[str], tokenizer: str | Path, out: str | Path, conf
     top-level entry under it.
     """
     from orchestration.data import manifest as mf
+    from orchestration.data.chat import template_of
     from orchestration.data.documents import IngestReport, resolve_sources
     from orchestration.data.shards import tokenizer_info
     from tokenizer.bbpe import BBPETokenizer
-    from tokenizer.specials import CHAT_TEMPLATE
 
     config, out, started = config or ChatConfig(), Path(out), time.perf_counter()
     sources = resolve_sources(list(inputs), None)
     tok = tokenizer_info(tokenizer)
     files = [str(path) for s in sources for path, _ in s.files]
-    fingerprint = mf.inputs_hash({"chat": config.to_dict(), "template": CHAT_TEMPLATE}, files, tok)
+    fingerprint = mf.inputs_hash({"chat": config.to_dict(), "template": template_of(config)}, files, tok)
     if not force and (existing := mf.up_to_date(out, fingerprint)) is not None:
         return {**existing, "up_to_date": True}
     mf.check_replaceable(out)
@@ -144,14 +144,16 @@ def _prepare_source(source, config: ChatConfig, tokenizer, ingest, seen: set, ro
     records = read_conversations(source, config, ingest, dropped)
     kept = []
     for record_id, messages in records:
-        key = hashlib.sha256(render(messages).encode("utf-8")).digest()
+        # reasoning: the trace form (the last thought kept), so traces with one answer stay apart
+        text = render(messages, reasoning=config.reasoning, keep_last_thought=config.reasoning)
+        key = hashlib.sha256(text.encode("utf-8")).digest()
         if config.dedup and key in seen:
             dropped["dedup:duplicate"] += 1
             continue
         seen.add(key)
         kept.append((record_id, messages))
     languages = [detect_language("\n".join(m["content"] for m in messages)) for _, messages in kept]
-    encoded = encode(tokenizer, [messages for _, messages in kept])
+    encoded = encode(tokenizer, [messages for _, messages in kept], reasoning=config.reasoning)
     shards, step = [], config.documents_per_shard
     for part, start in enumerate(range(0, len(kept), step)):
         rel = f"shards/{source.name}/part-{part:05d}.parquet"
@@ -173,7 +175,7 @@ def _prepare_source(source, config: ChatConfig, tokenizer, ingest, seen: set, ro
 
 def _manifest(sources: dict, ingest, tok: dict, config: ChatConfig, fingerprint: str) -> dict:
     from orchestration.data import manifest as mf
-    from tokenizer.specials import CHAT_TEMPLATE
+    from orchestration.data.chat import template_of
 
     read = sum(s["read"] for s in sources.values())
     parsed = read - sum(
@@ -189,5 +191,5 @@ def _manifest(sources: dict, ingest, tok: dict, config: ChatConfig, fingerprint:
          "shards": sum(len(s["shards"]) for s in sources.values())},
     ]  # fmt: skip
     return {"format": mf.FORMAT, "version": mf.VERSION, "kind": "chat", "tokenizer": tok, "sources": sources,
-            "steps": steps, "config": config.to_dict(), "chat_template": CHAT_TEMPLATE,
+            "steps": steps, "config": config.to_dict(), "chat_template": template_of(config),
             "inputs_hash": fingerprint, "content_hash": mf.content_hash(tok, sources)}  # fmt: skip

@@ -101,8 +101,14 @@ def read_prompts(paths: list[str | Path], chat: bool = False, config: ChatConfig
     return prompts, skipped
 
 
-def prompt_ids(tokenizer, prompts: list[Prompt]) -> list[list[int]]:
-    """[BOS] + the rendering (chat: the assistant turn opened) of each prompt."""
+def prompt_ids(tokenizer, prompts: list[Prompt], reasoning: bool = False) -> list[list[int]]:
+    """[BOS] + the rendering (chat: the assistant turn opened) of each prompt; with `reasoning`, a
+    chat prompt is REASONING_TEMPLATE's, opened with `[|assistant|]<thought>` and a newline (a plain
+    prompt stays plain text)."""
     bos = tokenizer.hf.token_to_id("[BOS]")
-    texts = [p.text if p.text is not None else render(list(p.messages), add_generation_prompt=True) for p in prompts]
+    texts = [
+        p.text if p.text is not None
+        else render(list(p.messages), add_generation_prompt=True, reasoning=reasoning)
+        for p in prompts
+    ]  # fmt: skip
     return [[bos, *ids] for ids in tokenizer.encode_batch(texts)]
