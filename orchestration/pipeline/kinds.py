@@ -8,6 +8,7 @@
     simper    simper     preference             the same; SimPER (no reference model)
     reward    reward     preference             the same, each answer whole; a reward model (score head)
     distill   afm, soft  text, chat             packed as pretrain, each batch with a teacher's top-k
+    grpo      grpo       chat (prompts)         the policy's own answers, whole groups per step
 
 A kind names the backend loss it trains with, the dataset formats its `[stage.data]` sources may
 have (orchestration/data/manifest.py's DATASET_FORMATS), whether its rows hold whole documents, and
@@ -52,6 +53,9 @@ class Loader(Protocol):
     def load_state(self, state: dict) -> None:
         """Resume at a cursor from state()."""
         ...
+
+    # optional: `metrics() -> dict` of numbers about the batch just drawn, added to the step's
+    # metrics line (grpo: the sampled answers' rewards, lengths and zero-variance groups)
 
 
 def mixture_loader(mixture, seq_len: int, rows: int, seed: int) -> Loader:
@@ -210,3 +214,22 @@ def prepare_rejection(run, recipe, init_from: str | None) -> list:
 # [stage.rejection] (required) names the reward model(s) and how many answers are sampled
 register_kind(StageKind("rejection-sft", loss="sft", formats=("chat",), whole_documents=True,
                         loader=rejection_loader, tables=("rejection",), prepare=prepare_rejection))  # fmt: skip
+
+
+def grpo_loader(mixture, seq_len: int, rows: int, seed: int) -> Loader:
+    """The policy's own answers to chat prompts, generation by generation (orchestration/pipeline/grpo_stage.py)."""
+    from orchestration.pipeline.grpo_stage import GrpoLoader
+
+    return GrpoLoader(mixture, seq_len, rows, seed)
+
+
+def prepare_grpo(run, recipe, init_from: str | None) -> list:
+    """The sampler, the reference (beta > 0) and the held-back prompts of a grpo stage."""
+    from orchestration.pipeline.grpo_stage import prepare_grpo as prepare
+
+    return prepare(run, recipe, init_from)
+
+
+# [stage.grpo] (optional: its defaults) names the reward functions and how each generation is made
+register_kind(StageKind("grpo", loss="grpo", formats=("chat",), whole_documents=True,
+                        loader=grpo_loader, tables=("grpo",), prepare=prepare_grpo))  # fmt: skip

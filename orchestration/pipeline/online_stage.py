@@ -94,14 +94,21 @@ class OnlineSettings:
 def read_prompts(mixture) -> tuple[list[np.ndarray], str]:
     """Every conversation's prompt (ids up to its first trained token: [BOS] ... [|assistant|]) of
     the chat datasets of `mixture`, and their datasets' content hashes."""
+    prompts, _, hashes = read_prompt_answers(mixture)
+    return prompts, hashes
+
+
+def read_prompt_answers(mixture) -> tuple[list[np.ndarray], list[np.ndarray], str]:
+    """Every conversation's prompt (as read_prompts), its first assistant answer (the ids of the
+    first run of trained tokens: the answer and its [|endofturn|]), and the datasets' content hashes."""
     import pyarrow.parquet as pq
 
-    prompts, hashes = [], []
+    prompts, answers, hashes = [], [], []
     for entry in mixture.sources:
         directory = Path(entry.dataset)
         manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
         if manifest.get("kind") != "chat":
-            raise DataError(f"{directory}: online-dpo reads chat datasets (prompts), not {manifest.get('kind')!r}")
+            raise DataError(f"{directory}: prompts are read from chat datasets, not {manifest.get('kind')!r}")
         hashes.append(manifest.get("content_hash", ""))
         for name, source in manifest["sources"].items():
             if entry.source not in ("*", name):
@@ -111,10 +118,32 @@ def read_prompts(mixture) -> tuple[list[np.ndarray], str]:
                 for ids, mask in zip(table["input_ids"], table["loss_mask"]):
                     first = next((i for i, m in enumerate(mask) if m), None)
                     if first:
+                        end = next((i for i in range(first, len(mask)) if not mask[i]), len(mask))
                         prompts.append(np.asarray(ids[:first], np.int32))
+                        answers.append(np.asarray(ids[first:end], np.int32))
     if not prompts:
         raise DataError(f"no chat prompts in {', '.join(e.dataset for e in mixture.sources)}")
-    return prompts, "-".join(h[:16] for h in hashes)
+    return prompts, answers, "-".join(h[:16] for h in hashes)
+
+
+def held_and_trained(indices: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held, trained), both sorted: `count` of `indices` (at most a tenth) drawn by `seed`, and the rest."""
+    count = min(int(count), len(indices) // 10)
+    drawn = np.asarray(indices)[np.random.default_rng([seed, 1 << 30]).permutation(len(indices))]
+    return np.sort(drawn[:count]), np.sort(drawn[count:])
+
+
+def permuted_stream(train: np.ndarray, seed: int, first: int, count: int) -> np.ndarray:
+    """Draws first .. first + count - 1 of the stream of seeded permutations of `train`, one
+    permutation per epoch."""
+    n = len(train)
+    draws = np.arange(first, first + count)
+    out = np.empty(count, np.int64)
+    for epoch in np.unique(draws // n):
+        order = train[np.random.default_rng([seed, int(epoch)]).permutation(n)]
+        here = draws // n == epoch
+        out[here] = order[draws[here] % n]
+    return out
 
 
 # ---- the loader ---------------------------------------------------------------------------------
@@ -136,21 +165,13 @@ class OnlineLoader:
         self.make_round = None  # set by prepare_online: round -> its pairs
 
     def hold_out(self, count: int) -> None:
-        count = min(int(count), len(self.prompts) // 10)
-        drawn = np.random.default_rng([self.seed, 1 << 30]).permutation(len(self.prompts))
-        self.held, self.train = np.sort(drawn[:count]), np.sort(drawn[count:])
+        self.held, self.train = held_and_trained(np.arange(len(self.prompts)), count, self.seed)
 
     def round_prompts(self, r: int) -> np.ndarray:
         """The training prompts of round r: the r-th run of `prompts_per_round` draws of the stream
         of seeded permutations (one per epoch over the training prompts)."""
-        per, n = self.settings.prompts_per_round, len(self.train)
-        draws = np.arange(r * per, (r + 1) * per)
-        out = np.empty(per, np.int64)
-        for epoch in np.unique(draws // n):
-            order = self.train[np.random.default_rng([self.seed, int(epoch)]).permutation(n)]
-            here = draws // n == epoch
-            out[here] = order[draws[here] % n]
-        return out
+        per = self.settings.prompts_per_round
+        return permuted_stream(self.train, self.seed, r * per, per)
 
     def next_batch(self) -> Batch:
         chosen, rejected, refs = [], [], []

@@ -183,6 +183,8 @@ def train(run: StageRun, callbacks: list[Callback]) -> None:
                   "step_seconds": round(seconds, 4), "time": round(time.time(), 3)}  # fmt: skip
         # the loss's own metrics (preference: rewards, margins, accuracies, log-probs, lengths)
         record |= {k: round(float(v), 6) for k, v in metrics.items() if k not in STEP_METRICS}
+        # and the loader's about the rows it drew (grpo: the rewards of the sampled answers)
+        record |= {k: round(float(v), 6) for k, v in getattr(run.loader, "metrics", dict)().items()}
         for callback in callbacks:
             callback.after_step(run, record)
     for callback in callbacks:

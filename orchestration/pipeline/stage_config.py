@@ -29,6 +29,7 @@ from orchestration.data.loader import MixtureConfig
 from orchestration.pipeline.distill_stage import DistillSettings
 from orchestration.pipeline.kinds import KINDS, StageKind, get_kind, mixture_loader
 from orchestration.pipeline.preference_stage import PreferenceSettings
+from orchestration.pipeline.grpo_stage import GrpoSettings
 from orchestration.pipeline.online_stage import OnlineSettings
 from orchestration.pipeline.rejection_stage import RejectionSettings
 from orchestration.pipeline.reward_stage import RewardSettings
@@ -151,6 +152,9 @@ class StageConfig:
     """`[stage.online]`: the reward model and the rounds of an online-dpo stage (required there)."""
     rejection: RejectionSettings | None = None
     """`[stage.rejection]`: the reward model(s) and sampling of a rejection-sft stage (required there)."""
+    grpo: GrpoSettings | None = None
+    """`[stage.grpo]`: rewards, groups, clipping and aggregation of a grpo stage (None: its defaults;
+    orchestration/pipeline/grpo_stage.py). Left out of other stages' tables."""
     eval: StageEvalConfig | None = None
     """`[stage.eval]`: validation loss and benchmark tasks every N tokens and at the end
     (orchestration/pipeline/stage_eval.py); None: no evaluation. Not part of the stage's identity,
@@ -196,6 +200,8 @@ class StageConfig:
             takes = [k.name for k in KINDS.values() if "preference" in k.tables]
             raise ConfigError(f"preference: [stage.preference] is for kinds {', '.join(takes)}, not "
                               f"{kind.name!r}")  # fmt: skip
+        if self.grpo is not None and "grpo" not in kind.tables:
+            raise ConfigError(f"grpo: [stage.grpo] is for kind grpo, not {kind.name!r}")
         if self.reward is not None and "reward" not in kind.tables:
             takes = [k.name for k in KINDS.values() if "reward" in k.tables]
             raise ConfigError(f"reward: [stage.reward] is for kinds {', '.join(takes)}, not {kind.name!r}")

@@ -23,11 +23,11 @@ def test_the_recipes_kinds():
 
 
 def test_an_unknown_kind_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"^kind must be one of pretrain, sft, dpo, ipo, simper.*got 'grpo'"):
-        get_kind("grpo")
+    with pytest.raises(ConfigError, match=r"^kind must be one of pretrain, sft, dpo, ipo, simper.*grpo, got 'ppo'"):
+        get_kind("ppo")
     with pytest.raises(ConfigError, match=r"formats must be some of text, chat, preference, got \['pairs'\]"):
-        register_kind(StageKind("grpo", loss="grpo", formats=("pairs",), whole_documents=True))
-    assert "grpo" not in KINDS
+        register_kind(StageKind("ppo", loss="ppo", formats=("pairs",), whole_documents=True))
+    assert "ppo" not in KINDS
 
 
 @pytest.fixture

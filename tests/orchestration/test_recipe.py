@@ -109,7 +109,7 @@ DELETE = object()
     (edit("stage.0.token_budget", 300_000), r"^stage 1 'stage1-general': token_budget 300,000: .* try token_budget = 299,776 or 300,032"),
     (edit("stage.0.seq_len", 4096), r"^stage 1 'stage1-general': batch_tokens \(2,048\) must be a multiple of seq_len \(4,096\)"),
     (edit("stage.0.start", "previous"), r"^stage 1 'stage1-general': start: the first stage has no previous stage"),
-    (edit("stage.0.kind", "grpo"), r"^stage 1 'stage1-general': kind must be one of pretrain, sft"),
+    (edit("stage.0.kind", "ppo"), r"^stage 1 'stage1-general': kind must be one of pretrain, sft"),
     (edit("stage.0.optim.total_steps", 10), r"^stage 1 'stage1-general': optim.total_steps is derived"),
     (edit("stage.0.optim.lr", -1.0), r"^stage 1 'stage1-general': optim.lr must be positive"),
     (edit("stage.0.optim.warmup_steps", 500), r"^stage 1 'stage1-general': optim.warmup_steps \(500\) exceeds the stage's 123 steps"),
