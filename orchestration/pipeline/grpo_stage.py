@@ -445,6 +445,8 @@ def plot_grpo(metrics: Path, out: Path, title: str) -> Path | None:
     for ax, (key, label, parts) in zip(figure.subplots(2, 3).ravel(), PANELS):
         if any(key in line for line in lines):
             ax.plot(steps, [line.get(key, np.nan) for line in lines], color="C0", linewidth=1.3, label="total")
+        else:  # the KL without a reference (beta = 0)
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="0.5")
         for i, part in enumerate(sorted({k for line in lines for k in line if parts and k.startswith(parts)})):
             ax.plot(steps, [line.get(part, np.nan) for line in lines], color=f"C{i + 1}", linewidth=1.0,
                     label=part.split("/", 1)[1])  # fmt: skip

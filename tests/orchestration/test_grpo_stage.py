@@ -24,11 +24,12 @@ from orchestration.data.chat import ChatConfig
 from orchestration.data.chat_dataset import prepare_chat
 from orchestration.pipeline.recipe import Recipe
 from orchestration.pipeline.stage import run_stage
+from tests.conftest import SHARED_DATA, needs_shared_data
 from tests.orchestration.test_stage import one_thread, weights  # noqa: F401  (one_thread: autouse)
 
 VOCAB, T = 3000, 48
 ROOT = Path(__file__).resolve().parents[2]
-TASK = ROOT / "data" / "quickstart" / "reasoning"
+TASK = ROOT / "data" / "reasoning"
 
 
 def short_answer(answer: str, reference: str | None, prompt: object) -> float:
@@ -166,3 +167,88 @@ def test_grpo_shapes_are_checked_before_sampling(small_tokenizer_dir, data, tmp_
     with pytest.raises(error, match=message):
         run_stage(ask)
     assert not (tmp_path / "g" / "rollouts").exists()
+
+
+def ddp_rank(rank: int, world: int, address, config: dict) -> None:
+    """One of `world` DDP ranks in a spawned process, joined as a Ray Train worker joins."""
+    from tests.orchestration.test_train_group import join_local_group
+
+    backend, device = join_local_group(rank, world, address)
+    result = run_stage({**config, "workers": world, "parallel": "ddp", "device": device})
+    if rank == 0:
+        (Path(config["stage_dir"]) / "result.json").write_text(json.dumps(result))
+    backend.leave_group()
+
+
+def test_two_workers_give_the_one_worker_update(small_tokenizer_dir, data, tmp_path):
+    """Every rank samples the same generation (same weights, same keys) and trains on its rows:
+    the 2-rank run ends on the 1-worker run's weights, with the same rollouts."""
+    from tests.cuda_model.test_parallel import spawn
+
+    settings = {"group_size": 2, "max_new_tokens": 8, "held_out": 0, "rewards": {"numeric": 1.0, "format": 0.5}}
+    stage = {"optim": {"lr": 1e-2, "warmup_steps": 0}, "grpo": settings, "workers": 2, "parallelism": "ddp"}
+    one = run_stage(request(small_tokenizer_dir, data, tmp_path / "one", "grpo", steps=3, rows=4, **stage))
+    spawn(ddp_rank, 2, request(small_tokenizer_dir, data, tmp_path / "two", "grpo", steps=3, rows=4, **stage))
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    expected, got = weights(one["checkpoint"]), weights(two["checkpoint"])
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=5e-5, err_msg=name)
+    for g in range(3):
+        name = f"generation-{g:05d}.parquet"
+        a, b = (pq.read_table(tmp_path / d / "rollouts" / name).replace_schema_metadata(None) for d in ("one", "two"))
+        assert a.equals(b), name
+    assert [line["loss"] for line in lines(tmp_path / "two")] == pytest.approx([line["loss"] for line in lines(tmp_path / "one")], rel=1e-5)
+
+
+@needs_shared_data
+def test_gsm8k_train_is_a_verifiable_prompt_set(small_tokenizer_dir, tmp_path):
+    """GSM8K's train split (never its test split) prepared as chat data: each prompt's reference is
+    its answer, whose '#### N' the numeric reward reads; the reference scores 1 against itself and
+    an answer with another final number scores 0."""
+    import gzip
+
+    from orchestration.pipeline.grpo_stage import Sampler
+    from orchestration.pipeline.stage import build_loader
+    from orchestration.sampling.rewards import numeric
+    from tokenizer.bbpe import BBPETokenizer
+
+    with gzip.open(SHARED_DATA / "benchmarks" / "gsm8k" / "train.jsonl.gz", "rt", encoding="utf-8") as f:
+        records = [json.loads(next(f)) for _ in range(40)]
+    source = tmp_path / "gsm8k-train.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    prepare_chat([str(source)], small_tokenizer_dir, tmp_path / "gsm8k")
+    data = {"problems": str(tmp_path / "gsm8k")}
+    recipe = Recipe.from_dict(request(small_tokenizer_dir, data, tmp_path / "g", "grpo", steps=1, rows=4)["recipe"])
+    loader = build_loader(recipe.stage[0], data, seed=0)
+    sampler = Sampler(None, None, None, BBPETokenizer.load(small_tokenizer_dir), tmp_path, np.zeros(0), False)
+    assert len(loader.prompts) == 40
+    for i, record in enumerate(records):
+        reference = sampler.text(loader.answers[i])
+        final = record["answer"].rsplit("####", 1)[1].strip()
+        assert reference.rstrip().endswith(f"#### {final}")
+        assert numeric(reference, reference) == 1.0
+        assert numeric(f"The answer is {final}1.", reference) == 0.0
+
+
+def test_the_reasoning_recipe_loads_with_its_shipped_inputs():
+    from orchestration.pipeline.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "reasoning.toml")
+    recipe.check_inputs()  # its data ship with the repo
+    assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe  # what Ray ships
+    assert [s.kind for s in recipe.stages] == ["sft", "grpo"]
+    grpo = recipe.stages[1].grpo
+    assert grpo.rewards == {"numeric": 1.0, "format": 0.2} and grpo.beta == 0.0 and grpo.loss_aggregation == "token_mean"
+    assert all(recipe.dataset(name).chat.reasoning for name in ("traces", "problems"))
+
+
+@pytest.mark.slow
+def test_the_reasoning_recipe_raises_held_back_exact_match(tmp_path):
+    """`hanyeong pipeline run recipes/reasoning.toml` as the README gives it (about 2 minutes)."""
+    done = subprocess.run([sys.executable, "-m", "orchestration.cli", "pipeline", "run", "recipes/reasoning.toml",
+                           "--run-dir", str(tmp_path / "run"), "--num-cpus", "2", "-q"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    held = json.loads((tmp_path / "run" / "stages" / "02-grpo" / "grpo.json").read_text())
+    assert held["end"]["numeric"] >= held["start"]["numeric"] + 0.3, held  # measured 0.05 -> 0.75
+    assert held["end"]["format"] >= 0.9

@@ -1,6 +1,6 @@
 """Writes the synthetic arithmetic reasoning data beside this script (committed; rerun to remake it).
 
-    python data/quickstart/reasoning/make_arithmetic.py
+    python data/reasoning/make_arithmetic.py
 
 A verifiable task small enough for a 2-layer model on a laptop CPU, in Korean and English:
 "What is 3 plus 4?" / "3 더하기 4는 얼마인가요?", answered with one `<thought>` block, then the answer.
