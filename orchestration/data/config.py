@@ -325,6 +325,15 @@ class PrepareConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def settings(self) -> dict:
+        """to_dict() without where files lie (sources' paths, the benchmark root): what decides a
+        dataset's content besides the files' names and bytes, which fingerprints add themselves."""
+        table = self.to_dict()
+        for source in table["sources"]:
+            del source["paths"]
+        del table["decontaminate"]["root"]
+        return table
+
     @classmethod
     def from_dict(cls, data: dict, where: str = "") -> PrepareConfig:
         """From a TOML document's tables; ConfigError naming the key path of any mistake."""

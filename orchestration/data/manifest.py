@@ -1,7 +1,9 @@
 """`DATASET/manifest.json`: what a dataset holds, how it was made, and how to tell it is unchanged.
 
-`inputs_hash` fingerprints everything a run reads (the resolved config, every input and benchmark
-file's bytes, the tokenizer): a re-run with the same fingerprint over intact shards is a no-op.
+`inputs_hash` fingerprints everything a run reads (the config, every input and benchmark file's
+name and bytes, the tokenizer), never where the files lie: a re-run with the same fingerprint over
+intact shards is a no-op, also after the inputs or the repository moved. `path_digest` is the
+content of an input file or folder, for the same purpose in stage identities.
 `content_hash` fingerprints what it wrote (the tokenizer and every shard's SHA-256): two runs that
 produced identical shards have the same content hash. A dataset is built in a temporary folder beside
 its destination and renamed into place, so a crash never leaves a half dataset.
@@ -34,17 +36,64 @@ def _digest(obj: object) -> str:
 
 
 def inputs_hash(config: dict, files: list[str], tokenizer: dict) -> str:
-    """SHA-256 over the config, the bytes of every file read (inputs and benchmarks) and the tokenizer."""
-    from orchestration.data.shards import file_sha256
-
+    """SHA-256 over the config (free of paths), the name and bytes of every file read (inputs and
+    benchmarks) and the tokenizer."""
     return _digest(
         {
             "version": VERSION,
             "config": config,
             "tokenizer": tokenizer["sha256"],
-            "files": [(f, file_sha256(f)) for f in sorted(set(files))],
+            "files": sorted({(Path(f).name, input_sha256(f)) for f in files}),
         }
     )
+
+
+# An input's sha256 by (device, inode, size, mtime_ns): a file renamed or moved within its filesystem
+# keeps them, a copy or an edit does not. Kept per node in CACHE_FILE so a corpus is read once, not
+# at every check of a recipe's identity. Never used for written shards (the loader's checksums
+# must read the bytes: bit rot changes no mtime).
+CACHE_FILE = "input-sha256.jsonl"
+_known: dict[tuple, str] | None = None
+
+
+def input_sha256(path: str | Path) -> str:
+    """The sha256 of an input file's bytes, read once per node while the file is unchanged."""
+    from orchestration.data.shards import file_sha256
+    from tokenizer.train import default_cache_dir
+
+    global _known
+    stat = os.stat(path)
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    cache = default_cache_dir() / CACHE_FILE
+    if _known is None:
+        _known = {}
+        try:
+            for line in cache.read_text(encoding="utf-8").splitlines():
+                entry = json.loads(line)
+                _known[tuple(entry["key"])] = entry["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no cache yet, or a torn line: what was read stays, the rest is recomputed
+    if key not in _known:
+        _known[key] = file_sha256(path)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with open(cache, "a", encoding="utf-8") as f:  # one short append per file: whole lines
+                f.write(json.dumps({"key": list(key), "sha256": _known[key]}) + "\n")
+        except OSError:
+            pass  # a read-only home: only this process remembers
+    return _known[key]
+
+
+def path_digest(path: str | Path) -> str:
+    """The content of an input: a file's sha256, a folder's over each file's relative path and
+    sha256 (hidden entries included: a folder is what it holds)."""
+    path = Path(path)
+    if path.is_file():
+        return input_sha256(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such file or folder")
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    return _digest([(f.relative_to(path).as_posix(), input_sha256(f)) for f in files])
 
 
 def content_hash(tokenizer: dict, sources: dict) -> str:

@@ -289,7 +289,7 @@ def prepare_preference(inputs: list[str], tokenizer: str | Path, out: str | Path
 
         from orchestration.data.decontaminate import benchmark_files
 
-        settings["decontaminate"] = table(decontaminate)
+        settings["decontaminate"] = {k: v for k, v in table(decontaminate).items() if k != "root"}  # files: by content
         bench_files = [str(f) for b in decontaminate.benchmarks
                        for f in benchmark_files(b, decontaminate.root)]  # fmt: skip
     fingerprint = mf.inputs_hash(settings, files + bench_files, tok)

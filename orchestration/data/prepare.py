@@ -152,9 +152,9 @@ def prepare(
         for f in benchmark_files(b, config.decontaminate.root)
     ]
     input_files = [str(path) for s in sources for path, _ in s.files]
-    layout = {s.name: [[str(path), prefix] for path, prefix in s.files] for s in sources}
+    layout = {s.name: [[mf.input_sha256(path), prefix] for path, prefix in s.files] for s in sources}
     fingerprint = mf.inputs_hash(
-        {"config": config_dict, "text_fields": text_fields, "sources": layout},
+        {"config": config.settings(), "text_fields": text_fields, "sources": layout},
         input_files + bench_files,
         tok,
     )

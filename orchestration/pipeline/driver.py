@@ -135,7 +135,10 @@ def prepare_tokenizer(recipe, run_dir: Path, num_cpus: int | None, progress: boo
     if config.path is not None:
         return {"path": config.path, "sha256": _sha256((Path(config.path) / TOKENIZER_FILE).read_bytes()), "trained": False}
     out = run_dir / "tokenizer"
-    settings = json.dumps(config.to_dict(), sort_keys=True, ensure_ascii=False)
+    from orchestration.pipeline.recipe import tokenizer_identity
+
+    # by content, not paths: a moved repository (or inputs) with the same bytes keeps the tokenizer
+    settings = json.dumps(tokenizer_identity(config), sort_keys=True, ensure_ascii=False)
     marker = out / TOKENIZER_SETTINGS
     if not ((out / TOKENIZER_FILE).is_file() and marker.is_file() and marker.read_text(encoding="utf-8") == settings):
         echo(f"training the tokenizer ({config.train.vocab_size:,} ids) into {out}")

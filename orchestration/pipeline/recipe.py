@@ -67,8 +67,10 @@ class Recipe:
 
         The config: the [[stage]] table (less NOT_IN_IDENTITY: where checkpoints fall and how many
         workers share each step do not change the result, so a stage resumes with another worker
-        count), its index, the run seed, the tokenizer settings and the
-        settings of the datasets it reads. Its input: the previous stage's identity ('previous'),
+        count), its index, the run seed, the tokenizer settings and the settings of the datasets
+        it reads, every path among them by the content it names (tokenizer_identity,
+        dataset_identity; checkpoints by their checkpoint.json hash): a repository, its inputs or
+        a checkpoint moved elsewhere with the same bytes keeps every identity. Its input: the previous stage's identity ('previous'),
         the sha256 of a start checkpoint's checkpoint.json, or for 'init' the run's preset,
         init_checkpoint (its checkpoint.json hash) and vocab_size. A change anywhere reaches every
         later stage that starts from 'previous'.
@@ -79,9 +81,10 @@ class Recipe:
             if not table["data"]["hold_out"]:  # added later: runs made before it keep their identities
                 del table["data"]["hold_out"]
             names = sorted({e.dataset for e in (*stage.data.sources, *stage.data.replay)})
+            self._paths_by_content(i, table)
             config = {"index": i, "stage": table, "seed": self.run.seed,
-                      "tokenizer": self.run.tokenizer.to_dict(),
-                      "datasets": {n: self.dataset(n).settings() for n in names}}  # fmt: skip
+                      "tokenizer": tokenizer_identity(self.run.tokenizer),
+                      "datasets": {n: dataset_identity(self.dataset(n)) for n in names}}  # fmt: skip
             if stage.distill is not None:  # the teacher is an input too (distill_stage.py)
                 config["teacher"] = self._teacher_identity(i, identities)
                 for how in ("teacher_run", "tasks"):  # cached or live, any task count: the same result
@@ -104,6 +107,17 @@ class Recipe:
             )
             identities.append(hashlib.sha256(text.encode("utf-8")).hexdigest())
         return identities
+
+    def _paths_by_content(self, index: int, table: dict) -> None:
+        """Stage `index`'s table with its checkpoint paths (start, reward models, teacher) replaced
+        by a marker: their content is in the identity's input, rewards and teacher."""
+        stage, names = self.stage[index], {s.name for s in self.stage[:index]}
+        if stage.start not in STARTS and stage.start not in names:
+            table["start"] = "checkpoint"
+        for key, fields in (("online", ("reward",)), ("rejection", ("reward", "second")), ("distill", ("teacher",))):
+            for field in fields if isinstance(table.get(key), dict) else ():
+                if isinstance(table[key].get(field), str) and table[key][field] not in names:
+                    table[key][field] = "checkpoint"
 
     def start_stage(self, index: int) -> int | None:
         """The earlier stage whose final checkpoint stage `index` starts from, when its `start`
@@ -192,6 +206,39 @@ def load_recipe(path: str | Path) -> Recipe:
         return Recipe.from_dict(data, base=path.resolve().parent)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def tokenizer_identity(config: TokenizerConfig) -> dict:
+    """[run.tokenizer] by content: the tokenizer's files, or the training inputs' bytes and the
+    training settings; where they lie is left out, so a moved repository retrains nothing."""
+    from orchestration.data.manifest import path_digest
+
+    table = config.to_dict()
+    if config.path:
+        table["path"] = path_digest(config.path)
+    else:
+        table["train_inputs"] = [path_digest(p) for p in config.train_inputs]
+    return table
+
+
+def dataset_identity(dataset: DatasetConfig) -> dict:
+    """A [[run.datasets]] entry by content: a prepared dataset's content hash, or the inputs'
+    bytes, the settings and, for text, the prepare config's sources and benchmarks by content."""
+    from orchestration.data.decontaminate import benchmark_files
+    from orchestration.data.manifest import path_digest, read_manifest
+
+    table = dataset.settings()
+    table.pop("config", None)  # its content is prepare_config
+    if dataset.path is not None:
+        table["path"] = read_manifest(dataset.path)["content_hash"]
+    table["inputs"] = [path_digest(p) for p in dataset.inputs]
+    if "prepare_config" in table:
+        prepare = dataset.prepare_config()
+        table["prepare_config"] = prepare.settings()
+        table["prepare_inputs"] = {s.name: [path_digest(p) for p in s.paths] for s in prepare.sources}
+        table["benchmarks"] = {b.name: sorted(path_digest(f) for f in benchmark_files(b, prepare.decontaminate.root))
+                               for b in prepare.decontaminate.benchmarks}  # fmt: skip
+    return table
 
 
 def checkpoint_hash(path: str | Path) -> str:
