@@ -89,6 +89,8 @@ def generate_command(
                                         "prompt dataset (jsonl/json/csv/parquet/txt, .gz): `prompt` fields or "
                                         "conversations, whose last user turn is asked."),
     chat: bool = typer.Option(False, "--chat", help="Each plain prompt is a user turn of the chat template."),
+    reasoning: bool = typer.Option(False, "--reasoning", help="With --out: ask chat prompts as EXAONE Deep's "
+                                   "template does (the answer opened with <thought>); answers keep their thought."),
     system: str | None = typer.Option(None, help="System turn (with --chat, without --out)."),
     max_new_tokens: int = typer.Option(128, help="Most new tokens per answer."),
     temperature: float | None = typer.Option(None, help="0: greedy; above: sampling at this temperature "
@@ -115,7 +117,9 @@ def generate_command(
 
     if out is not None:
         return generate_job(ckpt, prompts, out, n, temperature, top_p, top_k, max_new_tokens, seed, chat, workers,
-                            address, limit, backend, tokenizer, prompt)  # fmt: skip
+                            address, limit, backend, tokenizer, prompt, reasoning)  # fmt: skip
+    if reasoning:
+        raise ConfigError("--reasoning is for a generation job: give --out DIR")
     texts = list(prompt)
     if prompts is not None:
         try:
@@ -141,7 +145,7 @@ def generate_command(
 
 
 def generate_job(ckpt, prompts, out, n, temperature, top_p, top_k, max_new_tokens, seed, chat, workers, address,
-                 limit, backend, tokenizer, prompt) -> None:  # fmt: skip
+                 limit, backend, tokenizer, prompt, reasoning=False) -> None:  # fmt: skip
     """`model generate --out`: the generation job (orchestration/sampling/job.py)."""
     from hanyeong.errors import ConfigError
     from orchestration.sampling.job import GenerateConfig, generate_dataset
@@ -150,7 +154,7 @@ def generate_job(ckpt, prompts, out, n, temperature, top_p, top_k, max_new_token
         raise ConfigError("--out samples a prompt dataset: give --prompts FILE (not --prompt)")
     config = GenerateConfig(n=n, temperature=1.0 if temperature is None else temperature, top_p=top_p, top_k=top_k,
                             max_new_tokens=max_new_tokens, seed=seed, chat=chat, workers=workers, backend=backend,
-                            limit=limit)  # fmt: skip
+                            limit=limit, reasoning=reasoning)  # fmt: skip
     manifest = generate_dataset(ckpt, [prompts], out, config, tokenizer, address)
     reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(manifest["finish_reasons"].items()))
     skipped = sum(manifest["skipped"].values())

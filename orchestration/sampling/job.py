@@ -55,6 +55,9 @@ class GenerateConfig:
     """With the prompt's index and the sample's number, keys each sample's random stream."""
     chat: bool = False
     """Ask plain `prompt` fields as a user turn of the chat template (conversations always are)."""
+    reasoning: bool = False
+    """Ask chat prompts as EXAONE Deep's REASONING_TEMPLATE does (the answer opened with
+    `<thought>`); `<thought>` / `</thought>` may be sampled and stay in the answer's text."""
     batch_rows: int = 32
     """Rows (prompt x sample) per generate call, prompts of similar length together."""
     prompts_per_part: int = 64
@@ -85,7 +88,8 @@ class GenerateConfig:
     def sampling(self) -> dict:
         """The settings that decide the answers (the job's identity, with its inputs)."""
         keys = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "stop", "seed", "chat")
-        return {k: v for k, v in asdict(self).items() if k in keys}
+        settings = {k: v for k, v in asdict(self).items() if k in keys}
+        return settings | ({"reasoning": True} if self.reasoning else {})  # off: older jobs keep their identity
 
 
 def sha256_of(paths: list[Path]) -> str:
@@ -110,14 +114,16 @@ class Sampler:
         self.tokenizer = BBPETokenizer.load(tokenizer_dir)
         self.stop_ids = stop_ids(self.tokenizer, config.stop)
         spec = self.model.spec
-        self.suppress = suppressed_ids(spec.vocab_size, self.stop_ids, tokenizer_size=self.tokenizer.vocab_size)
+        thoughts = [self.tokenizer.hf.token_to_id(t) for t in ("<thought>", "</thought>")] if config.reasoning else []
+        self.suppress = suppressed_ids(spec.vocab_size, self.stop_ids, allow_ids=thoughts,
+                                       tokenizer_size=self.tokenizer.vocab_size)  # fmt: skip
 
     def run(self, prompts: list[Prompt]) -> list[dict]:
         """Every (prompt, sample) row of the part, in prompt then sample order."""
         from orchestration.core.generation import sample_key
 
         c = self.config
-        ids = prompt_ids(self.tokenizer, prompts)
+        ids = prompt_ids(self.tokenizer, prompts, reasoning=c.reasoning)
         rows = [(p, j, ids[k]) for k, p in enumerate(prompts) for j in range(c.n)]
         order = sorted(range(len(rows)), key=lambda r: len(rows[r][2]))  # similar lengths share a batch
         answers: dict[int, list[int]] = {}
@@ -128,13 +134,20 @@ class Sampler:
                                         c.top_p, stop_ids=self.stop_ids, suppress_ids=self.suppress,
                                         row_seeds=keys, top_k=c.top_k)  # fmt: skip
             answers.update(zip(batch, out))
-        decode = self.tokenizer.stream_decoder
         return [{"prompt_index": p.index, "prompt": p.shown(), "chat": p.messages is not None,
-                 "reference": p.reference, "sample": j, "answer": decode(skip_special_tokens=True).decode(answers[r]),
+                 "reference": p.reference, "sample": j, "answer": self.text(answers[r]),
                  "prompt_ids": prompt, "answer_ids": answers[r],
                  "prompt_tokens": len(prompt), "answer_tokens": len(answers[r]),
                  "finish_reason": "stop" if answers[r] and answers[r][-1] in self.stop_ids else "length"}
                 for r, (p, j, prompt) in enumerate(rows)]  # fmt: skip
+
+
+    def text(self, answer: list[int]) -> str:
+        """An answer's text: special tokens left out, but a reasoning answer's thought tags kept
+        (the prompt opened the thought; the text starts inside it)."""
+        if not self.config.reasoning:
+            return self.tokenizer.stream_decoder(skip_special_tokens=True).decode(answer)
+        return self.tokenizer.decode([i for i in answer if i not in self.stop_ids])
 
 
 def stop_ids(tokenizer, names: tuple[str, ...]) -> list[int]:

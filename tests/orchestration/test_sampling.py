@@ -172,6 +172,29 @@ def test_a_job_writes_n_answers_per_prompt_with_their_provenance(job_inputs, tmp
     assert sum(manifest["finish_reasons"].values()) == 27
 
 
+def test_a_reasoning_job_opens_the_thought_and_keeps_its_tags(job_inputs, tmp_path):
+    """--reasoning: chat prompts end in EXAONE Deep's generation prompt ([|assistant|]<thought>\\n),
+    plain ones stay plain; <thought> and </thought> may be sampled and stay in the answer's text."""
+    from orchestration.sampling.job import GenerateConfig, Sampler
+    from tokenizer.bbpe import BBPETokenizer
+
+    ckpt, _, tokenizer_dir = job_inputs
+    manifest = run_job(job_inputs, tmp_path / "gen", n=1, reasoning=True)
+    assert manifest["sampling"]["reasoning"] is True
+    assert "reasoning" not in run_job(job_inputs, tmp_path / "plain", n=1)["sampling"]  # older jobs' identity kept
+    tok = BBPETokenizer.load(tokenizer_dir)
+    thought, end = tok.hf.token_to_id("<thought>"), tok.hf.token_to_id("</thought>")
+    for row in job_rows(tmp_path / "gen"):
+        opened = tok.decode(row["prompt_ids"][-3:], skip_special_tokens=False).endswith("[|assistant|]<thought>\n")
+        assert opened == row["chat"], row["prompt"]
+    sampler = Sampler(str(ckpt), "torch", str(tokenizer_dir), GenerateConfig(reasoning=True))
+    assert thought not in sampler.suppress and end not in sampler.suppress
+    answer = tok.encode("3 + 4 = 7\n") + [end] + tok.encode("\n7") + [tok.hf.token_to_id("[|endofturn|]")]
+    assert sampler.text(answer) == "3 + 4 = 7\n</thought>\n7"
+    plain = Sampler(str(ckpt), "torch", str(tokenizer_dir), GenerateConfig())
+    assert thought in plain.suppress and plain.text(answer) == "3 + 4 = 7\n\n7"
+
+
 def test_answers_do_not_depend_on_batching_and_a_resumed_job_finishes_the_same(job_inputs, tmp_path):
     first = job_rows(tmp_path / "a") if run_job(job_inputs, tmp_path / "a") else None
     run_job(job_inputs, tmp_path / "b", batch_rows=2)  # other batches: the same answers
