@@ -309,23 +309,29 @@ class TorchBackend:
         par.leave_group()
 
     def init_train_state(self, model: Model, optim: OptimConfig, seed: int = 0, compile: bool | None = None,
-                         fused: bool | None = None, parallel: str | None = None) -> steps.TrainState:  # fmt: skip
+                         fused: bool | None = None, parallel: str | None = None,
+                         activation_checkpointing: bool = False) -> steps.TrainState:  # fmt: skip
         """AdamW and counters at step 0; compile/fused default to HANYEONG_TORCH_COMPILE/_FUSED_ADAMW.
-        `parallel` ('ddp' / 'fsdp'): this process is one rank of the default process group."""
+        `parallel` ('ddp' / 'fsdp'): this process is one rank of the default process group.
+        `activation_checkpointing`: train steps recompute each block's activations in backward."""
         torch.manual_seed(seed)  # for anything random in training (none yet: no dropout)
-        return steps.init_train_state(model, optim, seed, compile=compile, fused=fused, parallel=parallel)
+        return steps.init_train_state(model, optim, seed, compile=compile, fused=fused, parallel=parallel,
+                                      activation_checkpointing=activation_checkpointing)  # fmt: skip
 
     def load_train_state(self, path: str | Path, compile: bool | None = None, fused: bool | None = None,
-                         parallel: str | None = None) -> steps.TrainState:  # fmt: skip
+                         parallel: str | None = None,
+                         activation_checkpointing: bool = False) -> steps.TrainState:  # fmt: skip
         """Model, AdamW moments, counters and RNG of a training checkpoint, ready to continue
-        (with `parallel`, every rank reads the whole checkpoint and keeps its share)."""
+        (with `parallel`, every rank reads the whole checkpoint and keeps its share); the
+        checkpoint does not say whether activations were recomputed: `activation_checkpointing`."""
         path = Path(path)
         model = self.load(path)
         meta = read_trainer_state(path)
         if not (path / OPTIMIZER_FILE).is_file():
             raise CheckpointError(f"{path}: no {OPTIMIZER_FILE}: cannot resume the optimizer")
         state = steps.init_train_state(model, OptimConfig.from_dict(meta["optim"]), meta.get("seed", 0),
-                                       compile=compile, fused=fused, parallel=parallel)  # fmt: skip
+                                       compile=compile, fused=fused, parallel=parallel,
+                                       activation_checkpointing=activation_checkpointing)  # fmt: skip
         state.step, state.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         state.data_cursor = meta.get("data_cursor")
         steps.load_optimizer_tensors(

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hanyeong.errors import ConfigError
 from orchestration.core.spec import ModelSpec
@@ -186,6 +187,9 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.d_model)
         self.layers = nn.ModuleList(TransformerBlock(spec, i) for i in range(spec.n_layers))
         self.norm = RMSNorm(spec.d_model, spec.norm_eps)
+        # a training setting, not a weight: cuda_model/step.init_train_state sets it
+        self.activation_checkpointing = False
+        """Recompute each block's activations in the backward pass (training forwards only)."""
         cos, sin = rope_tables(spec)
         # not persistent: derived from the spec, never part of a checkpoint
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -208,8 +212,14 @@ class LlamaModel(nn.Module):
         # (B or 1, 1, T, hd): cast like HF, which computes cos/sin in fp32 and then uses x's dtype
         cos = self.rope_cos[positions][:, None].to(h.dtype)
         sin = self.rope_sin[positions][:, None].to(h.dtype)
+        # only a training forward recomputes: each block keeps just its input h (B, T, d_model)
+        recompute = (self.activation_checkpointing and self.training and torch.is_grad_enabled()
+                     and cache is None)  # fmt: skip
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache)
+            if recompute:
+                h = checkpoint(layer, h, cos, sin, mask, None, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache)
         if cache is not None:
             cache.length += tokens.shape[1]
         return self.norm(h)

@@ -66,6 +66,9 @@ class TrainState:
     """The DDP / FSDP LossModule around `model` (cuda_model/parallel.py) when `parallel`."""
     world: int = 1
     rank: int = 0
+    activation_checkpointing: bool = False
+    """Each block's activations are recomputed in the backward pass (model.py): the same losses and
+    gradients for less memory and about a third more compute; not part of a checkpoint."""
 
 
 def build_optimizer(model: Model, optim: OptimConfig, fused: bool) -> torch.optim.AdamW:
@@ -87,19 +90,23 @@ def init_train_state(
     compile: bool | None = None,
     fused: bool | None = None,
     parallel: str | None = None,
+    activation_checkpointing: bool = False,
 ) -> TrainState:
     """Step 0 around `model`; compile/fused default to the env vars, fused AdamW on CUDA only
     (not under FSDP, whose sharded parameters take the foreach kernel). With `parallel`, the model
-    is wrapped (FSDP shards it in place) before AdamW is built over its parameters."""
+    is wrapped (FSDP shards it in place) before AdamW is built over its parameters. With
+    `activation_checkpointing`, the model's training forwards recompute each block in backward."""
     on_cuda = next(model.parameters()).device.type == "cuda"
     compile = env_flag(ENV_COMPILE, False) if compile is None else compile
     fused = env_flag(ENV_FUSED, on_cuda and parallel != "fsdp") if fused is None else fused
     if compile:
         losses.COMPILE_HEAD_KERNEL = True  # the fused head + loss's softmax kernel too
+    model.model.activation_checkpointing = activation_checkpointing  # before FSDP wraps the blocks
     wrapped = par.wrap(model, parallel) if parallel else None
     rank, world = par.world() if parallel else (0, 1)
     return TrainState(model, build_optimizer(model, optim, fused), optim, seed=seed, compile=compile,
-                      parallel=parallel, wrapped=wrapped, world=world, rank=rank)  # fmt: skip
+                      parallel=parallel, wrapped=wrapped, world=world, rank=rank,
+                      activation_checkpointing=activation_checkpointing)  # fmt: skip
 
 
 def loss_function(state: TrainState, name: str) -> LossFn:

@@ -238,20 +238,25 @@ class MLXBackend:
         """Nothing: MLX cannot leave a ring; the rank's process ends with it."""
 
     def init_train_state(self, model: Model, optim: OptimConfig, seed: int = 0,
-                         compile: bool | None = None, parallel: str | None = None) -> steps.TrainState:  # fmt: skip
+                         compile: bool | None = None, parallel: str | None = None,
+                         activation_checkpointing: bool = False) -> steps.TrainState:  # fmt: skip
         """AdamW and counters at step 0; compile defaults to HANYEONG_MLX_COMPILE (on).
-        parallel='ddp': one rank of the process's group, with rank 0's weights ('fsdp': ConfigError)."""
+        parallel='ddp': one rank of the process's group, with rank 0's weights ('fsdp': ConfigError).
+        `activation_checkpointing`: train steps recompute each block's activations (mx.checkpoint)."""
         group = dp.data_parallel_group(parallel)
         mx.random.seed(seed)  # for anything random in training (none yet: no dropout)
         if group is not None:
             dp.check_same_position(0, 0, group)
             dp.broadcast_weights(model, group)
-        return steps.init_train_state(model, optim, seed, compile=compile, group=group)
+        return steps.init_train_state(model, optim, seed, compile=compile, group=group,
+                                      activation_checkpointing=activation_checkpointing)  # fmt: skip
 
     def load_train_state(self, path: str | Path, compile: bool | None = None,
-                         parallel: str | None = None) -> steps.TrainState:  # fmt: skip
+                         parallel: str | None = None,
+                         activation_checkpointing: bool = False) -> steps.TrainState:  # fmt: skip
         """Model, AdamW moments and counters of a training checkpoint (either backend's), to go on.
-        parallel='ddp': every rank of the group loads the same checkpoint."""
+        parallel='ddp': every rank of the group loads the same checkpoint. The checkpoint does not
+        say whether activations were recomputed: `activation_checkpointing`."""
         group = dp.data_parallel_group(parallel)
         path = Path(path)
         model = self.load(path)
@@ -261,7 +266,8 @@ class MLXBackend:
         if group is not None:
             dp.check_same_position(int(meta["step"]), int(meta["tokens_seen"]), group)
         optim = OptimConfig.from_dict(meta["optim"])
-        state = steps.init_train_state(model, optim, meta.get("seed", 0), compile=compile, group=group)
+        state = steps.init_train_state(model, optim, meta.get("seed", 0), compile=compile, group=group,
+                                       activation_checkpointing=activation_checkpointing)  # fmt: skip
         state.step, state.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         state.data_cursor = meta.get("data_cursor")
         file = path / OPTIMIZER_FILE

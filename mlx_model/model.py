@@ -166,6 +166,22 @@ class TransformerBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def checkpointed(
+    block: TransformerBlock, x: mx.array, positions: Positions, mask: str | mx.array
+) -> mx.array:
+    """block(x) whose activations the backward pass recomputes from x (mx.checkpoint), as mlx-lm's
+    grad_checkpoint does; the parameters go in as arguments so their gradients flow through."""
+    params = block.trainable_parameters()
+
+    def run(params: dict, x: mx.array) -> mx.array:
+        block.update(params)
+        return block(x, positions, mask, None)
+
+    out = mx.checkpoint(run)(params, x)
+    block.update(params)  # the module keeps its own arrays, not the checkpoint's
+    return out
+
+
 class LlamaModel(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -173,6 +189,10 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.d_model)
         self.layers = [TransformerBlock(spec, i) for i in range(spec.n_layers)]
         self.norm = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
+        # a training setting, not a weight: mlx_model/step.init_train_state sets it
+        self.activation_checkpointing = False
+        """Recompute each block's activations when differentiating (a plain forward, which is
+        all evaluation and generation run, computes each block once either way)."""
 
     def __call__(
         self, tokens: mx.array, segment_ids: mx.array | None = None, cache: KVCache | None = None
@@ -185,8 +205,14 @@ class LlamaModel(nn.Module):
             )
         positions, mask = layout(tokens, segment_ids, cache)
         h = self.embed_tokens(tokens)
+        # recomputed only where a gradient is taken (the train step); evaluation and generation run
+        # each block once either way, and a cached forward never goes through mx.checkpoint
+        recompute = self.activation_checkpointing and cache is None
         for layer in self.layers:
-            h = layer(h, positions, mask, cache)
+            if recompute:
+                h = checkpointed(layer, h, positions, mask)
+            else:
+                h = layer(h, positions, mask, cache)
         if cache is not None:
             cache.length += tokens.shape[1]
         return self.norm(h)

@@ -100,6 +100,9 @@ class TrainState:
     steps: dict[str, Any] = field(default_factory=dict)  # loss name -> (compiled) step function
     group: Any = None
     """The mx.distributed group of a data-parallel state (None: alone); see mlx_model/parallel.py."""
+    activation_checkpointing: bool = False
+    """Each block's activations are recomputed when differentiating (model.py): the same losses and
+    gradients for less memory and about a third more compute; not part of a checkpoint."""
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -108,11 +111,19 @@ def env_flag(name: str, default: bool) -> bool:
 
 
 def init_train_state(
-    model: Model, optim: OptimConfig, seed: int = 0, compile: bool | None = None, group: Any = None
+    model: Model,
+    optim: OptimConfig,
+    seed: int = 0,
+    compile: bool | None = None,
+    group: Any = None,
+    activation_checkpointing: bool = False,
 ) -> TrainState:
-    """Step 0 around `model`: zero moments; compile defaults to HANYEONG_MLX_COMPILE (on)."""
+    """Step 0 around `model`: zero moments; compile defaults to HANYEONG_MLX_COMPILE (on). With
+    `activation_checkpointing`, the model's blocks are recomputed in the gradient pass."""
     compile = env_flag(ENV_COMPILE, True) if compile is None else compile
-    return TrainState(model, AdamW(model, optim), optim, seed=seed, compile=compile, group=group)
+    model.model.activation_checkpointing = activation_checkpointing  # read when a step is traced
+    return TrainState(model, AdamW(model, optim), optim, seed=seed, compile=compile, group=group,
+                      activation_checkpointing=activation_checkpointing)  # fmt: skip
 
 
 def arrays(batch: Batch) -> Arrays:

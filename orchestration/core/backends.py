@@ -118,13 +118,19 @@ class Backend(Protocol):
         only, not on the batch; else one stream from `seed`."""
 
     def init_train_state(self, model: Any, optim: OptimConfig, seed: int = 0,
-                         parallel: str | None = None) -> Any:
+                         parallel: str | None = None, activation_checkpointing: bool = False) -> Any:
         """Optimizer and counters around `model`, at step 0. `parallel` ('ddp', or 'fsdp' on torch):
-        one rank of the data-parallel group the process belongs to (see `world`)."""
+        one rank of the data-parallel group the process belongs to (see `world`).
+        `activation_checkpointing`: train_step recomputes each transformer block's activations in
+        the backward pass (torch.utils.checkpoint / mx.checkpoint) instead of keeping them, with the
+        same losses and gradients; evaluation and generation never recompute. run_stage passes
+        the keys only when set (parallel with workers > 1, activation_checkpointing when true)."""
 
-    def load_train_state(self, path: str | Path, parallel: str | None = None) -> Any:
+    def load_train_state(self, path: str | Path, parallel: str | None = None,
+                         activation_checkpointing: bool = False) -> Any:
         """Model, optimizer and counters of a training checkpoint, ready to continue (every rank
-        of a group loads the same checkpoint)."""
+        of a group loads the same checkpoint); activation_checkpointing as in init_train_state (a
+        training setting that no checkpoint records: a run may resume with it switched)."""
 
     def world(self) -> tuple[int, int]:
         """(rank, size) of the data-parallel group this process is in; (0, 1) alone."""

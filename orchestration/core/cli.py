@@ -59,11 +59,16 @@ def plan(
     recipe: Path | None = typer.Option(None, help="Or a recipe TOML: every stage with its own budget, shapes and spec."),
     tokens: str | None = typer.Option(None, help="Training tokens: 9T, 6.5T, 252M, 1e12 (not with --recipe)."),
     seq_len: int | None = typer.Option(None, help="Sequence length (default: the spec's max_seq_len)."),
-    gpus: int = typer.Option(PlanConfig.gpus, help="Devices; weights/grads/optimizer are sharded over them."),
+    gpus: int = typer.Option(PlanConfig.gpus, help="Devices; weights/grads/optimizer are sharded over them "
+                           "(a recipe's stages: over their own workers; the wall clock is on these)."),
     gpu: str = typer.Option(PlanConfig.gpu, help=f"Device kind: {', '.join(GPUS)}."),
     mfu: float = typer.Option(PlanConfig.mfu, help="Model FLOPs utilisation for the wall-clock estimate."),
-    micro_batch: int = typer.Option(PlanConfig.micro_batch, help="Sequences per device per micro-batch."),
-    activation_checkpointing: bool = typer.Option(False, help="Recompute activations in the backward pass."),
+    micro_batch: int | None = typer.Option(None, help=f"Sequences per device per micro-batch (default "
+                                           f"{PlanConfig.micro_batch}; a recipe's stages have their own)."),
+    activation_checkpointing: bool | None = typer.Option(
+        None, "--activation-checkpointing/--no-activation-checkpointing", help="Recompute each block's "
+        "activations in the backward pass, or not (with --recipe: in every stage). Default: as the preset "
+        "(orchestration/core/presets.py) or each recipe stage says."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
 ) -> None:
     """Parameters, FLOPs (6·N·D), memory per device and wall clock of a run or a recipe's stages."""
@@ -77,19 +82,26 @@ def plan(
         raise ConfigError("give one of --preset, --ckpt or --recipe")
     if recipe is None and tokens is None:
         raise ConfigError("give --tokens (e.g. 9T) with --preset or --ckpt")
-    if recipe is not None and (tokens is not None or seq_len is not None):
-        raise ConfigError("--tokens and --seq-len go with --preset or --ckpt; a recipe has its own budgets")
+    if recipe is not None and (tokens is not None or seq_len is not None or micro_batch is not None):
+        raise ConfigError("--tokens, --seq-len and --micro-batch go with --preset or --ckpt; a recipe has its own "
+                          "budgets and shapes (micro-batches: rows / workers / optim.grad_accum_steps)")
     config = PlanConfig(tokens=parse_count(tokens or 1), seq_len=seq_len, gpus=gpus, gpu=gpu, mfu=mfu,
-                        micro_batch=micro_batch, activation_checkpointing=activation_checkpointing)  # fmt: skip
+                        micro_batch=micro_batch or PlanConfig.micro_batch)  # fmt: skip
     if recipe is not None:
         from orchestration.pipeline.recipe import load_recipe
         from orchestration.pipeline.recipe_plan import describe_recipe, plan_recipe
 
-        result = plan_recipe(load_recipe(recipe), config)
+        result = plan_recipe(load_recipe(recipe), config, activation_checkpointing)
         typer.echo(json.dumps(result, indent=2) if as_json else "\n".join(describe_recipe(result)))
         return
+    from dataclasses import replace
+
+    from orchestration.core.presets import activation_checkpointing as preset_default
+
     spec = get_preset(preset) if preset else checkpoint.load_spec(ckpt)
-    result = make_plan(spec, config)
+    if activation_checkpointing is None:  # a stage on this preset would: the same rule (a checkpoint: off)
+        activation_checkpointing = preset_default(preset)
+    result = make_plan(spec, replace(config, activation_checkpointing=activation_checkpointing))
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:

@@ -52,15 +52,19 @@ class PlanConfig:
     micro_batch: int = 1
     """Sequences per device per micro-batch (activation memory)."""
     activation_checkpointing: bool = False
-    """Recompute activations in the backward pass."""
+    """Recompute each block's activations in the backward pass, as the backends do with it on:
+    activation memory of the blocks' inputs only, and a second forward of the blocks to pay for."""
+    shards: int | None = None
+    """Devices the weights, grads and optimizer state are sharded over (None: gpus; 1: replicated,
+    as under DDP)."""
 
     def __post_init__(self) -> None:
         if self.gpu not in GPUS:
             raise ConfigError(f"unknown gpu {self.gpu!r}; known: {', '.join(GPUS)}")
         if not 0 < self.mfu <= 1:
             raise ConfigError(f"mfu must be in (0, 1], got {self.mfu}")
-        if self.tokens <= 0 or self.gpus < 1 or self.micro_batch < 1:
-            raise ConfigError("tokens must be positive, gpus and micro_batch at least 1")
+        if self.tokens <= 0 or self.gpus < 1 or self.micro_batch < 1 or (self.shards or 1) < 1:
+            raise ConfigError("tokens must be positive, gpus, micro_batch and shards at least 1")
 
 
 def plan(spec: ModelSpec, config: PlanConfig) -> dict:
@@ -69,9 +73,12 @@ def plan(spec: ModelSpec, config: PlanConfig) -> dict:
     peak, device_memory = GPUS[config.gpu]
     flops = spec.training_flops(config.tokens)
     attention = spec.attention_flops_per_token(seq_len) * config.tokens
-    memory = spec.memory_bytes(seq_len, config.micro_batch, config.gpus,
+    memory = spec.memory_bytes(seq_len, config.micro_batch, config.shards or config.gpus,
                                activation_checkpointing=config.activation_checkpointing)  # fmt: skip
-    seconds = (flops + attention) / (config.gpus * peak * config.mfu)
+    recompute = 0.0  # not model FLOPs (MFU leaves it out), but the devices spend the time
+    if config.activation_checkpointing:  # the blocks' forward again: 2 FLOPs/weight, 1/3 of attention
+        recompute = 2.0 * spec.n_layers * spec.block_parameter_count() * config.tokens + attention / 3
+    seconds = (flops + attention + recompute) / (config.gpus * peak * config.mfu)
     return {
         "spec": spec.to_dict(),
         "parameters": spec.parameter_count(),
@@ -80,6 +87,9 @@ def plan(spec: ModelSpec, config: PlanConfig) -> dict:
         "seq_len": seq_len,
         "training_flops": flops,
         "attention_flops": attention,
+        "recompute_flops": recompute,
+        "activation_checkpointing": config.activation_checkpointing,
+        "micro_batch": config.micro_batch,
         "flops_per_token": spec.flops_per_token(seq_len),
         "memory_per_device_bytes": memory,
         "device": {"gpu": config.gpu, "count": config.gpus, "peak_flops": peak, "memory_bytes": device_memory},
@@ -98,16 +108,19 @@ def describe(result: dict) -> list[str]:
     lines = [
         f"parameters      {result['parameters'] / 1e9:,.3f} B ({result['parameters_without_embeddings'] / 1e9:,.3f} B without embeddings)",
         f"tokens          {result['tokens']:.3g} at sequence {result['seq_len']:,}",
-        f"training FLOPs  {result['training_flops']:.3g} (6·N·D)   + attention {result['attention_flops']:.3g}",
+        f"training FLOPs  {result['training_flops']:.3g} (6·N·D)   + attention {result['attention_flops']:.3g}"
+        + (f"   + recompute {result['recompute_flops']:.3g}" if result["activation_checkpointing"] else ""),
         f"memory/device   {_gib(memory['total'])}: weights {_gib(memory['weights'])}, grads "
         f"{_gib(memory['grads'])}, optimizer {_gib(memory['optimizer'])}, activations "
-        f"{_gib(memory['activations'])}  ({'fits' if result['fits'] else 'does NOT fit'} in "
+        f"{_gib(memory['activations'])}{' (checkpointed)' if result['activation_checkpointing'] else ''}  "
+        f"({'fits' if result['fits'] else 'does NOT fit'} in "
         f"{device['memory_bytes'] / 1e9:.0f} GB {device['gpu']})",
         f"wall clock      {days:,.1f} days on {device['count']:,} × {device['gpu']} at {result['mfu']:.0%} MFU "
         f"({result['gpu_hours']:,.0f} GPU-hours)",
     ]
     if not result["fits"]:
-        lines.append("hint            shard over more devices (--gpus), add --activation-checkpointing, or plan a shorter --seq-len")
+        lines.append("hint            shard over more devices (--gpus), add --activation-checkpointing, lower "
+                     "--micro-batch, or plan a shorter --seq-len")
     return lines
 
 

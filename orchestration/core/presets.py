@@ -35,6 +35,18 @@ PRESETS: dict[str, ModelSpec] = {
 }  # fmt: skip
 
 
+# Presets whose stages recompute activations unless a stage sets activation_checkpointing itself
+# ([[stage]] activation_checkpointing = false turns it off): a training setting, not part of the
+# spec, so checkpoints and spec.json do not change.
+ACTIVATION_CHECKPOINTING: frozenset[str] = frozenset({"exaone-3.5-32b"})
+
+
+def activation_checkpointing(preset: str | None) -> bool:
+    """Whether a stage of a run on `preset` recomputes activations when it does not say (None: a
+    run from init_checkpoint, no preset: off)."""
+    return preset in ACTIVATION_CHECKPOINTING
+
+
 def get_preset(name: str) -> ModelSpec:
     """The spec of a named preset; an unknown name lists the known ones."""
     try:

@@ -113,15 +113,19 @@ class ModelSpec:
 
     def parameter_count(self, embeddings: bool = True) -> int:
         """Trainable parameters; `embeddings=False` leaves out the input embedding (and a tied head)."""
-        d, kv = self.d_model, self.n_kv_heads * self.head_dim
-        attention = 2 * d * d + 2 * d * kv  # q, o: d x d; k, v: d x kv
-        block = attention + 3 * d * self.d_ff + 2 * d  # SwiGLU gate/up/down, two RMSNorm weights
+        d, block = self.d_model, self.block_parameter_count()
         if self.head == "score":
             head = d  # score.weight [1, d]; a reward model keeps no LM head
         else:
             head = 0 if self.tie_embeddings else self.vocab_size * d
         total = self.n_layers * block + d + head  # + final norm
         return total + (self.vocab_size * d if embeddings else 0)
+
+    def block_parameter_count(self) -> int:
+        """Parameters of one transformer block: attention, SwiGLU MLP and its two RMSNorm weights."""
+        d, kv = self.d_model, self.n_kv_heads * self.head_dim
+        attention = 2 * d * d + 2 * d * kv  # q, o: d x d; k, v: d x kv
+        return attention + 3 * d * self.d_ff + 2 * d  # SwiGLU gate/up/down, two RMSNorm weights
 
     def training_flops(self, tokens: float) -> float:
         """6·N·D: the convention of the EXAONE 3.5 report (and Kaplan et al.), N with embeddings."""
@@ -152,21 +156,24 @@ class ModelSpec:
 
         Weights and grads in `param_bytes` (2 for bf16), fp32 master copy when `master_weights`, two
         fp32 Adam moments. Activations per layer and token follow Korthikanti et al. (2022) with
-        flash attention (no T×T scores kept): about 34·d bytes in bf16 plus the SwiGLU's wider MLP;
-        with activation checkpointing only each block's input (2·d bytes) is kept.
+        flash attention (no T×T scores kept): about 34·d bytes in bf16 plus the SwiGLU's wider MLP,
+        for `micro_batch` rows of `seq_len`. With activation checkpointing (both backends: per
+        block, cuda_model/model.py and mlx_model/model.py) every block keeps only its input (2·d
+        bytes), and one block's activations live again while the backward pass recomputes it.
         """
         n = self.parameter_count()
         weights = n * param_bytes / devices
         grads = n * param_bytes / devices
         optimizer = n * (8 + (4 if master_weights and param_bytes < 4 else 0)) / devices
         tokens = (seq_len or self.max_seq_len) * micro_batch
+        # attention block ~ 11·d (inputs, q, k, v, output, norm) + MLP 3·d_ff·2 + residual/norm
+        block = 2 * (11 * self.d_model + 3 * self.d_ff + 2 * self.d_model)  # bytes per token
         if activation_checkpointing:
-            per_layer_token = 2 * self.d_model
+            kept = self.n_layers * tokens * 2 * self.d_model + tokens * block
         else:
-            # attention block ~ 11·d (inputs, q, k, v, output, norm) + MLP 3·d_ff·2 + residual/norm
-            per_layer_token = 2 * (11 * self.d_model + 3 * self.d_ff + 2 * self.d_model)
+            kept = self.n_layers * tokens * block
         logits = tokens * self.vocab_size * 4  # fp32 logits for the loss
-        activations = self.n_layers * tokens * per_layer_token + logits
+        activations = kept + logits
         total = weights + grads + optimizer + activations
         return {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations, "total": total}
 

@@ -30,7 +30,7 @@ from orchestration.pipeline.run_config import DatasetConfig, RunConfig, Tokenize
 from orchestration.pipeline.stage_config import STARTS, StageConfig, stage_label
 
 # [[stage]] keys that say how a stage runs, not what it computes
-NOT_IN_IDENTITY = ("checkpoint_every_tokens", "workers", "parallelism", "resources", "eval")
+NOT_IN_IDENTITY = ("checkpoint_every_tokens", "workers", "parallelism", "resources", "eval", "activation_checkpointing")
 
 __all__ = ["DatasetConfig", "Recipe", "RunConfig", "StageConfig", "TokenizerConfig", "load_recipe"]
 
@@ -229,8 +229,8 @@ def dataset_identity(dataset: DatasetConfig) -> dict:
 
     table = dataset.settings()
     table.pop("config", None)  # its content is prepare_config
-    if dataset.path is not None:
-        table["path"] = read_manifest(dataset.path)["content_hash"]
+    if dataset.path is not None:  # its shards' hashes; a manifest without them: every file's bytes
+        table["path"] = read_manifest(dataset.path).get("content_hash") or path_digest(dataset.path)
     table["inputs"] = [path_digest(p) for p in dataset.inputs]
     if "prepare_config" in table:
         prepare = dataset.prepare_config()

@@ -27,6 +27,9 @@ UP-SCALING: a stage with `upscale` starts from its start checkpoint up-scaled in
 (eval.jsonl's step-0 line: the loss right after up-scaling, against the last line of the stage before).
 RESUME: when STAGE_DIR/checkpoint holds a training state, run_stage continues from it: the same
 weights, moments, step and data cursor, so the final weights equal an uninterrupted run's.
+ACTIVATION CHECKPOINTING: a stage that recomputes activations (its `activation_checkpointing`, else
+its run preset's default) has the backend's train state do so; the weights are the same either way,
+so the setting is not part of the stage's identity and a resumed stage may switch it.
 DATA PARALLEL: every rank draws the same global batch and trains on its rows
 (orchestration/parallel.rank_rows); the backend sums gradients over the ranks, so the update is the
 single worker's. Every rank calls the checkpoint save (FSDP gathers); rank 0 alone writes files.
@@ -109,6 +112,8 @@ def run_stage(config: dict) -> dict:
     run = StageRun(stage.name, index, stage, backend, None, loader, directory, rank=rank, world=world)
     log = MetricsLog(directory / METRICS, write=run.main)
     options = {"parallel": parallel} if parallel else {}  # single-worker backends need not know the key
+    if stage.recomputes_activations(recipe.run.preset):  # a training setting: no checkpoint records it
+        options["activation_checkpointing"] = True
     resumed = None
     if world == 1:  # a Ray retry of a worker killed inside checkpoint.writing: put its checkpoint back
         checkpoint.recover(run.checkpoint_dir)  # (a group's ranks would race; the driver does it for them)

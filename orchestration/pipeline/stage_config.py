@@ -142,6 +142,12 @@ class StageConfig:
     'auto' (fsdp from 1B parameters on torch, ddp otherwise)."""
     resources: StageResources = field(default_factory=StageResources)
     """`[stage.resources]`: CPUs / GPUs per worker."""
+    activation_checkpointing: bool | None = None
+    """Recompute each transformer block's activations in the backward pass (both backends): the
+    same losses, gradients and weights, for activation memory of a block's input per block instead
+    of all its activations, at about a third more compute. None: the run preset's default
+    (orchestration/core/presets.py `activation_checkpointing`). `hanyeong model plan` costs it.
+    Not part of the stage's identity: a stage resumes with it switched on or off."""
     preference: PreferenceSettings | None = None
     """`[stage.preference]`: beta, label_smoothing, sft_weight of the preference kinds (dpo, ipo,
     simper); None: their defaults. Left out of other stages' tables, so their identities stay."""
@@ -255,6 +261,15 @@ class StageConfig:
         elif self.data.hold_out and not documents:
             raise ConfigError(f"data.hold_out is for kinds that read documents, not {kind.name!r} (its "
                               "[stage.preference] held_out holds back pairs)")  # fmt: skip
+
+    def recomputes_activations(self, preset: str | None) -> bool:
+        """activation_checkpointing as the stage trains with it on a run of `preset`: its own
+        setting, else the preset's default (the run's preset, None for an init_checkpoint)."""
+        from orchestration.core.presets import activation_checkpointing
+
+        if self.activation_checkpointing is not None:
+            return self.activation_checkpointing
+        return activation_checkpointing(preset)
 
     @property
     def stage_kind(self) -> StageKind:

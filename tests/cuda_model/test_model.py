@@ -119,3 +119,45 @@ def test_too_long_sequence_is_refused(backend):
     model = backend.init(spec)
     with pytest.raises(ValueError, match="max_seq_len"):
         backend.logits(model, random_tokens(spec, (1, 17)))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(backend, packed, monkeypatch):
+    """torch.utils.checkpoint per block: the loss and every parameter's gradient as without it
+    (fp32); a training forward runs each block twice (once again in backward), evaluation and
+    generation once, and the state dict (the checkpoint) does not change."""
+    from cuda_model.losses import get_loss
+    from cuda_model.model import TransformerBlock
+
+    calls, forward = [], TransformerBlock.forward
+
+    def counted(block, *args):  # a method, not a hook: checkpoint's recompute runs no module hooks
+        calls.extend([1] if block.self_attn.layer == 0 else [])
+        return forward(block, *args)
+
+    monkeypatch.setattr(TransformerBlock, "forward", counted)
+
+    spec = tiny(tie_embeddings=False)
+    tokens = torch.from_numpy(random_tokens(spec, (3, 17), seed=5))
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    if packed:
+        batch["segment_ids"] = torch.tensor([[0] * 9 + [1] * 7] * 3)
+    runs = []
+    for recompute in (False, True):
+        model = backend.init(spec, seed=0)
+        model.model.activation_checkpointing = recompute
+        calls.clear()
+        model.train()
+        loss, _ = get_loss("causal_lm")(model, batch)
+        loss.backward()
+        runs.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)))
+        assert list(model.state_dict()) == list(parameter_names(spec))
+        calls.clear()
+        backend.logits(model, tokens.numpy())
+        backend.generate(model, [[1, 2, 3]], max_new_tokens=2)
+        assert len(calls) == 1 + 2  # no recomputation: one forward, a prefill and one decode step
+    (loss_off, grads_off, calls_off), (loss_on, grads_on, calls_on) = runs
+    assert (calls_off, calls_on) == (1, 2)
+    assert loss_on == pytest.approx(loss_off, rel=1e-6)
+    for name, g in grads_off.items():
+        torch.testing.assert_close(grads_on[name], g, rtol=0, atol=1e-6, msg=name)

@@ -1,8 +1,9 @@
 """Data parallelism law: 2 ranks (gloo on 127.0.0.1, spawned processes, no Ray) each training on
 their rows of a global batch take the steps of 1 process on the whole batch: same losses, grad
 norms, token counts and weights (fp tolerance), for DDP and FSDP2, with gradient accumulation, an
-SFT loss_mask, uneven rows (5 on 2 ranks) and a rank with no rows at all. A 2-rank checkpoint is the
-single-process one (a single process loads it), and 2 ranks resume a single-process checkpoint."""
+SFT loss_mask, uneven rows (5 on 2 ranks) and a rank with no rows at all, and with activation
+checkpointing on the ranks only. A 2-rank checkpoint is the single-process one (a single process
+loads it), and 2 ranks resume a single-process checkpoint."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from tests.orchestration.test_stage import one_thread  # noqa: F401  (a fixture)
 
 WORLD, T = 2, 12
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=1, total_steps=6, weight_decay=0.1, grad_clip=0.5, eps=1e-6)
-# name: (parallel, tied, loss, rows, grad_accum_steps, steps)
+# name: (parallel, tied, loss, rows, grad_accum_steps, steps[, activation checkpointing on the ranks])
 CASES = {
     "ddp": ("ddp", True, "causal_lm", 4, 1, 3),
     "ddp-sft-accum-uneven": ("ddp", False, "sft", 5, 2, 3),
@@ -32,6 +33,8 @@ CASES = {
     "fsdp": ("fsdp", True, "causal_lm", 4, 1, 3),
     "fsdp-sft-accum-uneven": ("fsdp", False, "sft", 5, 2, 3),
     "fsdp-one-row": ("fsdp", False, "causal_lm", 1, 1, 2),
+    "ddp-checkpointed": ("ddp", True, "causal_lm", 4, 1, 2, True),
+    "fsdp-sft-accum-checkpointed": ("fsdp", False, "sft", 5, 2, 2, True),
 }
 RESUME = {"ddp-resume": "ddp", "fsdp-resume": "fsdp"}  # 2 steps in one process, 2 more on 2 ranks
 RESUME_CASE = ("-", False, "sft", 5, 2, 4)
@@ -87,7 +90,9 @@ def rank_main(rank: int, world: int, address, out: str, start: str) -> None:
     for name, case, resume_from in runs:
         if resume_from is None:
             model = backend.init(spec_of(case), seed=7)
-            state = backend.init_train_state(model, optim_of(case), seed=7, parallel=case[0])
+            recompute = len(case) > 6 and case[6]  # the single process's reference runs without it
+            state = backend.init_train_state(model, optim_of(case), seed=7, parallel=case[0],
+                                             activation_checkpointing=recompute)  # fmt: skip
             metrics = train(backend, state, case, case[5], rank, world)
         else:
             state = backend.load_train_state(resume_from, parallel=case[0])

@@ -324,3 +324,37 @@ def test_clipping_applies_the_update_of_the_gradient_scaled_to_the_clip_norm(bac
         np.testing.assert_allclose(updates[c][name] - before[name], value - before[name], atol=atol, rtol=1e-4,
                                    err_msg=name)  # fmt: skip
         assert np.abs(updates[0.0][name] - value).max() > 1e-3, name  # unclipped: another update
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(backend):
+    """mx.checkpoint per block: the loss and every parameter's gradient as without it (fp32,
+    packed documents), and the same metrics and weights through the compiled, accumulating step."""
+    import mlx.nn as nn
+
+    from mlx_model.losses import get_loss
+    from mlx_model.step import arrays
+
+    spec = tiny(tie_embeddings=False)
+    segments = np.repeat([[0] * 9 + [1] * 8], 3, axis=0)
+    batch = Batch.from_tokens(random_tokens(spec, (3, 17), seed=5), segment_ids=segments)
+    grads, losses = [], []
+    for recompute in (False, True):
+        model = backend.init(spec, seed=0)
+        model.model.activation_checkpointing = recompute
+        (loss, _), g = nn.value_and_grad(model, get_loss("causal_lm"))(model, arrays(batch))
+        losses.append(loss.item())
+        grads.append(dict(tree_flatten(g)))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert grads[1].keys() == grads[0].keys() == dict(parameter_names(spec)).keys()
+    for name, g in grads[0].items():
+        np.testing.assert_allclose(np.array(grads[1][name]), np.array(g), 0, 1e-6, err_msg=name)
+    runs = []
+    for recompute in (False, True):
+        model = backend.init(spec, seed=0)
+        state = backend.init_train_state(model, OptimConfig(lr=1e-2, total_steps=4, grad_accum_steps=2),
+                                         activation_checkpointing=recompute)  # fmt: skip
+        assert state.activation_checkpointing is recompute
+        runs.append(([backend.train_step(state, batch)["loss"] for _ in range(2)], weights(model)))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-6)
+    for name, w in runs[0][1].items():
+        np.testing.assert_allclose(runs[1][1][name], w, rtol=0, atol=1e-6, err_msg=name)

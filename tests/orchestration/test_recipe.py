@@ -194,7 +194,9 @@ def test_identities_change_exactly_with_a_stage_and_what_it_starts_from():
     assert len(set(base)) == 5
     same = [edit("stage.1.checkpoint_every_tokens", 50_000), edit("run.backend", "torch"),
             edit("stage.1.workers", 2), edit("stage.1.parallelism", "fsdp"),
-            edit("stage.1.resources", {"cpus": 4, "gpus": 1})]  # how a stage runs, not what it computes
+            edit("stage.1.resources", {"cpus": 4, "gpus": 1}),
+            edit("stage.1.activation_checkpointing", True),  # the same weights, for less memory
+            edit("stage.1.activation_checkpointing", False)]  # how a stage runs, not what it computes
     for change in same:  # no effect on the result: nothing reruns
         assert identities(change(quickstart())) == base
     # stage 2 changes: it and every later 'previous' stage rerun, stage 1 does not
@@ -223,3 +225,94 @@ def test_a_checkpoint_start_is_identified_by_its_content(tmp_path):
     backend.save(backend.init(spec, seed=1), tmp_path / "ckpt")  # other weights, same path
     second = identities(data)
     assert second[:2] == first[:2] and second[2] != first[2] and second[3] != first[3]
+
+
+# ---- activation checkpointing: where it is set, and what the plan makes of it ---------------------
+
+
+def test_activation_checkpointing_is_the_stages_else_its_presets_default(monkeypatch):
+    from orchestration.core import presets
+
+    recipe = build(edit("stage.1.activation_checkpointing", True)(quickstart()))
+    assert [s.activation_checkpointing for s in recipe.stages[:3]] == [None, True, None]
+    assert "activation_checkpointing" not in recipe.stages[0].to_dict()  # unset: not in the table
+    assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe  # what Ray ships
+    assert [s.recomputes_activations(recipe.run.preset) for s in recipe.stages[:2]] == [False, True]
+    assert presets.activation_checkpointing("exaone-3.5-32b") and not presets.activation_checkpointing(None)
+    monkeypatch.setattr(presets, "ACTIVATION_CHECKPOINTING", frozenset({"tiny"}))  # quickstart's preset
+    off = build(edit("stage.1.activation_checkpointing", False)(quickstart()))
+    assert [s.recomputes_activations(off.run.preset) for s in off.stages[:2]] == [True, False]
+    with pytest.raises(ConfigError, match=r"^stage 1 'stage1-general': activation_checkpointing must be bool"):
+        build(edit("stage.0.activation_checkpointing", "yes")(quickstart()))
+
+
+def test_the_recipe_plan_costs_each_stage_as_it_trains():
+    from orchestration.core.plan import PlanConfig
+    from orchestration.pipeline.recipe_plan import plan_recipe
+
+    data = edit("stage.1.activation_checkpointing", True)(quickstart())
+    data = edit("stage.2.optim.grad_accum_steps", 2)(data)
+    recipe, config = build(data), PlanConfig(tokens=1.0)
+    stages = plan_recipe(recipe, config)["stages"]
+    assert [s["activation_checkpointing"] for s in stages[:3]] == [False, True, False]
+    for stage, planned, spec in zip(recipe.stages, stages, recipe.stage_specs()):
+        seq_len, rows = max(((t, r) for _, t, r in stage.plan()), key=lambda x: x[0] * x[1])
+        micro = -(-rows // stage.optim.grad_accum_steps)
+        assert planned["micro_batch"] == {"rows": micro, "seq_len": seq_len}
+        recompute = planned["activation_checkpointing"]
+        memory = spec.memory_bytes(seq_len, micro, activation_checkpointing=recompute)
+        assert planned["memory_per_device_bytes"] == memory
+        assert (planned["recompute_flops"] > 0) == planned["activation_checkpointing"]
+    everywhere = plan_recipe(recipe, config, activation_checkpointing=True)["stages"]
+    assert all(s["activation_checkpointing"] for s in everywhere)
+    activations = [s[0]["memory_per_device_bytes"]["activations"] for s in (everywhere, stages)]
+    assert activations[0] < activations[1]
+    assert everywhere[0]["wall_clock_seconds"] > stages[0]["wall_clock_seconds"]  # the second forward
+    assert everywhere[1] == stages[1]
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "mlx"])
+def test_the_recipe_plan_micro_batch_is_the_steps_own(backend_name):
+    """recipe_plan.micro_batch_rows against the rows each backend's step puts in a micro-batch on
+    a rank: rank_rows, then cuda_model/step.local_split or mlx_model/step.split."""
+    from orchestration.core.batch import Batch
+    from orchestration.core.parallel import rank_rows
+    from orchestration.pipeline.recipe_plan import micro_batch_rows
+
+    if backend_name == "torch":
+        torch = pytest.importorskip("torch")
+        from cuda_model.step import local_split
+
+        def sizes(batch, accum, workers):
+            micros = local_split({"inputs": torch.from_numpy(batch.inputs)}, accum)
+            return [m["inputs"].shape[0] for m in micros]
+    else:
+        pytest.importorskip("mlx.core")
+        from mlx_model.step import split
+
+        def sizes(batch, accum, workers):
+            return [m["inputs"].shape[0] for m in split(batch, accum, workers)]
+
+    import numpy as np
+
+    for rows, workers, accum in [(8, 1, 1), (8, 1, 3), (512, 256, 1), (2048, 256, 4), (5, 2, 2),
+                                 (256, 64, 4), (7, 3, 2), (9, 4, 3), (3, 2, 4)]:  # fmt: skip
+        batch = Batch.from_tokens(np.zeros((rows, 5), np.int64))
+        largest = max(max(sizes(rank_rows(batch, r, workers), accum, workers), default=0)
+                      for r in range(workers))  # fmt: skip
+        assert micro_batch_rows(rows, workers, accum, backend_name) == largest, (rows, workers, accum)
+
+
+def test_the_full_scale_recipe_fits_its_gpus_by_the_plan():
+    """recipes/exaone-3.5-7.8b.toml on 256 H100s: every stage fits as it trains, with the
+    checkpointing its stages set; keeping every activation, the 8K and 32K stages would not."""
+    from orchestration.core.plan import GPUS, PlanConfig
+    from orchestration.pipeline.recipe_plan import plan_recipe
+
+    recipe, config = load_recipe(RECIPES / "exaone-3.5-7.8b.toml"), PlanConfig(tokens=1.0, gpus=256)
+    plan = plan_recipe(recipe, config)
+    assert all(s["fits"] for s in plan["stages"]), [s["name"] for s in plan["stages"] if not s["fits"]]
+    assert [s["activation_checkpointing"] for s in plan["stages"]] == [True] * 5 + [False] * 2
+    assert max(s["memory_per_device_bytes"]["total"] for s in plan["stages"]) <= 0.75 * GPUS["h100"][1]
+    kept = plan_recipe(recipe, config, activation_checkpointing=False)["stages"]
+    assert [s["fits"] for s in kept] == [False] * 5 + [True] * 2

@@ -179,6 +179,38 @@ def test_a_checkpoint_of_another_config_is_not_resumed(pretrained, small_tokeniz
         run_stage(request(changed, 0, stage_dir, small_tokenizer_dir, datasets))
 
 
+def test_activation_checkpointing_resumes_a_stage_to_the_same_weights(
+    pretrained, small_tokenizer_dir, datasets, tmp_path, monkeypatch
+):
+    """A stage crashed with activation checkpointing off and rerun with it on (the same identity:
+    it changes no weight) resumes and ends on the weights of the uninterrupted run without it."""
+    tables, _, uninterrupted = pretrained
+    on = recipe_tables(small_tokenizer_dir, datasets, activation_checkpointing=True)
+    assert Recipe.from_dict(on).stage_identities() == Recipe.from_dict(tables).stage_identities()
+    stage_dir, states = tmp_path / "pretrain", []
+    real_step, real_load = BACKEND.train_step, BACKEND.load_train_state
+
+    def crashing_step(state, batch, loss="causal_lm"):
+        if state.step == 5:  # a checkpoint was written after step 3
+            raise RuntimeError("simulated crash")
+        return real_step(state, batch, loss)
+
+    def loading(path, **options):
+        states.append(real_load(path, **options))
+        return states[-1]
+
+    monkeypatch.setattr(BACKEND, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_stage(request(tables, 0, stage_dir, small_tokenizer_dir, datasets))
+    monkeypatch.setattr(BACKEND, "train_step", real_step)
+    monkeypatch.setattr(BACKEND, "load_train_state", loading)
+    result = run_stage(request(on, 0, stage_dir, small_tokenizer_dir, datasets))
+    assert result["resumed_from_step"] == 3 and states[0].model.model.activation_checkpointing
+    expected, got = weights(uninterrupted["checkpoint"]), weights(result["checkpoint"])
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-6, err_msg=name)
+
+
 def test_sft_trains_on_assistant_tokens_from_the_previous_checkpoint(
     pretrained, small_tokenizer_dir, datasets, tmp_path
 ):
