@@ -272,7 +272,7 @@ def make_generation(loader: GrpoLoader, sampler: Sampler, g: int) -> dict:
     from orchestration.pipeline.online_stage import permuted_stream
 
     path = sampler.directory / ROLLOUTS_DIR / f"generation-{g:05d}.parquet"
-    if path.exists():
+    if path.exists():  # read back (a resumed stage): no time spent sampling it in this run
         return read_rollout(path)
     s = loader.settings
     started = time.perf_counter()
@@ -327,9 +327,10 @@ def read_rollout(path: Path) -> dict:
 
     table = pq.read_table(path)
     t = table.to_pydict()
+    metrics = json.loads(table.schema.metadata[b"metrics"]) | {"generation_seconds": 0.0}  # not sampled now
     rollout = {"prompt": t["prompt"], "answer": t["answer"], "reward": t["reward"], "advantage": t["advantage"],
                "scores": {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("reward/")},
-               "metrics": json.loads(table.schema.metadata[b"metrics"])}  # fmt: skip
+               "metrics": metrics}  # fmt: skip
     for name in ("old_logprobs", "ref_logprobs"):
         rollout[name] = np.asarray(t[name], np.float32) if name in t else None
     return rollout
