@@ -11,8 +11,9 @@ and to or), `not` or a unary minus dropped, a number n to n + 1, True to False, 
 an error message or docstring to "XX...XX", a `return x` to `return None`, a call statement removed,
 break to continue. The mutated module is written (ast.unparse) into a copy of the working tree and
 the module's own tests (MODULES) run in a fresh `pytest -x` there: a failing test kills the mutant,
-passing tests let it survive, a run over its time limit is a timeout. Docstrings, type annotations
-and the text of raised errors are not mutated.
+passing tests let it survive, a run over its time limit (3 x the unmutated run + 30 s, then once
+more at 3 x that, as a shared machine can be slow for a while) is a timeout. Docstrings, type
+annotations and the text of raised errors are not mutated.
 
 Not mutmut: mutmut 3 runs each mutant in a worker forked from a process that has already imported
 and run the code under test, and the tests here start the Rust `tokenizers` thread pool and torch's
@@ -26,7 +27,10 @@ mutant is killed or not the same way every run. Tests that need ../shared/data s
 --shared. Survivors are listed with their line; those judged equivalent (no test can tell them from
 the original) are marked in EQUIVALENT with the reason, and the kill rate counts only the others.
 
-Results: benchmarks/results/mutations-<machine>.{json,md}.
+Results: benchmarks/results/mutations-<machine>.{json,md}, merged per module: a run replaces the rows
+of the modules it ran and keeps the others, each row with its date and command, and the numbers of
+the module's first run (before its survivors were looked at). `--rejudge FILE` applies EQUIVALENT
+anew without running anything.
 """
 
 from __future__ import annotations
@@ -152,6 +156,24 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         ("self.band_mix = mix * np.uint64(2) + np.uint64(1)", "1 -> 2"),
         ("self.band_mix = mix * np.uint64(2) + np.uint64(1)", "2 -> 3"),
         ("sig[:, :usable].reshape(len(normalized), self.bands, self.rows).astype(np.uint64)", "* -> /")]},
+    ("orchestration/core/spec.py", "medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)", ">= -> >"):
+        "at the high-frequency edge smooth is 1, and the medium band's formula keeps the frequency as the "
+        "high band does: bit-identical frequencies with the edge hit exactly (60 scalings tried)",
+    ("orchestration/core/spec.py", 'Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\\n", encoding="utf-8")',
+     "2 -> 3"): "indentation of spec.json only: the same spec is read back; hashes are of a checkpoint's own file",
+    ("orchestration/core/optim.py", "if step < decay_start:", "< -> <="):
+        "at decay_start the linear decay gives peak + (floor - peak) * 0 = peak exactly, as the flat part does",
+    **{("orchestration/core/checkpoint.py", line, "call removed"): "durability against a power loss only: the "
+        "files and their index are the same, and no test can cut the power" for line in (
+            "_fsync_dir(tmp)", "os.fsync(handle.fileno())")},
+    **{("orchestration/core/checkpoint.py", "for block in iter(lambda: f.read(1 << 20), b\"\"):", change):
+        "the size of a read, not the digest of the whole file" for change in ("1 -> 2", "20 -> 21")},
+    **{("orchestration/core/checkpoint.py", line, "2 -> 3"): "indentation of the JSON file only: the same dict is "
+        "read back (and a checkpoint.json's hash, a stage identity, is of the file as written)" for line in (
+            '(tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\\n", encoding="utf-8")',
+            '(directory / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\\n", encoding="utf-8")')},
+    ("orchestration/core/checkpoint.py", "if (d / INDEX_FILE).is_file() else 0.0)  # fmt: skip", "0.0 -> 1.0"):
+        "the sort key of an .old folder without an index (never restored): below any real file's mtime either way",
 }  # fmt: skip
 
 COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
@@ -318,10 +340,15 @@ def run_tests(work: Path, tests: list[str], env: dict, timeout: float) -> tuple[
     return "error", seconds, (failed[0] if failed else done.stdout.strip().splitlines()[-1:] or [""])[0]
 
 
-def environment(work: Path, shared: bool, tokenizer: Path) -> dict:
+def environment(work: Path, shared: bool, tokenizer: Path | None) -> dict:
+    """The tests' environment; `tokenizer`: the shared test tokenizer, when trained (else unset, so a
+    test that needs one trains its own rather than reading an empty directory)."""
     env = {**os.environ, "CI": "true", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HANYEONG_TEST_TOKENIZER": str(tokenizer), "PYTHONPATH": str(work)}  # fmt: skip
+           "PYTHONPATH": str(work)}  # fmt: skip
+    env.pop("HANYEONG_TEST_TOKENIZER", None)
+    if tokenizer is not None:
+        env["HANYEONG_TEST_TOKENIZER"] = str(tokenizer)
     if not shared:
         env["HANYEONG_SHARED"] = str(work / "no-shared")
     return env
@@ -337,8 +364,11 @@ def train_tokenizer_once(work: Path, out: Path) -> None:
                    env={**os.environ, "PYTHONPATH": str(work)})  # fmt: skip
 
 
-def run_module(module: str, work: Path, env: dict, deadline: float, log) -> list[Mutant]:
-    """Every mutant of `module` in the copy `work` (whose pristine file is the source mutated)."""
+def run_module(
+    module: str, work: Path, env: dict, deadline: float, log
+) -> tuple[list[Mutant], float]:
+    """Every mutant of `module` in the copy `work` (whose pristine file is the source mutated), and
+    the seconds its tests take unmutated."""
     target = work / module
     pristine = target.read_text(encoding="utf-8")
     found, tests = mutants(module, pristine), MODULES[module]
@@ -354,11 +384,14 @@ def run_module(module: str, work: Path, env: dict, deadline: float, log) -> list
                 break
             target.write_text(mutated_source(pristine, mutant), encoding="utf-8")
             mutant.status, mutant.seconds, mutant.killer = run_tests(work, tests, env, limit)
+            if mutant.status == "timeout":  # a shared machine can be slow a while: once more, longer
+                mutant.status, more, mutant.killer = run_tests(work, tests, env, 3 * limit)
+                mutant.seconds += more
             mutant.equivalent = EQUIVALENT.get((module, mutant.source, mutant.change), "")
             log(f"  [{k + 1}/{len(found)}] {mutant.status:8} {mutant.seconds:5.1f}s  L{mutant.line} {mutant.change}")
     finally:
         target.write_text(pristine, encoding="utf-8")
-    return found
+    return found, baseline
 
 
 def summary(found: list[Mutant]) -> dict:
@@ -371,46 +404,88 @@ def summary(found: list[Mutant]) -> dict:
             "kill_rate": round(caught / relevant, 4) if relevant else None}  # fmt: skip
 
 
+def first_run(summary: dict) -> dict:
+    """What the first run of a module found, before its survivors were looked at."""
+    return {k: summary[k] for k in ("ran", "killed", "error", "timeout", "survived")} | {
+        "caught": summary["killed"] + summary["error"] + summary["timeout"]}
+
+
 def markdown(results: dict) -> str:
+    modules = results["modules"]
+    runs: dict[tuple[str, str], list[str]] = {}
+    for module, entry in modules.items():
+        runs.setdefault((entry["date"], entry["command"]), []).append(module)
     lines = ["# Mutation testing", "",
-             f"Machine: {results['cpu']}, {results['cores']} cores. Run {results['date']} with "
-             f"`{results['command']}`: {results['minutes']:.0f} minutes, niced, one test process at a time. "
-             f"Shared data: {'used' if results['shared'] else 'absent (those tests skip)'}.", "",
-             "A mutant is killed when the module's own tests fail on it (error: the module no longer imports, "
-             "or collection fails), survives when they pass. The kill rate counts timeouts as killed and leaves "
-             "out the survivors judged equivalent (listed with the reason).", "",
-             "| module | tests | mutants | killed | error | timeout | survived | equivalent | kill rate |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for module, entry in results["modules"].items():
-        s = entry["summary"]
+             f"Machine: {results['cpu']}, {results['cores']} cores (`{results['machine']}`). Niced, one test "
+             "process at a time. Each module's row is from its latest run:", ""]  # fmt: skip
+    for (date, command), names in runs.items():
+        minutes = sum(modules[m]["minutes"] for m in names)
+        shared = "used" if any(modules[m]["shared"] for m in names) else "absent (those tests skip)"
+        lines.append(f"- {date}, `{command}`: {minutes:.0f} minutes; shared data {shared}; "
+                     + ", ".join(f"`{Path(m).name}`" for m in names))  # fmt: skip
+    lines += ["", "A mutant is killed when the module's own tests fail on it (error: the module no longer imports, "
+              "or collection fails), survives when they pass. The kill rate counts timeouts as killed and leaves "
+              "out the survivors judged equivalent (listed with the reason). First run: the mutants the module's "
+              "tests caught (killed, error or timeout) the first time it was run, before its survivors were "
+              "looked at, and that count's share of the mutants not judged equivalent.", "",
+              "| module | tests | mutants | killed | error | timeout | survived | equivalent | kill rate | first run |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for module, entry in modules.items():
+        s, first = entry["summary"], entry.get("first_run")
         rate = "–" if s["kill_rate"] is None else f"{s['kill_rate']:.1%}"
+        relevant = s["ran"] - s["equivalent"]
+        was = "–"
+        if first and relevant:
+            was = f"{first['caught']}/{first['ran']} ({first['caught'] / relevant:.0%})"
         tests = ", ".join(Path(t).name for t in entry["tests"])
         lines.append(f"| `{module}` | {tests} | {s['ran']}/{s['mutants']} | {s['killed']} | {s['error']} | "
-                     f"{s['timeout']} | {s['survived']} | {s['equivalent']} | {rate} |")  # fmt: skip
+                     f"{s['timeout']} | {s['survived']} | {s['equivalent']} | {rate} | {was} |")  # fmt: skip
     if results.get("notes"):
         for note in results["notes"]:
             lines += ["", note]
-    for module, entry in results["modules"].items():
+    for module, entry in modules.items():
         survivors = [m for m in entry["mutants"] if m["status"] == "survived"]
         if survivors:
             lines += ["", f"## Survivors in `{module}`", ""]
-            for m in survivors:
-                why = f" — equivalent: {m['equivalent']}" if m["equivalent"] else ""
+            for m in sorted(survivors, key=lambda m: (m["line"], m["site"], m["detail"])):
+                why = " — **not judged yet**"
+                if m["equivalent"]:
+                    why = f" — equivalent: {m['equivalent']}"
                 lines.append(f"- line {m['line']}: `{m['source']}`: {m['change']}{why}")
     return "\n".join(lines) + "\n"
 
 
+def write_results(path: Path, results: dict) -> None:
+    path.write_text(json.dumps(results, ensure_ascii=False, indent=1))
+    path.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
+
+
+def merge(path: Path, results: dict) -> dict:
+    """`results` over the file at `path`: the modules run now replace theirs, the others are kept
+    (a module's first_run is kept from its first run)."""
+    if not path.exists():
+        return results
+    old = json.loads(path.read_text(encoding="utf-8"))
+    if old.get("machine") != results["machine"]:
+        raise SystemExit(f"{path} holds results of {old.get('machine')}, not {results['machine']}")
+    for module, entry in results["modules"].items():
+        if module in old["modules"] and "first_run" in old["modules"][module]:
+            entry["first_run"] = old["modules"][module]["first_run"]
+    return {**old, **{k: v for k, v in results.items() if k not in ("modules", "notes")},
+            "modules": {**old["modules"], **results["modules"]}}  # fmt: skip
+
+
 def rejudge(path: Path) -> None:
-    """After survivors were looked at: mark them from EQUIVALENT, recount, rewrite the .json and .md."""
+    """After survivors were looked at: mark them from EQUIVALENT, recount, rewrite .json and .md."""
     results = json.loads(path.read_text(encoding="utf-8"))
     for module, entry in results["modules"].items():
         found = [Mutant(**m) for m in entry["mutants"]]
         for m in found:
-            m.equivalent = EQUIVALENT.get((module, m.source, m.change), "") if m.status == "survived" else ""
+            key = (module, m.source, m.change)
+            m.equivalent = EQUIVALENT.get(key, "") if m.status == "survived" else ""
         entry["mutants"], entry["summary"] = [asdict(m) for m in found], summary(found)
         print(f"{module}: {entry['summary']}")
-    path.write_text(json.dumps(results, ensure_ascii=False, indent=1))
-    path.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
+    write_results(path, results)
 
 
 def main() -> None:
@@ -420,7 +495,9 @@ def main() -> None:
     parser.add_argument("--shared", action="store_true", help="let tests use ../shared/data")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--rejudge", type=Path, help="apply EQUIVALENT anew to a results .json and rewrite it")
+    parser.add_argument(
+        "--rejudge", type=Path, help="apply EQUIVALENT anew to a results .json and rewrite it"
+    )
     args = parser.parse_args()
     if args.rejudge:
         return rejudge(args.rejudge)
@@ -435,28 +512,35 @@ def main() -> None:
         return
     os.nice(19)
     started, deadline = time.monotonic(), time.monotonic() + 60 * args.minutes
-    results = {"machine": machine_name(), "cpu": cpu_name(), "cores": os.cpu_count(),
-               "date": time.strftime("%Y-%m-%d"), "shared": args.shared, "modules": {},
-               "command": "python benchmarks/mutations.py" + (f" --modules {' '.join(args.modules)}"
-                                                              if args.modules != DEFAULT else "")}  # fmt: skip
+    command = "python benchmarks/mutations.py"
+    if args.modules != DEFAULT:
+        command += f" --modules {' '.join(args.modules)}"
+    date = time.strftime("%Y-%m-%d")
+    results = {"machine": machine_name(), "cpu": cpu_name(), "cores": os.cpu_count(), "modules": {}}
     with tempfile.TemporaryDirectory(prefix="hanyeong-mutations-") as tmp:
         work = copy_tree(Path(tmp) / "repo")
-        tokenizer = Path(tmp) / "tokenizer"
-        tokenizer.mkdir()
+        tokenizer = None
         if any(t.startswith("tests/tokenizer") for m in modules for t in MODULES[m]):
+            tokenizer = Path(tmp) / "tokenizer"
+            tokenizer.mkdir()
             train_tokenizer_once(work, tokenizer)
-        env = environment(work, args.shared, tokenizer / "tok")
+            tokenizer = tokenizer / "tok"
+        env = environment(work, args.shared, tokenizer)
         for module in modules:
-            found = run_module(module, work, env, deadline, lambda s: print(s, flush=True))
-            results["modules"][module] = {"tests": MODULES[module], "summary": summary(found),
-                                          "mutants": [asdict(m) for m in found]}  # fmt: skip
-            print(f"{module}: {results['modules'][module]['summary']}", flush=True)
-    results["minutes"] = (time.monotonic() - started) / 60
+            begun = time.monotonic()
+            log = lambda s: print(s, flush=True)  # noqa: E731
+            found, baseline = run_module(module, work, env, deadline, log)
+            counts = summary(found)
+            results["modules"][module] = {
+                "tests": MODULES[module], "date": date, "command": command, "shared": args.shared,
+                "minutes": round((time.monotonic() - begun) / 60, 1), "baseline_seconds": round(baseline, 1),
+                "summary": counts, "first_run": first_run(counts), "mutants": [asdict(m) for m in found]}  # fmt: skip
+            print(f"{module}: {counts}", flush=True)
+    print(f"{len(modules)} modules in {(time.monotonic() - started) / 60:.0f} minutes", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"mutations-{results['machine']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, ensure_ascii=False, indent=1))
-    stem.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
-    print(f"wrote {stem}.md and .json")
+    path = (args.out / f"mutations-{results['machine']}").with_suffix(".json")
+    write_results(path, merge(path, results))
+    print(f"wrote {path} and its .md (the modules run now replaced, the others kept)")
 
 
 if __name__ == "__main__":

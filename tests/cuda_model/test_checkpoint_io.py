@@ -45,6 +45,10 @@ def test_training_checkpoint_layout(trained):
         TRAINER_STATE_FILE,
         "checkpoint.json",
     }
+    # the names of the format (checkpoint.py's docstring), not only the module's constants for them
+    assert {SPEC_FILE, MODEL_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE} == {
+        "spec.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"
+    }  # fmt: skip
     moments = load_file(path / OPTIMIZER_FILE)
     expected = {
         optimizer_key(n, m): s
