@@ -18,7 +18,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestration.data.loader import DRAW_BLOCK, MixtureConfig, MixtureLoader
+from orchestration.data.loader import (
+    DRAW_BLOCK,
+    LoadedSource,
+    MixtureConfig,
+    MixtureLoader,
+    ReplaySource,
+    SourceWeight,
+)
 from hanyeong.errors import CheckpointError, ConfigError, DataError
 from tests.conftest import REPO
 
@@ -514,3 +521,321 @@ def test_bad_cursors_are_checkpoint_errors(datasets):
         loader(root, {"sources": [{"dataset": "stage2", "source": "web"}]}, seed=1, state=state)
     with pytest.raises(CheckpointError, match="not the sources' sum"):
         loader(root, config, seed=1, state={**state, "documents_drawn": 3})
+
+
+# ---- laws added for mutation testing (benchmarks/mutations.py) ----------------------------------
+
+USER = range(3, 1000)  # in the loss_mask fixtures: user tokens (mask 0); others, assistant ones (mask 1)
+
+
+def write_masked(directory: Path, docs: list[list[int]], masks: list[list[int]] | None = None,
+                 mask_type=pa.int8(), shards: int = 1) -> None:  # fmt: skip
+    """A one-source ('chat') dataset whose shards carry a loss_mask column (1 outside USER)."""
+    write_dataset(directory, {"chat": docs}, shards=shards)
+    if masks is None:
+        masks = [[0 if t in USER else 1 for t in doc] for doc in docs]
+    manifest = json.loads((directory / "manifest.json").read_text())
+    done = 0
+    for shard in manifest["sources"]["chat"]["shards"]:
+        path = directory / shard["path"]
+        table = pq.read_table(path)
+        part = masks[done : done + table.num_rows]
+        done += table.num_rows
+        pq.write_table(table.append_column("loss_mask", pa.array(part, pa.list_(mask_type))), path)
+        shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_a_sources_loss_mask_reaches_the_batches_token_by_token(tmp_path, split):
+    """Chat tokens carry their shard's loss_mask into Batch.loss_mask; a source without the column
+    counts every token; padding never counts."""
+    rng = np.random.default_rng(3)
+    chat = [[BOS, *rng.integers(3, 2000, rng.integers(2, 30)).tolist(), EOS] for _ in range(30)]
+    web = [[BOS, *rng.integers(2000, 4000, rng.integers(1, 40)).tolist(), EOS] for _ in range(20)]
+    write_masked(tmp_path / "sft", chat, shards=2)
+    write_dataset(tmp_path / "web", {"web": web})
+    config = {"sources": [{"dataset": "sft"}, {"dataset": "web"}], "split_documents": split}
+    data = loader(tmp_path, config, seed=2, seq_len=24, rows=3)
+    assert data.masked and [s.masks is not None for s in data.sources] == [True, False]
+    targets = []
+    for batch in read(data, [(24, 3)] * 12):
+        t = batch.targets
+        expected = ~np.isin(t, USER) & (t != PAD)
+        assert np.array_equal(batch.loss_mask, expected.astype(np.float32))
+        targets.append(t)
+    targets = np.concatenate(targets)
+    assert np.isin(targets, USER).any() and (targets >= 2000).any()  # both sources came
+    assert (targets == PAD).any() != split  # whole documents pad their rows
+
+
+def test_bad_loss_masks_are_data_errors(tmp_path):
+    docs = [[BOS, 5, 1500, EOS], [BOS, 6, EOS]]
+    cases = {
+        "int32": ({"mask_type": pa.int32()}, "loss_mask must be list<int8>"),
+        "null": ({"masks": [[0, 0, 1, 1], None]}, "loss_mask must be list<int8>, no nulls"),
+        "short": ({"masks": [[0, 0, 1], [0, 1, 1]]}, "rows differ in length"),
+        "long": ({"masks": [[0, 0, 1, 1, 1], [0, 1, 1]]}, "more values than input_ids"),
+        "two": ({"masks": [[0, 0, 2, 1], [0, 1, 1]]}, "must be 0 or 1"),
+        "negative": ({"masks": [[0, 0, -1, 1], [0, 1, 1]]}, "must be 0 or 1"),
+    }
+    for name, (kwargs, message) in cases.items():
+        write_masked(tmp_path / name, docs, **kwargs)
+        with pytest.raises(DataError, match=message):
+            loader(tmp_path, {"sources": [{"dataset": name}]})
+    # a column in some shards only
+    write_masked(tmp_path / "mixed", docs * 4, shards=2)
+    shard = tmp_path / "mixed" / "shards" / "chat" / "part-00001.parquet"
+    pq.write_table(pq.read_table(shard).drop_columns(["loss_mask"]), shard)
+    manifest = json.loads((tmp_path / "mixed" / "manifest.json").read_text())
+    manifest["sources"]["chat"]["shards"][1]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (tmp_path / "mixed" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="some shards have a loss_mask column and some do not"):
+        loader(tmp_path, {"sources": [{"dataset": "mixed"}]})
+
+
+def test_smallest_sources_and_documents_load(tmp_path):
+    """One document is a source; BOS, EOS alone is a document."""
+    write_dataset(tmp_path / "d", {"one": [[BOS, 7, EOS]], "two": [[BOS, EOS], [BOS, 9, EOS]]})
+    data = loader(tmp_path, {"sources": [{"dataset": "d"}]}, seq_len=4, rows=2)
+    assert {s.key: s.documents for s in data.sources} == {"d/one": 1, "d/two": 2}
+    stream = np.concatenate([rows_of(b).ravel() for b in read(data, [(4, 2)] * 4)])
+    assert set(stream.tolist()) == {BOS, EOS, 7, 9}
+
+
+@pytest.mark.parametrize("pad_id", [None, 3])
+def test_padding_is_the_tokenizers_pad_id_else_pad(tmp_path, pad_id):
+    """[PAD] is id 0 of every hanyeong vocabulary (tokenizer/specials.py) when the manifest names none."""
+    from tokenizer.specials import NAMED_SPECIALS
+
+    tokenizer = {"vocab_size": VOCAB, "bos_id": BOS, "eos_id": EOS} | ({} if pad_id is None else {"pad_id": pad_id})
+    write_dataset(tmp_path / "d", {"web": [[BOS, 1500, 1501, 1502, EOS]] * 3}, tokenizer=tokenizer)
+    batch = loader(tmp_path, {"sources": [{"dataset": "d"}], "split_documents": False}, seq_len=7).next_batch()
+    pad = NAMED_SPECIALS.index("[PAD]") if pad_id is None else pad_id
+    assert rows_of(batch).tolist() == [[BOS, 1500, 1501, 1502, EOS, pad, pad, pad]] * 2
+    assert batch.loss_mask.tolist() == [[1, 1, 1, 1, 0, 0, 0]] * 2
+
+
+def test_the_cursor_is_in_its_named_versioned_format(datasets):
+    """trainer_state.json's data_cursor: 'hanyeong-data-cursor' v1; another version is refused."""
+    root, _ = datasets
+    config = {"sources": [{"dataset": "stage2"}]}
+    state = loader(root, config, seed=1).state()
+    assert (state["format"], state["version"]) == ("hanyeong-data-cursor", 1)
+    with pytest.raises(CheckpointError, match="'hanyeong-data-cursor' v2, expected 'hanyeong-data-cursor' v1"):
+        loader(root, config, seed=1, state={**state, "version": 2})
+
+
+def test_the_draw_block_is_part_of_the_order():
+    """Each block of DRAW_BLOCK draws has its own RNG stream, so the size is part of every run's data
+    order: a run resumed after an upgrade must read the same stream. Changing it is a deliberate act."""
+    assert DRAW_BLOCK == 1024
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: SourceWeight(dataset="", weight=1.0), "dataset must be a directory path"),
+        (lambda: SourceWeight(dataset="d", source=""), "source must be a source name"),
+        (lambda: ReplaySource(dataset="", fraction=0.5), "dataset must be a directory path"),
+        (lambda: ReplaySource(dataset="d", fraction=0.5, source=""), "source must be a source name"),
+        (lambda: SourceWeight(dataset="d", weight=float("inf")), "weight must be a positive number"),
+        (lambda: ReplaySource(dataset="d", fraction=0.0), "fraction must be a number in"),
+        (lambda: ReplaySource(dataset="d", fraction=1.0), "fraction must be a number in"),
+        (lambda: MixtureConfig(sources=(SourceWeight("d"),), replay=(ReplaySource("a", 0.5), ReplaySource("b", 0.5))),
+         "fractions sum to 1"),
+        (lambda: MixtureConfig(sources=(SourceWeight("d"),), hold_out=True), "hold_out must be an integer"),
+        (lambda: MixtureConfig(sources=(SourceWeight("d"),), hold_out=2.5), "hold_out must be an integer"),
+    ],
+)  # fmt: skip
+def test_config_objects_check_themselves(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_config_objects_are_frozen_and_loaded_sources_print_short(datasets):
+    import dataclasses
+
+    for frozen in (SourceWeight("d"), ReplaySource("d", 0.5), MixtureConfig(sources=(SourceWeight("d"),))):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            frozen.source = "x"
+    data = loader(datasets[0], {"sources": [{"dataset": "stage2"}], "hold_out": 4})
+    assert all(len(repr(s)) < 200 for s in data.sources)  # no token arrays in logs
+    bare = LoadedSource("k", data.sources[0].tokens, data.sources[0].offsets, 1.0)
+    assert bare.documents == len(bare.offsets) - 1 and len(bare.held) == 0  # nothing held out by default
+
+
+def test_shards_outside_the_contract_are_data_errors(tmp_path):
+    """input_ids list<int32> without nulls, ids inside the vocabulary, every document BOS ... EOS."""
+    cases = {
+        "int64": (pa.array([[BOS, 5, EOS]], pa.list_(pa.int64())), "input_ids must be list<int32>"),
+        "null": (pa.array([[BOS, 5, EOS], None], pa.list_(pa.int32())), "input_ids must be list<int32>, no nulls"),
+        "vocab": (pa.array([[BOS, VOCAB, EOS]], pa.list_(pa.int32())), rf"token ids outside \[0, {VOCAB}\)"),
+        "negative": (pa.array([[BOS, -1, EOS]], pa.list_(pa.int32())), rf"token ids outside \[0, {VOCAB}\)"),
+        "eos": (pa.array([[BOS, 5, EOS], [BOS, 6, 7]], pa.list_(pa.int32())), r"does not end with EOS \(2\)"),
+    }  # fmt: skip
+    for name, (column, message) in cases.items():
+        write_dataset(tmp_path / name, {"web": [[BOS, 5, EOS]]})
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        shard = manifest["sources"]["web"]["shards"][0]
+        pq.write_table(pa.table({"input_ids": column}), tmp_path / name / shard["path"])
+        tokens = sum(len(row) for row in column.to_pylist() if row is not None)
+        shard.update(documents=len(column), tokens=tokens, sha256=None)
+        manifest["sources"]["web"].update(documents=len(column), tokens=tokens)
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(DataError, match=message):
+            loader(tmp_path, {"sources": [{"dataset": name}]})
+
+
+def test_draws_name_a_source_even_past_the_last_cumulative_weight():
+    """A draw above the cdf's last value (float rounding leaves it a hair under 1) is the last source."""
+    from orchestration.data.loader import draw_sources
+
+    draws = draw_sources(0, 0, np.array([0.25, 0.5]))
+    assert draws.shape == (DRAW_BLOCK,) and set(draws.tolist()) == {0, 1}
+    assert (draws == 1).mean() == pytest.approx(0.75, abs=0.05)
+
+
+def test_a_loader_without_a_seed_is_seed_0(datasets):
+    root, _ = datasets
+    config = MixtureConfig.from_dict({"sources": [{"dataset": "stage2"}]})
+    bare = MixtureLoader(config, 16, 2, root=root)
+    assert bare.state()["seed"] == 0
+    assert_same(read(bare, [(16, 2)] * 3), read(loader(root, config.to_dict(), seed=0), [(16, 2)] * 3))
+
+
+def test_a_one_shard_one_chunk_source_is_a_zero_copy_view(tmp_path):
+    """load_source's memory law: such a source's tokens stay the Arrow buffer; others are one array."""
+    write_dataset(tmp_path / "d", {"one": [[BOS, 5, EOS]] * 4, "two": [[BOS, 6, EOS]] * 4}, shards=2)
+    write_dataset(tmp_path / "e", {"one": [[BOS, 7, 8, EOS]] * 4})
+    for root, key, owns in ((tmp_path / "e", "e/one", False), (tmp_path / "d", "d/two", True)):
+        data = loader(tmp_path, {"sources": [{"dataset": root.name, "source": key.split("/")[1]}]})
+        (source,) = data.sources
+        assert source.tokens.flags.owndata == owns and source.tokens.dtype == np.int32
+        assert len(source.tokens) == source.offsets[-1] == (16 if root.name == "e" else 12)
+
+
+def test_empty_sources_are_left_out_or_named(tmp_path):
+    """Under '*' a source without tokens gets no share (it could not be drawn); named, or alone, it is an error."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, EOS]] * 3})
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    manifest["sources"]["empty"] = {"documents": 0, "tokens": 0, "shards": []}
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest))
+    data = loader(tmp_path, {"sources": [{"dataset": "d"}]})
+    assert data.weights == {"d/web": 1.0}
+    with pytest.raises(DataError, match="empty: no tokens"):
+        loader(tmp_path, {"sources": [{"dataset": "d", "source": "empty"}]})
+    (tmp_path / "n").mkdir()
+    (tmp_path / "n" / "manifest.json").write_text(json.dumps({**manifest, "sources": {}}))
+    with pytest.raises(ConfigError, match=r"no source 'web' in .*; known: none$"):
+        loader(tmp_path, {"sources": [{"dataset": "n", "source": "web"}]})
+
+
+def test_pad_inside_a_document_is_an_ordinary_id(tmp_path):
+    """The contract asks ids in [0, vocab_size): id 0 may appear inside a document."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 0, 5, EOS]] * 3})
+    data = loader(tmp_path, {"sources": [{"dataset": "d"}]}, seq_len=7)
+    assert rows_of(data.next_batch())[0, :4].tolist() == [BOS, 0, 5, EOS]
+
+
+def test_a_cursor_offset_must_lie_inside_the_current_document(datasets):
+    root, by_tag = datasets
+    config = {"sources": [{"dataset": "stage2", "source": "web"}]}
+    state = loader(root, config, seed=4).state()
+    first = rows_of(loader(root, config, seed=4, seq_len=200).next_batch())[0]
+    length = len(by_tag[int(first[1])][2])  # the current (first) document
+    inside = loader(root, config, seed=4, state={**state, "offset": length - 1})
+    assert rows_of(inside.next_batch())[0, 0] == EOS  # the document's last token comes next
+    with pytest.raises(CheckpointError, match=f"offset {length} is outside the current document"):
+        loader(root, config, seed=4, state={**state, "offset": length})
+    with pytest.raises(CheckpointError, match="offset -1 is outside"):
+        loader(root, config, seed=4, state={**state, "offset": -1})
+
+
+def test_without_a_root_datasets_are_found_from_the_working_directory(datasets, monkeypatch):
+    root, _ = datasets
+    config = MixtureConfig.from_dict({"sources": [{"dataset": "stage2", "source": "web"}]})
+    monkeypatch.chdir(root)
+    assert_same(read(MixtureLoader(config, 16, 2), [(16, 2)] * 2), read(loader(root, config.to_dict()), [(16, 2)] * 2))
+
+
+def test_the_tokenizer_error_lists_each_dataset_with_its_ids(datasets, tmp_path):
+    root, _ = datasets
+    write_dataset(tmp_path / "other", {"web": [[7, 9, 8]]}, tokenizer={"vocab_size": 100, "bos_id": 7, "eos_id": 8})
+    with pytest.raises(ConfigError, match=r"= \(5000, 1, 2\); .*other: vocab_size, bos_id, eos_id = \(100, 7, 8\)\)$"):
+        loader(root, {"sources": [{"dataset": "stage2"}, {"dataset": str(tmp_path / "other")}]})
+
+
+@pytest.mark.parametrize("seq_len, rows, seed, message", [
+    (0, 2, 0, "^seq_len must be a positive integer, got 0$"), (16, 0, 0, "^batch_rows must be a positive integer, got 0$"),
+    (16, 2, -1, "^seed must be an integer >= 0, got -1$"), (16, 2, True, "^seed must be an integer >= 0, got True$"),
+])  # fmt: skip
+def test_shape_and_seed_errors_name_their_argument(datasets, seq_len, rows, seed, message):
+    with pytest.raises(ConfigError, match=message):
+        loader(datasets[0], {"sources": [{"dataset": "stage2"}]}, seed=seed, seq_len=seq_len, rows=rows)
+    if seed == 0:  # seed 0 is allowed, a length or row count of 1 too
+        assert loader(datasets[0], {"sources": [{"dataset": "stage2"}]}, seed=0, seq_len=1, rows=1).next_batch()
+
+
+def test_at_most_a_tenth_of_a_source_is_held_out(tmp_path):
+    """39 documents: 3 held out at most (a tenth, rounded down), each one of the source's documents."""
+    rng, tags = np.random.default_rng(5), iter(range(3000, 3100))
+    write_dataset(tmp_path / "d", {"web": make_docs(rng, 39, 3, 20, tags)})
+    data = loader(tmp_path, {"sources": [{"dataset": "d"}], "hold_out": 10})
+    (source,) = data.sources
+    assert len(source.held) == 3 and set(source.held.tolist()) <= set(range(39))
+    assert source.documents == 36 and sorted(source.held.tolist()) == source.held.tolist()
+
+
+def test_a_row_group_arrow_reads_as_several_slices_loads_whole(tmp_path):
+    """Arrow reads a large row group as chunks that are slices of one buffer (offsets not from 0)."""
+    n = 140_000  # Arrow's read batches are 131,072 rows
+    docs = [[BOS, 3 + i % 4000, EOS] for i in range(n)]
+    (tmp_path / "d" / "shards" / "web").mkdir(parents=True)
+    path = tmp_path / "d" / "shards" / "web" / "part-00000.parquet"
+    pq.write_table(pa.table({"input_ids": pa.array(docs, pa.list_(pa.int32()))}), path, row_group_size=n)
+    assert len(pq.read_table(path).column("input_ids").chunks) > 1
+    shard = {"path": str(path.relative_to(tmp_path / "d")), "documents": n, "tokens": 3 * n,
+             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}  # fmt: skip
+    manifest = {"format": "hanyeong-dataset", "version": 1, "tokenizer": {"vocab_size": VOCAB, "bos_id": BOS, "eos_id": EOS},
+                "sources": {"web": {"documents": n, "tokens": 3 * n, "shards": [shard]}}}  # fmt: skip
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest))
+    (source,) = loader(tmp_path, {"sources": [{"dataset": "d"}]}).sources
+    assert np.array_equal(source.offsets, 3 * np.arange(n + 1))
+    assert np.array_equal(source.tokens, np.array(docs, np.int32).ravel())
+
+
+def test_a_shard_of_another_document_count_than_its_manifest_is_refused(tmp_path):
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, EOS], [BOS, 6, EOS]]})
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    manifest["sources"]["web"]["shards"][0]["documents"] = 3
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="2 documents, 6 tokens; the manifest says 3, 6"):
+        loader(tmp_path, {"sources": [{"dataset": "d"}]})
+
+
+def test_whole_documents_that_exactly_fill_a_row_share_it(tmp_path):
+    """split_documents = false: a document that fits the rest of a row exactly goes on it."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, 6, EOS], [BOS, 7, 8, EOS]] * 3})
+    batch = loader(tmp_path, {"sources": [{"dataset": "d"}], "split_documents": False}, seq_len=7, rows=3).next_batch()
+    assert (rows_of(batch) != PAD).all() and batch.loss_mask.all()
+    assert batch.segment_ids.tolist() == [[0, 0, 0, 0, 1, 1, 1]] * 3
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "bos_id", "eos_id"])
+def test_datasets_differing_in_one_tokenizer_id_do_not_mix(datasets, tmp_path, key):
+    root, _ = datasets
+    tokenizer = {"vocab_size": VOCAB, "bos_id": BOS, "eos_id": EOS, "pad_id": PAD} | {key: 99}
+    bos, eos = tokenizer["bos_id"], tokenizer["eos_id"]
+    write_dataset(tmp_path / "other", {"web": [[bos, 9, eos]]}, tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="tokenized differently"):
+        loader(root, {"sources": [{"dataset": "stage2"}, {"dataset": str(tmp_path / "other")}]})
+
+
+def test_after_a_document_longer_than_a_row_the_next_starts_a_fresh_row(tmp_path):
+    """split_documents = false: the long document's last piece is padded, never followed by a part
+    of the next document."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, 6, 7, EOS], [BOS, 8, 9, 10, EOS]] * 2})
+    batch = loader(tmp_path, {"sources": [{"dataset": "d"}], "split_documents": False}, seq_len=3, rows=4).next_batch()
+    rows = rows_of(batch).tolist()
+    assert [row[0] for row in rows] == [BOS, EOS, BOS, EOS] and rows[1][1:] == rows[3][1:] == [PAD] * 3
