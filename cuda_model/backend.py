@@ -3,8 +3,9 @@
 Numpy in, numpy out; the model object is a `cuda_model.model.Model`. Checkpoints are the shared
 format of orchestration/core/checkpoint.py, read and written with safetensors only (never pickle):
 fp32 weights under Hugging Face Llama names, fp32 AdamW moments under optimizer_key(name, moment).
-A data-parallel stage (`parallel` 'ddp' / 'fsdp', cuda_model/parallel.py) writes and reads the same
-checkpoints: every rank calls save (FSDP gathers), rank 0 writes; every rank loads the whole file.
+A data-parallel stage (`parallel` 'ddp' / 'fsdp', cuda_model/parallel.py): every rank calls save.
+DDP: rank 0 writes the single-file layout. FSDP: each rank writes its pieces (the SHARDED layout,
+cuda_model/sharded.py), so no process gathers the model. Either layout loads on any worker count.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from cuda_model import CAPABILITIES
 from cuda_model import parallel as par
+from cuda_model import sharded
 from cuda_model import step as steps
 from cuda_model.losses import Tensors, check_reads, get_loss, token_logprobs
 from cuda_model.model import Model
@@ -33,6 +35,8 @@ from orchestration.core.checkpoint import (
     OPTIMIZER_FILE,
     SPEC_FILE,
     check_tensors,
+    has_weights_file,
+    is_sharded,
     read_trainer_state,  # fmt: skip
     verify,
     write_trainer_state,
@@ -127,10 +131,15 @@ class TorchBackend:
         return model
 
     def load(self, path: str | Path) -> Model:
-        """The model of a checkpoint: verified whole, names and shapes checked against spec.json."""
+        """The model of a checkpoint: verified whole, names and shapes checked against spec.json
+        (a sharded one without model.safetensors: its pieces, read whole)."""
         path = Path(path)
         verify(path)
         spec = ModelSpec.load(path / SPEC_FILE)
+        if not has_weights_file(path):
+            model = self.new_model(spec)
+            sharded.load_weights(model, path)
+            return model
         file = path / MODEL_FILE
         check_tensors(spec, tensor_shapes(file), str(file))
         tensors = read_tensors(file)
@@ -143,8 +152,10 @@ class TorchBackend:
     def save(self, model: Model, path: str | Path, state: steps.TrainState | None = None) -> None:
         """Write a checkpoint atomically: fp32 weights, plus AdamW moments and counters when given.
 
-        On a parallel state every rank calls it: sharded tensors are gathered (collectives, in
-        the same order everywhere), rank 0 writes, and all return once the checkpoint is in place."""
+        On a parallel state every rank calls it, and all return once the checkpoint is in place:
+        FSDP ranks write their pieces (the SHARDED layout), DDP's rank 0 the single-file layout."""
+        if state is not None and state.parallel == "fsdp":
+            return sharded.save(state, path, self.trainer_state(state))
         group = state is not None and state.parallel is not None
         writes = not group or state.rank == 0
         weights = {}
@@ -162,6 +173,10 @@ class TorchBackend:
                     write_trainer_state(tmp, self.trainer_state(state))
         if group:
             par.barrier()
+
+    def consolidate(self, path: str | Path, out: str | Path | None = None, weights_only: bool = False) -> Path:
+        """A sharded checkpoint in the single-file layout (cuda_model/sharded.py `consolidate`)."""
+        return sharded.consolidate(path, out, weights_only)
 
     def trainer_state(self, state: steps.TrainState) -> dict:
         rng = {"torch": encode_rng(torch.get_rng_state())}
@@ -322,21 +337,30 @@ class TorchBackend:
                          parallel: str | None = None,
                          activation_checkpointing: bool = False) -> steps.TrainState:  # fmt: skip
         """Model, AdamW moments, counters and RNG of a training checkpoint, ready to continue
-        (with `parallel`, every rank reads the whole checkpoint and keeps its share); the
-        checkpoint does not say whether activations were recomputed: `activation_checkpointing`."""
+        on any worker count: from the single-file layout every rank reads the whole checkpoint and
+        keeps its share; from the sharded one each FSDP rank reads its pieces. The checkpoint does
+        not say whether activations were recomputed: `activation_checkpointing`."""
         path = Path(path)
-        model = self.load(path)
+        pieces = is_sharded(path)
+        if pieces:  # allocated, not initialised: the pieces are read into it once it is laid out
+            verify(path)
+            model = self.new_model(ModelSpec.load(path / SPEC_FILE))
+        else:
+            model = self.load(path)
         meta = read_trainer_state(path)
-        if not (path / OPTIMIZER_FILE).is_file():
+        if not pieces and not (path / OPTIMIZER_FILE).is_file():
             raise CheckpointError(f"{path}: no {OPTIMIZER_FILE}: cannot resume the optimizer")
         state = steps.init_train_state(model, OptimConfig.from_dict(meta["optim"]), meta.get("seed", 0),
                                        compile=compile, fused=fused, parallel=parallel,
                                        activation_checkpointing=activation_checkpointing)  # fmt: skip
         state.step, state.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         state.data_cursor = meta.get("data_cursor")
-        steps.load_optimizer_tensors(
-            state, read_tensors(path / OPTIMIZER_FILE), str(path / OPTIMIZER_FILE)
-        )
+        if pieces:
+            sharded.load_state(state, path)
+        else:
+            steps.load_optimizer_tensors(
+                state, read_tensors(path / OPTIMIZER_FILE), str(path / OPTIMIZER_FILE)
+            )
         rng = meta.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(decode_rng(rng["torch"]))

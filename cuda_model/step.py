@@ -235,16 +235,24 @@ def load_optimizer_tensors(state: TrainState, tensors: dict[str, torch.Tensor], 
                               f"missing {missing[:3]}, unexpected {extra[:3]}")  # fmt: skip
     if state.step == 0:
         return  # AdamW creates zero moments on its first step
+    moments = {}
+    for name, p in named.items():
+        moments[name] = {m: tensors[optimizer_key(name, m)].to(p.dtype) for m in ADAM_MOMENTS}
+        if tuple(moments[name]["exp_avg"].shape) != tuple(p.shape):
+            raise CheckpointError(
+                f"{where}: {name} moments have shape {tuple(moments[name]['exp_avg'].shape)}"
+            )
+        moments[name] = {m: par.shard_like(v, p) for m, v in moments[name].items()}  # FSDP: this rank's shard
+    install_moments(state, moments)
+
+
+def install_moments(state: TrainState, moments: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Make `moments` ({parameter name: {moment: tensor laid out as the parameter}}) AdamW's state
+    at `state.step`."""
     saved = state.optimizer.state_dict()  # params are indexed in group order
     index = {
         id(p): i for i, p in enumerate(p for g in state.optimizer.param_groups for p in g["params"])
     }
-    for name, p in named.items():
-        moments = {m: tensors[optimizer_key(name, m)].to(p.dtype) for m in ADAM_MOMENTS}
-        if tuple(moments["exp_avg"].shape) != tuple(p.shape):
-            raise CheckpointError(
-                f"{where}: {name} moments have shape {tuple(moments['exp_avg'].shape)}"
-            )
-        moments = {m: par.shard_like(v, p) for m, v in moments.items()}  # FSDP: this rank's shard
-        saved["state"][index[id(p)]] = {"step": torch.tensor(float(state.step)), **moments}
+    for name, p in state.model.named_parameters():
+        saved["state"][index[id(p)]] = {"step": torch.tensor(float(state.step)), **moments[name]}
     state.optimizer.load_state_dict(saved)  # moves moments (and the fused step) to the param device

@@ -26,7 +26,7 @@ from mlx_model.model import Model
 from orchestration.core import generation
 from orchestration.core.backends import check_lengths
 from orchestration.core.batch import Batch
-from orchestration.core.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, SPEC_FILE, check_tensors,
+from orchestration.core.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, SPEC_FILE, check_tensors, is_sharded, weights_file,
                                       read_trainer_state, verify, write_trainer_state, writing)  # fmt: skip
 from hanyeong.errors import CheckpointError, ConfigError
 from orchestration.core.optim import OptimConfig
@@ -100,7 +100,7 @@ class MLXBackend:
         path = Path(path)
         verify(path)
         spec = ModelSpec.load(path / SPEC_FILE)
-        file = path / MODEL_FILE
+        file = weights_file(path)
         tensors = read_tensors(file)
         check_tensors(spec, {k: tuple(v.shape) for k, v in tensors.items()}, str(file))
         if spec.tie_embeddings:
@@ -262,7 +262,8 @@ class MLXBackend:
         model = self.load(path)
         meta = read_trainer_state(path)
         if not (path / OPTIMIZER_FILE).is_file():
-            raise CheckpointError(f"{path}: no {OPTIMIZER_FILE}: cannot resume the optimizer")
+            hint = f"; it is sharded: run `hanyeong model consolidate {path}`" if is_sharded(path) else ""
+            raise CheckpointError(f"{path}: no {OPTIMIZER_FILE}: cannot resume the optimizer{hint}")
         if group is not None:
             dp.check_same_position(int(meta["step"]), int(meta["tokens_seen"]), group)
         optim = OptimConfig.from_dict(meta["optim"])

@@ -6,6 +6,15 @@
     CKPT/trainer_state.json      when training: step, tokens seen, optimizer config, RNG, data cursor
     CKPT/checkpoint.json         format version, and the size and SHA-256 of every file above
 
+A multi-worker FSDP stage writes the SHARDED layout instead (cuda_model/sharded.py): the weights and
+moments under the same names, each rank writing the pieces it holds, so no process ever holds more
+than its shard; any worker count reads it back, and `hanyeong model consolidate` turns it into the
+single-file layout (the one export-hf, the MLX backend and single-worker runs write):
+
+    CKPT/sharded/shard-NNNNN-model-00001-of-00001.safetensors   rank NNNNN-1's pieces (DCP offsets in
+                                                                 the header), weights and moments
+    CKPT/model.safetensors       optional: the weights consolidated (a stage's final checkpoint has them)
+
 Backends do the tensor I/O with their own framework (safetensors files are framework-neutral);
 this module owns the names, the atomic write and the integrity check, and never unpickles.
 """
@@ -31,6 +40,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 INDEX_FILE = "checkpoint.json"
+SHARDED_DIR = "sharded"  # the SHARDED layout's folder of per-rank safetensors files
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 SCORE = "score.weight"  # a reward model's head: LlamaForSequenceClassification's name
 
@@ -96,13 +106,13 @@ def writing(path: str | Path, spec: ModelSpec) -> Iterator[Path]:
     try:
         spec.save(tmp / SPEC_FILE)
         yield tmp
-        for f in tmp.iterdir():
-            if f.is_file():
-                ordinary_mode(f)  # safetensors writes 0600; a checkpoint's files are all alike
+        written = sorted(f for f in tmp.rglob("*") if f.is_file())  # the SHARDED folder's files too
+        for f in written:
+            ordinary_mode(f)  # safetensors writes 0600; a checkpoint's files are all alike
         files = {
-            f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-            for f in sorted(tmp.iterdir())
-            if f.is_file() and f.name != INDEX_FILE
+            f.relative_to(tmp).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            for f in written
+            if f.name != INDEX_FILE
         }
         index = {"format": FORMAT, "version": VERSION, "files": files}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
@@ -140,6 +150,9 @@ def recover(path: str | Path) -> bool:
 
 def _fsync_dir(directory: Path) -> None:
     for f in directory.iterdir():
+        if f.is_dir():
+            _fsync_dir(f)
+            continue
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
 
@@ -171,10 +184,35 @@ def verify(path: str | Path, checksums: bool = False) -> dict:
             raise CheckpointError(f"{file}: {size:,} bytes, expected {meta['bytes']:,} (truncated or overwritten)")
         if checksums and _sha256(file) != meta["sha256"]:
             raise CheckpointError(f"{file}: checksum mismatch (the file was altered after it was written)")
-    for required in (SPEC_FILE, MODEL_FILE):
-        if required not in index["files"]:
-            raise CheckpointError(f"{path}: no {required} in the checkpoint")
+    if SPEC_FILE not in index["files"]:
+        raise CheckpointError(f"{path}: no {SPEC_FILE} in the checkpoint")
+    if MODEL_FILE not in index["files"] and not sharded_files(index):
+        raise CheckpointError(f"{path}: no {MODEL_FILE} (nor a {SHARDED_DIR}/ folder) in the checkpoint")
     return index
+
+
+def sharded_files(index: dict) -> list[str]:
+    """The SHARDED layout's files of a checkpoint index (none in a single-file checkpoint)."""
+    return [name for name in index["files"] if name.startswith(SHARDED_DIR + "/")]
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether a checkpoint holds its weights and moments in the SHARDED layout."""
+    return (Path(path) / SHARDED_DIR).is_dir()
+
+
+def has_weights_file(path: str | Path) -> bool:
+    """Whether the weights are in one model.safetensors (single-file, or sharded and consolidated)."""
+    return (Path(path) / MODEL_FILE).is_file()
+
+
+def weights_file(path: str | Path) -> Path:
+    """CKPT/model.safetensors, for readers of the single-file layout; a sharded checkpoint without
+    it is one clear error saying how to make it."""
+    if not has_weights_file(path) and is_sharded(path):
+        raise CheckpointError(f"{path}: a sharded checkpoint (an FSDP stage's pieces) without {MODEL_FILE}; "
+                              f"run `hanyeong model consolidate {path}` first")  # fmt: skip
+    return Path(path) / MODEL_FILE
 
 
 def load_spec(path: str | Path) -> ModelSpec:
@@ -185,7 +223,8 @@ def load_spec(path: str | Path) -> ModelSpec:
 
 def has_training_state(path: str | Path) -> bool:
     path = Path(path)
-    return (path / OPTIMIZER_FILE).is_file() and (path / TRAINER_STATE_FILE).is_file()
+    moments = (path / OPTIMIZER_FILE).is_file() or is_sharded(path)  # the sharded layout holds them
+    return moments and (path / TRAINER_STATE_FILE).is_file()
 
 
 def read_trainer_state(path: str | Path) -> dict:
@@ -231,7 +270,7 @@ def with_score_head(source: str | Path, spec: ModelSpec, out: str | Path, seed: 
     from safetensors import SafetensorError
     from safetensors.numpy import load_file, save_file
 
-    file = Path(source) / MODEL_FILE
+    file = weights_file(source)
     try:
         tensors = load_file(file)
     except (SafetensorError, OSError, ValueError) as err:

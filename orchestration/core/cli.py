@@ -1,4 +1,4 @@
-"""`hanyeong model ...`: init, plan, export-hf, inspect, average, upscale, score, generate
+"""`hanyeong model ...`: init, plan, export-hf, inspect, consolidate, average, upscale, score, generate
 (orchestration/eval/cli.py).
 
 Commands parse options, make one library call and print a summary; frameworks are imported inside
@@ -145,6 +145,27 @@ def inspect(ckpt: Path = typer.Argument(..., help="Checkpoint directory.")) -> N
     if checkpoint.has_training_state(ckpt):
         state = checkpoint.read_trainer_state(ckpt)
         typer.echo(f"training state: step {state.get('step')}, {state.get('tokens_seen', 0):,} tokens seen")
+
+
+@app.command()
+def consolidate(
+    ckpt: Path = typer.Argument(..., help="A sharded checkpoint (an FSDP stage's: a sharded/ folder of pieces)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Directory of the single-file checkpoint "
+                                    "(default: CKPT itself, replaced atomically)."),
+    weights_only: bool = typer.Option(False, "--weights-only", help="Keep the pieces and the training state and "
+                                      "add model.safetensors (what a stage's final checkpoint has)."),
+) -> None:
+    """Turn a sharded checkpoint into the single-file layout (model.safetensors, optimizer.safetensors,
+    trainer_state.json) that export-hf, the MLX backend and single-worker runs read; one piece in
+    memory at a time."""
+    from orchestration.core import checkpoint
+    from orchestration.core.backends import get_backend
+
+    written = get_backend("torch").consolidate(ckpt, out, weights_only=weights_only)
+    index = checkpoint.verify(written)
+    size = sum(f["bytes"] for f in index["files"].values())
+    typer.echo(f"wrote {written}: {'sharded with its weights consolidated' if weights_only else 'single-file'}, "
+               f"{len(index['files'])} files, {size / 2**20:,.1f} MiB")
 
 
 @app.command()

@@ -97,7 +97,7 @@ def export_hf(ckpt: str | Path, out: str | Path, tokenizer_dir: str | Path | Non
         if spec.head == "lm":  # a reward model does not generate
             generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, END_OF_TURN_ID], "pad_token_id": PAD_ID}
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-        shutil.copyfile(ckpt / checkpoint.MODEL_FILE, tmp / "model.safetensors")
+        shutil.copyfile(checkpoint.weights_file(ckpt), tmp / "model.safetensors")
         for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
             shutil.copyfile(tokenizer_dir / name, tmp / name)
         if out.exists():

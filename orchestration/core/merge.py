@@ -32,7 +32,7 @@ import numpy as np
 from dataclasses import dataclass
 
 from hanyeong.errors import CheckpointError, ConfigError
-from orchestration.core.checkpoint import MODEL_FILE, load_spec, writing
+from orchestration.core.checkpoint import MODEL_FILE, load_spec, weights_file, writing
 from orchestration.core.spec import ModelSpec
 
 METHODS = ("linear", "ema", "slerp", "warp")
@@ -141,7 +141,7 @@ def average(checkpoints: Sequence[str | Path], out: str | Path, method: str = "l
     merged: dict[str, np.ndarray] = {}
     try:
         with ExitStack() as stack:
-            files = [stack.enter_context(safe_open(p / MODEL_FILE, framework="numpy")) for p in paths]
+            files = [stack.enter_context(safe_open(weights_file(p), framework="numpy")) for p in paths]
             for name in sorted(files[0].keys()):
                 tensors = [f.get_tensor(name) for f in files]
                 merged[name] = merge(tensors).astype(tensors[0].dtype)

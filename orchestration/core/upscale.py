@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from hanyeong.errors import CheckpointError, ConfigError
-from orchestration.core.checkpoint import MODEL_FILE, load_spec, writing
+from orchestration.core.checkpoint import MODEL_FILE, load_spec, weights_file, writing
 from orchestration.core.spec import ModelSpec
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -50,7 +50,7 @@ def upscale(ckpt: str | Path, layers: str, out: str | Path) -> Path:
     new_spec = dataclasses.replace(spec, n_layers=len(sources))
     tensors = {}
     try:
-        with safe_open(Path(ckpt) / MODEL_FILE, framework="numpy") as f:
+        with safe_open(weights_file(ckpt), framework="numpy") as f:
             by_layer: dict[int, list[str]] = {}
             for name in f.keys():
                 match = LAYER.match(name)

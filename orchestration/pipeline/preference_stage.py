@@ -85,7 +85,7 @@ def start_hash(source: str | None, spec, seed: int) -> str:
     from orchestration.data.shards import file_sha256
 
     if source is not None:
-        return file_sha256(str(Path(source) / checkpoint.MODEL_FILE))
+        return file_sha256(str(checkpoint.weights_file(source)))
     return hashlib.sha256(json.dumps([spec.to_dict(), seed], sort_keys=True).encode()).hexdigest()
 
 

@@ -337,7 +337,7 @@ def respec(source: str | Path, spec, out: Path, seed: int = 0) -> Path:
     if spec.head != checkpoint.load_spec(source).head:
         return checkpoint.with_score_head(source, spec, out, seed)
     with checkpoint.writing(out, spec) as tmp:
-        weights = Path(source) / checkpoint.MODEL_FILE
+        weights = checkpoint.weights_file(source)
         try:
             os.link(weights, tmp / checkpoint.MODEL_FILE)
         except OSError:

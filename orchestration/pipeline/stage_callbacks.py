@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from orchestration.core import checkpoint
+
 
 class Callback:
     def before_step(self, run) -> None:
@@ -93,6 +95,12 @@ class Checkpointer(Callback):
         # a stage found finished (no step in this call) keeps its checkpoint untouched
         if not run.checkpoint_dir.is_dir() or (run.records and self.saved_step != run.state.step):
             self.save(run)
+        # An FSDP stage's pieces get their weights consolidated beside them (one piece in memory at a
+        # time), so the next stage, evaluation and export read one model.safetensors; a retry of a
+        # stage killed before this finds it missing and does it.
+        sharded = checkpoint.is_sharded(run.checkpoint_dir)
+        if run.main and sharded and not checkpoint.has_weights_file(run.checkpoint_dir):
+            run.backend.consolidate(run.checkpoint_dir, weights_only=True)
 
 
 class ProgressBar(Callback):

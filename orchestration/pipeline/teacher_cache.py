@@ -91,9 +91,10 @@ def fingerprint(batch: Batch) -> str:
 
 def teacher_hash(path: str | Path) -> str:
     """sha256 of a checkpoint's spec.json and model.safetensors, as its index recorded them."""
-    from orchestration.core.checkpoint import MODEL_FILE, SPEC_FILE, verify
+    from orchestration.core.checkpoint import MODEL_FILE, SPEC_FILE, verify, weights_file
 
     files = verify(path)["files"]
+    weights_file(path)  # a sharded teacher without its weights consolidated: one clear error
     recorded = [files[SPEC_FILE]["sha256"], files[MODEL_FILE]["sha256"]]
     return hashlib.sha256(json.dumps(recorded).encode()).hexdigest()
 

@@ -3,7 +3,9 @@ their rows of a global batch take the steps of 1 process on the whole batch: sam
 norms, token counts and weights (fp tolerance), for DDP and FSDP2, with gradient accumulation, an
 SFT loss_mask, uneven rows (5 on 2 ranks) and a rank with no rows at all, and with activation
 checkpointing on the ranks only. A 2-rank checkpoint is the single-process one (a single process
-loads it), and 2 ranks resume a single-process checkpoint."""
+loads it), and 2 ranks resume a single-process checkpoint. FSDP ranks write the sharded layout (each
+its pieces); consolidated it is the single-process checkpoint, and one process, 2 FSDP ranks and 2
+DDP ranks all resume it as they would the single-file one."""
 
 from __future__ import annotations
 
@@ -17,7 +19,16 @@ import torch
 from safetensors.numpy import load_file
 
 from orchestration.core.batch import Batch
-from orchestration.core.checkpoint import MODEL_FILE, OPTIMIZER_FILE, read_trainer_state, verify
+from hanyeong.errors import CheckpointError
+from orchestration.core.checkpoint import (
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    SHARDED_DIR,
+    has_training_state,
+    is_sharded,
+    read_trainer_state,
+    verify,
+)
 from orchestration.core.optim import OptimConfig
 from orchestration.core.parallel import rank_rows
 from tests.cuda_model.conftest import tiny
@@ -38,6 +49,9 @@ CASES = {
 }
 RESUME = {"ddp-resume": "ddp", "fsdp-resume": "fsdp"}  # 2 steps in one process, 2 more on 2 ranks
 RESUME_CASE = ("-", False, "sft", 5, 2, 4)
+# one more step from the 2 FSDP ranks' sharded checkpoint of SHARDED_FROM, on 2 ranks laid out each way
+SHARDED_FROM = "fsdp-sft-accum-uneven"
+FROM_SHARDED = {"fsdp-from-sharded": "fsdp", "ddp-from-sharded": "ddp"}
 
 
 def spec_of(case):
@@ -87,6 +101,8 @@ def rank_main(rank: int, world: int, address, out: str, start: str) -> None:
     backend, out = TorchBackend("cpu"), Path(out)
     runs = [(name, case, None) for name, case in CASES.items()]
     runs += [(name, (p, *RESUME_CASE[1:]), start) for name, p in RESUME.items()]
+    grown = (*CASES[SHARDED_FROM][1:5], CASES[SHARDED_FROM][5] + 1)
+    runs += [(name, (p, *grown), str(out / SHARDED_FROM)) for name, p in FROM_SHARDED.items()]
     for name, case, resume_from in runs:
         if resume_from is None:
             model = backend.init(spec_of(case), seed=7)
@@ -147,6 +163,12 @@ def single(one_thread, tmp_path_factory):
         backend.save(state.model, out / name, state)
         results[name] = (metrics, out / name)
     results.update({name: results["resume"] for name in RESUME})
+    case = CASES[SHARDED_FROM]
+    state = backend.load_train_state(out / SHARDED_FROM)
+    metrics = train(backend, state, case, 1)
+    state.data_cursor = {"after_step": state.step}
+    backend.save(state.model, out / "from-sharded", state)
+    results.update({name: (metrics, out / "from-sharded") for name in FROM_SHARDED})
     return results, out / "start"
 
 
@@ -159,10 +181,18 @@ def ranks(single, tmp_path_factory) -> Path:
 
 
 def tensors(ckpt: Path, file: str) -> dict[str, np.ndarray]:
+    """A checkpoint's file; a sharded checkpoint's consolidated (once) into CKPT-single first."""
+    if (ckpt / SHARDED_DIR).is_dir():
+        from cuda_model.backend import TorchBackend
+
+        single = ckpt.with_name(ckpt.name + "-single")
+        if not single.is_dir():
+            TorchBackend("cpu").consolidate(ckpt, single)
+        ckpt = single
     return load_file(ckpt / file)
 
 
-@pytest.mark.parametrize("name", [*CASES, *RESUME])
+@pytest.mark.parametrize("name", [*CASES, *RESUME, *FROM_SHARDED])
 def test_two_ranks_take_the_steps_of_one_process(single, ranks, name):
     expected, reference = single[0][name]
     got = json.loads((ranks / f"{name}.json").read_text())
@@ -181,6 +211,41 @@ def test_two_ranks_take_the_steps_of_one_process(single, ranks, name):
     meta, want_meta = read_trainer_state(ranks / name), read_trainer_state(reference)
     for key in ("step", "tokens_seen", "optim", "data_cursor", "seed", "backend"):
         assert meta[key] == want_meta[key], key
+
+
+@pytest.mark.parametrize("name", [*CASES, *RESUME, *FROM_SHARDED])
+def test_fsdp_ranks_write_their_pieces_and_ddp_one_file(ranks, name):
+    """FSDP: one safetensors file of pieces per rank, no whole weights; DDP: the single-file layout."""
+    parallel = {**{k: c[0] for k, c in CASES.items()}, **RESUME, **FROM_SHARDED}[name]
+    files = verify(ranks / name)["files"]
+    pieces = sorted(f for f in files if f.startswith(SHARDED_DIR + "/"))
+    if parallel == "fsdp":
+        assert len(pieces) == WORLD and MODEL_FILE not in files and OPTIMIZER_FILE not in files
+        assert is_sharded(ranks / name) and has_training_state(ranks / name)
+    else:
+        assert not pieces and {MODEL_FILE, OPTIMIZER_FILE} <= set(files)
+
+
+def test_a_consolidated_checkpoint_is_the_single_file_one_and_resumes_alike(single, ranks, tmp_path):
+    """Full consolidation: model, moments and trainer state, resumable by one process with the
+    single-file path; weights-only: the pieces stay (resumable) and model.safetensors joins them."""
+    from cuda_model.backend import TorchBackend
+
+    backend, case = TorchBackend("cpu"), CASES[SHARDED_FROM]
+    full = backend.consolidate(ranks / SHARDED_FROM, tmp_path / "full")
+    assert not is_sharded(full) and read_trainer_state(full) == read_trainer_state(ranks / SHARDED_FROM)
+    partly = backend.consolidate(ranks / SHARDED_FROM, tmp_path / "weights", weights_only=True)
+    assert is_sharded(partly) and not (partly / OPTIMIZER_FILE).exists()
+    np.testing.assert_array_equal(load_file(partly / MODEL_FILE)["lm_head.weight"],
+                                  load_file(full / MODEL_FILE)["lm_head.weight"])  # fmt: skip
+    runs = [train(backend, backend.load_train_state(c), case, 2) for c in (full, partly, ranks / SHARDED_FROM)]
+    for other in runs[1:]:
+        assert [m["loss"] for m in other] == [m["loss"] for m in runs[0]]
+    loaded = [backend.load(c).state_dict() for c in (full, ranks / SHARDED_FROM)]  # pieces read whole
+    for key, value in loaded[0].items():
+        torch.testing.assert_close(loaded[1][key], value, atol=0, rtol=0, msg=key)
+    with pytest.raises(CheckpointError, match="not a sharded checkpoint"):
+        backend.consolidate(full, tmp_path / "again")
 
 
 @pytest.mark.parametrize("name", ["fsdp-sft-accum-uneven", "ddp"])
@@ -205,3 +270,33 @@ def test_parallel_needs_a_process_group(backend):
     assert backend.world() == (0, 1)
     with pytest.raises(ConfigError, match="process group"):
         backend.init_train_state(backend.init(tiny()), OPTIM, parallel="ddp")
+
+
+def test_model_consolidate_on_the_command_line(ranks, tmp_path):
+    from typer.testing import CliRunner
+
+    from orchestration.cli import app
+
+    out = tmp_path / "single"
+    result = CliRunner().invoke(app, ["model", "consolidate", str(ranks / SHARDED_FROM), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}: single-file, 4 files" in result.output  # spec, model, optimizer, trainer state
+    assert set(verify(out, checksums=True)["files"]) == {"spec.json", MODEL_FILE, OPTIMIZER_FILE, "trainer_state.json"}
+
+
+def test_a_sharded_checkpoint_without_its_weights_is_one_clear_error_for_single_file_readers(ranks, tmp_path):
+    """export-hf, averaging, the MLX backend read model.safetensors: they say how to get it."""
+    import shutil
+
+    from orchestration.core.export_hf import export_hf
+
+    with pytest.raises(CheckpointError, match=r"a sharded checkpoint .* run `hanyeong model consolidate "):
+        export_hf(ranks / SHARDED_FROM, tmp_path / "hf", None)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ranks / SHARDED_FROM, damaged)
+    piece = sorted((damaged / SHARDED_DIR).iterdir())[1]
+    piece.write_bytes(piece.read_bytes()[:-8])
+    from cuda_model.backend import TorchBackend
+
+    with pytest.raises(CheckpointError, match=rf"{piece.name}: .* bytes, expected"):
+        TorchBackend("cpu").load_train_state(damaged)

@@ -133,6 +133,10 @@ def test_fsdp_ranks_follow_the_loss_curve_and_weights_of_one(
     stage_dir = tmp_path / "pretrain"
     spawn(fsdp_rank, WORKERS, request(pretrained[0], 0, stage_dir, small_tokenizer_dir, datasets))
     follows_one_worker(pretrained, stage_dir, json.loads((stage_dir / "result.json").read_text()))
+    # the ranks wrote their pieces; the stage's end consolidated the weights beside them
+    final = stage_dir / "checkpoint"
+    assert checkpoint.is_sharded(final) and checkpoint.has_weights_file(final)
+    assert len(checkpoint.sharded_files(checkpoint.verify(final, checksums=True))) == WORKERS
 
 
 @pytest.mark.ray
