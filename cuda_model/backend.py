@@ -174,6 +174,20 @@ class TorchBackend:
         if group:
             par.barrier()
 
+    def carry_optimizer(self, state: steps.TrainState, path: str | Path) -> None:
+        """Continue `path`'s AdamW moments in a fresh `state` of the same parameters (a stage's
+        carry_optimizer): the moments and their step count, not the schedule's step or the data."""
+        path = Path(path)
+        meta = read_trainer_state(path)
+        state.carried_steps = int(meta["step"]) + int(meta.get("carried_steps", 0))
+        if is_sharded(path):
+            sharded.load_state(state, path)  # the weights read too: the same as the state's
+        else:
+            if not (path / OPTIMIZER_FILE).is_file():
+                raise CheckpointError(f"{path}: no {OPTIMIZER_FILE}: no AdamW moments to carry on")
+            file = path / OPTIMIZER_FILE
+            steps.load_optimizer_tensors(state, read_tensors(file), str(file))
+
     def consolidate(self, path: str | Path, out: str | Path | None = None, weights_only: bool = False) -> Path:
         """A sharded checkpoint in the single-file layout (cuda_model/sharded.py `consolidate`)."""
         return sharded.consolidate(path, out, weights_only)
@@ -182,8 +196,9 @@ class TorchBackend:
         rng = {"torch": encode_rng(torch.get_rng_state())}
         if self.device.type == "cuda":
             rng["torch_cuda"] = encode_rng(torch.cuda.get_rng_state(self.device))
+        carried = {"carried_steps": state.carried_steps} if state.carried_steps else {}
         return {"step": state.step, "tokens_seen": state.tokens_seen, "optim": state.optim.to_dict(),
-                "data_cursor": state.data_cursor, "seed": state.seed, "backend": self.name, "rng": rng}  # fmt: skip
+                "data_cursor": state.data_cursor, "seed": state.seed, "backend": self.name, "rng": rng, **carried}  # fmt: skip
 
     # ---- inference ------------------------------------------------------------------------------
 
@@ -354,7 +369,7 @@ class TorchBackend:
                                        compile=compile, fused=fused, parallel=parallel,
                                        activation_checkpointing=activation_checkpointing)  # fmt: skip
         state.step, state.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
-        state.data_cursor = meta.get("data_cursor")
+        state.data_cursor, state.carried_steps = meta.get("data_cursor"), int(meta.get("carried_steps", 0))
         if pieces:
             sharded.load_state(state, path)
         else:

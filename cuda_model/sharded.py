@@ -143,7 +143,7 @@ def load_state(state: steps.TrainState, path: str | Path) -> None:
     to its layout: an FSDP group of any size reads its pieces, one process reads them whole."""
     tensors = state_tensors(state)
     load(tensors, path, state.model.spec, distributed=state.parallel == "fsdp")
-    if state.step > 0:  # at step 0 AdamW creates zero moments itself
+    if state.step + state.carried_steps > 0:  # before any step AdamW creates zero moments itself
         moments = {name: {m: tensors[optimizer_key(name, m)] for m in ADAM_MOMENTS}
                    for name, _ in state.model.named_parameters()}  # fmt: skip
         steps.install_moments(state, moments)

@@ -69,6 +69,9 @@ class TrainState:
     activation_checkpointing: bool = False
     """Each block's activations are recomputed in the backward pass (model.py): the same losses and
     gradients for less memory and about a third more compute; not part of a checkpoint."""
+    carried_steps: int = 0
+    """AdamW steps of the earlier stage(s) whose moments this state carries on (a stage's
+    carry_optimizer): AdamW's bias corrections count them, the LR schedule does not."""
 
 
 def build_optimizer(model: Model, optim: OptimConfig, fused: bool) -> torch.optim.AdamW:
@@ -233,7 +236,7 @@ def load_optimizer_tensors(state: TrainState, tensors: dict[str, torch.Tensor], 
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise CheckpointError(f"{where}: optimizer moments do not match the model: "
                               f"missing {missing[:3]}, unexpected {extra[:3]}")  # fmt: skip
-    if state.step == 0:
+    if state.step + state.carried_steps == 0:
         return  # AdamW creates zero moments on its first step
     moments = {}
     for name, p in named.items():
@@ -248,11 +251,11 @@ def load_optimizer_tensors(state: TrainState, tensors: dict[str, torch.Tensor], 
 
 def install_moments(state: TrainState, moments: dict[str, dict[str, torch.Tensor]]) -> None:
     """Make `moments` ({parameter name: {moment: tensor laid out as the parameter}}) AdamW's state
-    at `state.step`."""
+    after its `state.step + state.carried_steps` steps (its bias corrections count both)."""
     saved = state.optimizer.state_dict()  # params are indexed in group order
     index = {
         id(p): i for i, p in enumerate(p for g in state.optimizer.param_groups for p in g["params"])
     }
     for name, p in state.model.named_parameters():
-        saved["state"][index[id(p)]] = {"step": torch.tensor(float(state.step)), **moments[name]}
+        saved["state"][index[id(p)]] = {"step": torch.tensor(float(state.step + state.carried_steps)), **moments[name]}
     state.optimizer.load_state_dict(saved)  # moves moments (and the fused step) to the param device

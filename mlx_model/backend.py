@@ -133,8 +133,9 @@ class MLXBackend:
     def trainer_state(self, state: steps.TrainState) -> dict:
         """trainer_state.json: the keys of the torch backend's. rng is empty: MLX's global key cannot
         be set back, so randomness in training (none yet) is to be drawn from (seed, step)."""
+        carried = {"carried_steps": state.carried_steps} if state.carried_steps else {}
         return {"step": state.step, "tokens_seen": state.tokens_seen, "optim": state.optim.to_dict(),
-                "data_cursor": state.data_cursor, "seed": state.seed, "backend": self.name, "rng": {}}  # fmt: skip
+                "data_cursor": state.data_cursor, "seed": state.seed, "backend": self.name, "rng": {}, **carried}  # fmt: skip
 
     # ---- inference ------------------------------------------------------------------------------
 
@@ -270,13 +271,25 @@ class MLXBackend:
         state = steps.init_train_state(model, optim, meta.get("seed", 0), compile=compile, group=group,
                                        activation_checkpointing=activation_checkpointing)  # fmt: skip
         state.step, state.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
-        state.data_cursor = meta.get("data_cursor")
+        state.data_cursor, state.carried_steps = meta.get("data_cursor"), int(meta.get("carried_steps", 0))
         file = path / OPTIMIZER_FILE
         steps.load_optimizer_tensors(state, read_tensors(file), str(file))
         mx.random.seed(
             state.seed
         )  # as init_train_state; a torch checkpoint's rng.torch means nothing here
         return state
+
+    def carry_optimizer(self, state: steps.TrainState, path: str | Path) -> None:
+        """Continue `path`'s AdamW moments in a fresh `state` of the same parameters (a stage's
+        carry_optimizer): the moments and their step count, not the schedule's step or the data."""
+        path = Path(path)
+        meta = read_trainer_state(path)
+        file = path / OPTIMIZER_FILE
+        if not file.is_file():
+            hint = f"; it is sharded: run `hanyeong model consolidate {path}`" if is_sharded(path) else ""
+            raise CheckpointError(f"{path}: no {OPTIMIZER_FILE}: no AdamW moments to carry on{hint}")
+        state.carried_steps = int(meta["step"]) + int(meta.get("carried_steps", 0))
+        steps.load_optimizer_tensors(state, read_tensors(file), str(file))
 
     def train_step(
         self, state: steps.TrainState, batch: Batch, loss: str = "causal_lm"

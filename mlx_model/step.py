@@ -52,12 +52,13 @@ class AdamW:
             for moment in ADAM_MOMENTS
         }
 
-    def hyper(self, step: int) -> mx.array:
+    def hyper(self, step: int, carried: int = 0) -> mx.array:
         """[lr, lr/bias_correction1, sqrt(bias_correction2), 1 - lr·wd] for optimizer step `step`
-        (0-based), in float64 then fp32, as torch computes its Python scalars; an array, so the
-        compiled step is not retraced when they change."""
+        (0-based) of the schedule, after `carried` steps of moments carried on from an earlier stage,
+        in float64 then fp32, as torch computes its Python scalars; an array, so the compiled step
+        is not retraced when they change."""
         b1, b2 = self.optim.betas
-        t = step + 1  # torch increments its step count before the update
+        t = carried + step + 1  # torch increments its step count before the update
         lr = lr_at(self.optim, step)
         return mx.array(
             [lr, lr / (1 - b1**t), math.sqrt(1 - b2**t), 1 - lr * self.optim.weight_decay],
@@ -103,6 +104,9 @@ class TrainState:
     activation_checkpointing: bool = False
     """Each block's activations are recomputed when differentiating (model.py): the same losses and
     gradients for less memory and about a third more compute; not part of a checkpoint."""
+    carried_steps: int = 0
+    """AdamW steps of the earlier stage(s) whose moments this state carries on (a stage's
+    carry_optimizer): the bias corrections count them, the LR schedule does not."""
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -205,7 +209,7 @@ def train_step(state: TrainState, batch: Batch, loss: str = "causal_lm") -> dict
     check_reads(loss, batch.arrays())
     if loss not in state.steps:
         state.steps[loss] = build_step(state, loss)
-    hyper = state.optimizer.hyper(state.step)
+    hyper = state.optimizer.hyper(state.step, state.carried_steps)
     world = 1 if state.group is None else state.group.size()
     micros = split(batch, state.optim.grad_accum_steps, world)
     total, count, norm, extra = state.steps[loss](micros, hyper)

@@ -132,6 +132,11 @@ class Backend(Protocol):
         of a group loads the same checkpoint); activation_checkpointing as in init_train_state (a
         training setting that no checkpoint records: a run may resume with it switched)."""
 
+    def carry_optimizer(self, state: Any, path: str | Path) -> None:
+        """Put the AdamW moments of training checkpoint `path` (same parameters) into `state` at
+        step 0, with their step count, which the bias corrections go on from and the LR schedule
+        does not (a stage's carry_optimizer)."""
+
     def world(self) -> tuple[int, int]:
         """(rank, size) of the data-parallel group this process is in; (0, 1) alone."""
 

@@ -80,6 +80,8 @@ class Recipe:
             table = {k: v for k, v in stage.to_dict().items() if k not in NOT_IN_IDENTITY}
             if not table["data"]["hold_out"]:  # added later: runs made before it keep their identities
                 del table["data"]["hold_out"]
+            if not table.get("carry_optimizer"):  # likewise
+                table.pop("carry_optimizer", None)
             names = sorted({e.dataset for e in (*stage.data.sources, *stage.data.replay)})
             self._paths_by_content(i, table)
             config = {"index": i, "stage": table, "seed": self.run.seed,

@@ -126,6 +126,8 @@ def run_stage(config: dict) -> dict:
             write_identity(directory, stage.name, index, identity)
         model = start_model(backend, recipe, index, request["init_from"], directory, run.main)
         run.state = backend.init_train_state(model, stage.train_optim, seed=recipe.run.seed + index, **options)
+        if stage.carry_optimizer:  # the moments of the checkpoint the weights came from
+            backend.carry_optimizer(run.state, request["init_from"] or stage.start)
         log.reset()
     check_vocabulary(run, request["tokenizer"])
     kind_callbacks = []  # what the kind computes up front (reference log-probs) and adds to the loop

@@ -148,6 +148,11 @@ class StageConfig:
     of all its activations, at about a third more compute. None: the run preset's default
     (orchestration/core/presets.py `activation_checkpointing`). `hanyeong model plan` costs it.
     Not part of the stage's identity: a stage resumes with it switched on or off."""
+    carry_optimizer: bool = False
+    """Start with the AdamW moments of the checkpoint the stage starts from (the previous stage's,
+    same parameters) and their step count, instead of fresh ones; the LR schedule is still the
+    stage's own (its warmup_steps, default 0, and decay). Off by default: every stage starts
+    with fresh moments, as the EXAONE recipe's stages do."""
     preference: PreferenceSettings | None = None
     """`[stage.preference]`: beta, label_smoothing, sft_weight of the preference kinds (dpo, ipo,
     simper); None: their defaults. Left out of other stages' tables, so their identities stay."""
@@ -218,6 +223,7 @@ class StageConfig:
                 raise ConfigError(f"{table}: [stage.{table}] is for kind {owner}, not {kind.name!r}")
         self._check_distill(kind)
         self._check_upscale()
+        self._check_carry()
         if kind.head != "lm" and self.eval is not None and self.eval.tasks:
             raise ConfigError(f"eval.tasks: benchmark tasks score a language model; a {kind.name!r} stage trains a "
                               "reward model (its held-back pairs are scored instead)")  # fmt: skip
@@ -240,6 +246,17 @@ class StageConfig:
             raise ConfigError(f"distill: [stage.distill] is for kinds {', '.join(takes)}, not {kind.name!r}")
         if self.distill is None and "distill" in kind.tables:
             raise ConfigError(f"distill: a {kind.name!r} stage needs [stage.distill] with its teacher")
+
+    def _check_carry(self) -> None:
+        """carry_optimizer needs moments that belong to the weights the stage starts from."""
+        if not self.carry_optimizer:
+            return
+        if self.start == "init":
+            raise ConfigError("carry_optimizer: a stage that starts from 'init' has no AdamW moments to carry on")
+        for name in ("merge", "upscale"):
+            if getattr(self, name) is not None:
+                raise ConfigError(f"carry_optimizer: the {name}d start's weights are not those its moments "
+                                  "belong to; drop one of the two")  # fmt: skip
 
     def _check_upscale(self) -> None:
         """The ranges' syntax here; against the start's layers in recipe_checks.stage_specs."""
