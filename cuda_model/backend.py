@@ -340,13 +340,16 @@ class TorchBackend:
 
     def init_train_state(self, model: Model, optim: OptimConfig, seed: int = 0, compile: bool | None = None,
                          fused: bool | None = None, parallel: str | None = None,
-                         activation_checkpointing: bool = False) -> steps.TrainState:  # fmt: skip
-        """AdamW and counters at step 0; compile/fused default to HANYEONG_TORCH_COMPILE/_FUSED_ADAMW.
+                         activation_checkpointing: bool = False,
+                         mixed_precision: bool | None = None) -> steps.TrainState:  # fmt: skip
+        """AdamW and counters at step 0; compile/fused/mixed_precision default to
+        HANYEONG_TORCH_COMPILE/_FUSED_ADAMW/_FSDP_BF16 (fused and FSDP bf16: on CUDA).
         `parallel` ('ddp' / 'fsdp'): this process is one rank of the default process group.
         `activation_checkpointing`: train steps recompute each block's activations in backward."""
         torch.manual_seed(seed)  # for anything random in training (none yet: no dropout)
         return steps.init_train_state(model, optim, seed, compile=compile, fused=fused, parallel=parallel,
-                                      activation_checkpointing=activation_checkpointing)  # fmt: skip
+                                      activation_checkpointing=activation_checkpointing,
+                                      mixed_precision=mixed_precision)  # fmt: skip
 
     def load_train_state(self, path: str | Path, compile: bool | None = None, fused: bool | None = None,
                          parallel: str | None = None,

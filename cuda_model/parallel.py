@@ -100,9 +100,11 @@ class LossModule(nn.Module):
         return loss_fn(self.model, batch)  # (summed loss, counted targets)
 
 
-def wrap(model: Model, parallel: str) -> nn.Module:
+def wrap(model: Model, parallel: str, mixed_precision: bool = False) -> nn.Module:
     """The LossModule around `model`, data-parallel over the default group. FSDP shards `model`'s
-    parameters in place (they become DTensors, under the same names)."""
+    parameters in place (they become DTensors, under the same names); with `mixed_precision` it
+    gathers them in bf16 for compute and reduce-scatters gradients in fp32 (the sharded fp32
+    parameters, gradients and AdamW moments stay the masters), halving the all-gather traffic."""
     if parallel not in CAPABILITIES.parallelisms:
         raise ConfigError(f"parallel must be one of {', '.join(CAPABILITIES.parallelisms)}, got {parallel!r}")
     if not (dist.is_available() and dist.is_initialized()):
@@ -117,13 +119,19 @@ def wrap(model: Model, parallel: str) -> nn.Module:
         # buffers are the RoPE tables, equal everywhere: no broadcast each forward
         return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    blocks, root = {}, {}
+    if mixed_precision:
+        blocks = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+        # the root's inputs are the batch: token ids, masks and fp32 reference log-probs stay as they are
+        root = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                  cast_forward_inputs=False)}  # fmt: skip
     for block in model.model.layers:
         assert isinstance(block, TransformerBlock)
-        fully_shard(block, mesh=mesh)
-    fully_shard(module, mesh=mesh)  # the root: embedding, final norm, head
+        fully_shard(block, mesh=mesh, **blocks)
+    fully_shard(module, mesh=mesh, **root)  # the root: embedding, final norm, head
     return module
 
 

@@ -30,6 +30,7 @@ from orchestration.core.optim import OptimConfig, decays, lr_at
 
 ENV_COMPILE = "HANYEONG_TORCH_COMPILE"  # "1": torch.compile the loss (forward) function
 ENV_FUSED = "HANYEONG_FUSED_ADAMW"  # "1"/"0": fused AdamW kernel (default: on CUDA only)
+ENV_FSDP_BF16 = "HANYEONG_FSDP_BF16"  # "1"/"0": FSDP gathers bf16 parameters, reduces fp32 (default: on CUDA)
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -94,18 +95,22 @@ def init_train_state(
     fused: bool | None = None,
     parallel: str | None = None,
     activation_checkpointing: bool = False,
+    mixed_precision: bool | None = None,
 ) -> TrainState:
-    """Step 0 around `model`; compile/fused default to the env vars, fused AdamW on CUDA only
-    (not under FSDP, whose sharded parameters take the foreach kernel). With `parallel`, the model
-    is wrapped (FSDP shards it in place) before AdamW is built over its parameters. With
-    `activation_checkpointing`, the model's training forwards recompute each block in backward."""
+    """Step 0 around `model`; compile/fused/mixed_precision default to the env vars: fused AdamW
+    (FSDP's sharded parameters too) and FSDP's bf16 mixed precision on CUDA only; the CPU stays
+    fp32 and exact. With `parallel`, the model is wrapped (FSDP shards it in place) before AdamW is
+    built over its parameters. With `activation_checkpointing`, the model's training forwards
+    recompute each block in backward."""
     on_cuda = next(model.parameters()).device.type == "cuda"
     compile = env_flag(ENV_COMPILE, False) if compile is None else compile
-    fused = env_flag(ENV_FUSED, on_cuda and parallel != "fsdp") if fused is None else fused
+    fused = env_flag(ENV_FUSED, on_cuda) if fused is None else fused
+    if mixed_precision is None:
+        mixed_precision = env_flag(ENV_FSDP_BF16, on_cuda) and parallel == "fsdp"
     if compile:
         losses.COMPILE_HEAD_KERNEL = True  # the fused head + loss's softmax kernel too
     model.model.activation_checkpointing = activation_checkpointing  # before FSDP wraps the blocks
-    wrapped = par.wrap(model, parallel) if parallel else None
+    wrapped = par.wrap(model, parallel, mixed_precision) if parallel else None
     rank, world = par.world() if parallel else (0, 1)
     return TrainState(model, build_optimizer(model, optim, fused), optim, seed=seed, compile=compile,
                       parallel=parallel, wrapped=wrapped, world=world, rank=rank,
