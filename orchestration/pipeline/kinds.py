@@ -89,6 +89,9 @@ class StageKind:
     A stage starting from a model with the other head gets it converted (orchestration/pipeline/
     stage.py start_model: an LM gets a fresh score head), or refused (a reward model cannot
     become a language model)."""
+    sequences_per_row: int = 1
+    """Sequences a row of its batches puts through the model: 2 for kinds whose rows are preference
+    pairs (the chosen and the rejected answer, one forward over both); the plan costs that many."""
     prepare: Callable[..., list | None] | None = None
     """`prepare(run, recipe, init_from)`, called by run_stage once the model and loader are ready and
     before the first step: what the kind computes up front (preference kinds: the reference
@@ -144,7 +147,8 @@ def prepare_pairs(run, recipe, init_from: str | None) -> list:
 
 for _name in ("dpo", "ipo", "simper"):  # [stage.preference] sets beta, label_smoothing, sft_weight
     register_kind(StageKind(_name, loss=_name, formats=("preference",), whole_documents=True,
-                            loader=pair_loader, tables=("preference",), prepare=prepare_pairs))  # fmt: skip
+                            loader=pair_loader, tables=("preference",), prepare=prepare_pairs,
+                            sequences_per_row=2))  # fmt: skip
 
 
 def reward_loader(mixture, seq_len: int, rows: int, seed: int) -> Loader:
@@ -163,7 +167,8 @@ def prepare_rewards(run, recipe, init_from: str | None) -> list:
 
 # [stage.reward] sets center_rewards_coefficient and held_out
 register_kind(StageKind("reward", loss="reward", formats=("preference",), whole_documents=True,
-                        loader=reward_loader, tables=("reward",), head="score", prepare=prepare_rewards))  # fmt: skip
+                        loader=reward_loader, tables=("reward",), head="score", prepare=prepare_rewards,
+                        sequences_per_row=2))  # fmt: skip
 
 
 def online_loader(mixture, seq_len: int, rows: int, seed: int) -> Loader:
@@ -182,7 +187,7 @@ def prepare_online(run, recipe, init_from: str | None) -> list:
 
 # [stage.online] (required) names the reward model and how each round samples
 register_kind(StageKind("online-dpo", loss="dpo", formats=("chat",), whole_documents=True,
-                        loader=online_loader, tables=("online",), prepare=prepare_online))  # fmt: skip
+                        loader=online_loader, tables=("online",), prepare=prepare_online, sequences_per_row=2))  # fmt: skip
 
 
 def prepare_distill(run, recipe, init_from: str | None) -> list:

@@ -54,8 +54,9 @@ def plan_recipe(recipe, config: PlanConfig, activation_checkpointing: bool | Non
         if recompute is None:
             recompute = stage.recomputes_activations(recipe.run.preset)
         accum, sharded_over = stage.optim.grad_accum_steps, shards(stage, spec, backend)
-        runs = [plan(spec, replace(config, tokens=float(n * rows * seq_len), seq_len=seq_len,
-                                   micro_batch=micro_batch_rows(rows, stage.workers, accum, backend),
+        pairs = stage.stage_kind.sequences_per_row  # a preference row is 2 sequences through the model
+        runs = [plan(spec, replace(config, tokens=float(n * rows * seq_len * pairs), seq_len=seq_len,
+                                   micro_batch=pairs * micro_batch_rows(rows, stage.workers, accum, backend),
                                    shards=sharded_over, activation_checkpointing=recompute))
                 for n, seq_len, rows in stage.plan()]  # fmt: skip
         last = runs[-1]

@@ -255,9 +255,13 @@ def test_the_recipe_plan_costs_each_stage_as_it_trains():
     recipe, config = build(data), PlanConfig(tokens=1.0)
     stages = plan_recipe(recipe, config)["stages"]
     assert [s["activation_checkpointing"] for s in stages[:3]] == [False, True, False]
+    assert "dpo" in [s.kind for s in recipe.stages]  # the pairs rule below is exercised
     for stage, planned, spec in zip(recipe.stages, stages, recipe.stage_specs()):
         seq_len, rows = max(((t, r) for _, t, r in stage.plan()), key=lambda x: x[0] * x[1])
-        micro = -(-rows // stage.optim.grad_accum_steps)
+        # a preference row is its chosen and rejected answers: two sequences through the model
+        pairs = 2 if stage.kind in ("dpo", "ipo", "simper", "reward", "online-dpo") else 1
+        assert stage.stage_kind.sequences_per_row == pairs
+        micro = pairs * -(-rows // stage.optim.grad_accum_steps)
         assert planned["micro_batch"] == {"rows": micro, "seq_len": seq_len}
         recompute = planned["activation_checkpointing"]
         memory = spec.memory_bytes(seq_len, micro, activation_checkpointing=recompute)
