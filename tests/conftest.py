@@ -95,6 +95,15 @@ def train_small_tokenizer(corpus: Path, out: Path, cache: Path) -> Path:
 REUSED_TOKENIZER = os.environ.get("HANYEONG_TEST_TOKENIZER")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def loader_cache(tmp_path_factory):
+    """The training loader's token cache (orchestration/data/token_cache.py) of this session only,
+    never the user's ~/.cache; subprocesses and a local Ray's workers inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HANYEONG_LOADER_CACHE", str(tmp_path_factory.mktemp("loader-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     return write_small_corpus(tmp_path_factory.mktemp("corpus"))

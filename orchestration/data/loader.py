@@ -19,6 +19,15 @@ HELD-OUT DOCUMENTS: `hold_out` documents of each source (at most a tenth) never 
 are the validation documents of [stage.eval]. They are drawn by the source's key alone (not the run
 seed), so every stage and run that reads the source holds out the same ones, and n of them are the
 first n of any larger count.
+
+MEMORY (issue #20): bounded by the batch, not the dataset. What stays in memory is O(documents):
+int64 offsets, int32 lengths and the current epoch's int32 permutation, ~16 bytes a document. A
+batch reads each document piece it packs with one pread. With `rows_of=(rank, world)` a rank walks
+the whole global batch by lengths (the cursor is the global one) and reads the tokens of its own rows
+only: every rank of a group draws the same batches, each keeps and reads its share.
+
+THE TOKEN CACHE (orchestration/data/token_cache.py): each shard is decoded once per machine into plain
+files the loader reads by position; opening a source costs O(documents).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from hanyeong.errors import CheckpointError, ConfigError, DataError
 from orchestration.core.batch import Batch
 from orchestration.core.config import build
 from orchestration.data.manifest import MANIFEST, read_manifest
+from orchestration.data.token_cache import TokenFile, default_cache_dir, open_source
 
 CURSOR_FORMAT, CURSOR_VERSION = "hanyeong-data-cursor", 1
 DRAW_BLOCK = 1024  # source draws per RNG block; part of the order, so never change it silently
@@ -121,36 +131,40 @@ def _check_names(entry) -> None:
         raise ConfigError(f"source must be a source name or '*', got {entry.source!r}")
 
 
-# ---- datasets: manifests checked first, then shards read whole into numpy ---------------------
+# ---- datasets: manifests checked first, then each source opened from the token cache -----------
 
 
 @dataclass
 class LoadedSource:
-    """One source of a prepared dataset, read into memory for the mixture: its documents as one
-    flat token array."""
+    """One source of a prepared dataset as the mixture reads it: its documents' offsets in memory,
+    their tokens in a `TokenFile` over its shards' cache files (an int32 array works too)."""
 
     key: str
     """'<dataset directory name>/<source>': the name in the cursor and in the RNG keys."""
-    tokens: np.ndarray = field(repr=False)
-    """int32 [total tokens]: every document, BOS ... EOS, back to back."""
+    tokens: TokenFile | np.ndarray = field(repr=False)
+    """int32 [total tokens]: every document, BOS ... EOS, back to back; sliced, never held whole."""
     offsets: np.ndarray = field(repr=False)
     """int64 [documents + 1]: document i is tokens[offsets[i]:offsets[i + 1]]."""
     weight: float
     """Normalised share of the mixture's tokens."""
-    masks: np.ndarray | None = field(default=None, repr=False)
+    masks: TokenFile | np.ndarray | None = field(default=None, repr=False)
     """int8 [total tokens] aligned with `tokens`: the shards' loss_mask column; None = no column."""
     held: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     """int64, sorted: the documents kept out of training (`MixtureConfig.hold_out`)."""
 
     def __post_init__(self) -> None:
-        kept = np.ones(len(self.offsets) - 1, bool)
-        kept[self.held] = False
-        self.train = np.flatnonzero(kept)  # the documents training draws from; the cursor counts these
+        # The documents training draws from (the cursor counts these); None: all of them, so that
+        # a source holding nothing out keeps no second array of its document count.
+        self.train = None
+        if len(self.held):
+            kept = np.ones(len(self.offsets) - 1, bool)
+            kept[self.held] = False
+            self.train = np.flatnonzero(kept)
 
     @property
     def documents(self) -> int:
         """Documents training draws from (held-out ones excluded)."""
-        return len(self.train)
+        return len(self.offsets) - 1 - len(self.held)
 
 
 def held_documents(key: str, documents: int, count: int) -> np.ndarray:
@@ -216,119 +230,6 @@ def _check_same_tokenizer(tokenizers: dict[Path, dict]) -> None:
         raise ConfigError(f"mixture: datasets were tokenized differently ({listed})")
 
 
-def load_source(
-    directory: Path, name: str, tokenizer: dict
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Read every shard of a source: int32 tokens [N], int64 document offsets [docs + 1], and the
-    int8 loss_mask [N] when the shards have that column (all of them or none), else None.
-
-    Each shard's bytes are checked against the manifest's sha256 before they are parsed, so a
-    damaged or replaced shard never trains silently. A source of one shard read as one chunk stays
-    a zero-copy view of the Arrow buffer; otherwise
-    chunks are copied one by one into an array sized from the manifest, so memory peaks at the
-    tokens plus one shard, not twice the tokens.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    shards = read_manifest(directory)["sources"][name].get("shards", [])
-    try:
-        tokens = np.empty(sum(int(shard["tokens"]) for shard in shards), np.int32)
-    except (KeyError, TypeError, ValueError) as err:
-        raise DataError(f"{directory}/manifest.json: {name}: bad shard entry ({err!r})") from None
-    offsets, start = [np.zeros(1, np.int64)], 0
-    masked = _has_loss_mask(directory, shards)
-    masks = np.empty(len(tokens), np.int8) if masked else None
-    for shard in shards:
-        path = directory / shard["path"]
-        try:
-            data = path.read_bytes()
-            if shard.get("sha256") and hashlib.sha256(data).hexdigest() != shard["sha256"]:
-                raise DataError(f"{path}: its sha256 is not the manifest's: the shard changed or was damaged "
-                                "after preparation; prepare the dataset again")  # fmt: skip
-            columns = ["input_ids", "loss_mask"] if masked else ["input_ids"]
-            table = pq.read_table(pa.BufferReader(data), columns=columns)
-            column = table.column("input_ids")
-        except (OSError, KeyError, ValueError) as err:
-            raise DataError(f"{path}: cannot read the input_ids column ({err})") from None
-        if column.null_count or str(getattr(column.type, "value_type", "")) != "int32":
-            raise DataError(f"{path}: input_ids must be list<int32>, no nulls; got {column.type}")
-        chunks = []  # (offsets, values): zero-copy views of the Arrow buffers
-        for chunk in column.chunks:
-            bounds = chunk.offsets.to_numpy()
-            values = chunk.values.to_numpy(zero_copy_only=True)[bounds[0] : bounds[-1]]
-            chunks.append((bounds, values))
-        documents, count = sum(len(b) - 1 for b, _ in chunks), sum(len(v) for _, v in chunks)
-        if (documents, count) != (shard.get("documents", documents), shard["tokens"]):
-            raise DataError(f"{path}: {documents} documents, {count} tokens; the manifest says "
-                            f"{shard.get('documents')}, {shard['tokens']}")  # fmt: skip
-        if masked:
-            read_loss_mask(table.column("loss_mask"), chunks, masks[start : start + count], path)
-        if len(shards) == 1 and len(chunks) == 1:
-            tokens = chunks[0][1]
-        for bounds, values in chunks:
-            if values is not tokens:
-                tokens[start : start + len(values)] = values
-            offsets.append(bounds[1:].astype(np.int64) - bounds[0] + start)
-            start += len(values)
-    offsets = np.concatenate(offsets)
-    check_documents(tokens, offsets, tokenizer, f"{directory}: source {name!r}")
-    pa.default_memory_pool().release_unused()  # the shards' buffers, else kept by the allocator
-    return tokens, offsets, masks
-
-
-def _has_loss_mask(directory: Path, shards: list[dict]) -> bool:
-    """Whether the source's shards carry a loss_mask column; a mix of both is a DataError."""
-    import pyarrow.parquet as pq
-
-    found = set()
-    for shard in shards:
-        path = directory / shard["path"]
-        try:
-            found.add("loss_mask" in pq.read_schema(path).names)
-        except (OSError, ValueError) as err:
-            raise DataError(f"{path}: cannot read the shard ({err})") from None
-    if len(found) > 1:
-        raise DataError(f"{directory}: some shards have a loss_mask column and some do not")
-    return found == {True}
-
-
-def read_loss_mask(column, chunks: list, out: np.ndarray, path: Path) -> None:
-    """Copy a list<int8> loss_mask column into `out`, checking it lines up with input_ids' rows."""
-    if column.null_count or str(getattr(column.type, "value_type", "")) != "int8":
-        raise DataError(f"{path}: loss_mask must be list<int8>, no nulls; got {column.type}")
-    lengths = np.concatenate([np.diff(bounds) for bounds, _ in chunks] or [np.zeros(0, np.int64)])
-    mask_lengths, at = [], 0
-    for chunk in column.chunks:
-        bounds = chunk.offsets.to_numpy()
-        values = chunk.values.to_numpy(zero_copy_only=False)[bounds[0] : bounds[-1]]
-        if at + len(values) > len(out):
-            raise DataError(f"{path}: loss_mask has more values than input_ids")
-        out[at : at + len(values)] = values
-        mask_lengths.append(np.diff(bounds))
-        at += len(values)
-    mask_lengths = np.concatenate(mask_lengths or [np.zeros(0, np.int64)])
-    if not np.array_equal(lengths, mask_lengths):
-        raise DataError(f"{path}: loss_mask rows differ in length from input_ids rows")
-    if len(out) and (out.min() < 0 or out.max() > 1):
-        raise DataError(f"{path}: loss_mask values must be 0 or 1")
-
-
-def check_documents(tokens: np.ndarray, offsets: np.ndarray, tokenizer: dict, where: str) -> None:
-    """The contract, in a few vectorized passes: BOS ... EOS documents of in-vocabulary ids."""
-    if len(offsets) < 2:
-        raise DataError(f"{where}: no documents")
-    if np.diff(offsets).min() < 2:
-        raise DataError(f"{where}: a document has fewer than 2 tokens (BOS, EOS)")
-    vocab, bos, eos = (tokenizer.get(k) for k in ("vocab_size", "bos_id", "eos_id"))
-    if vocab is not None and (tokens.min() < 0 or tokens.max() >= vocab):
-        raise DataError(f"{where}: token ids outside [0, {vocab})")
-    if bos is not None and not (tokens[offsets[:-1]] == bos).all():
-        raise DataError(f"{where}: a document does not start with BOS ({bos})")
-    if eos is not None and not (tokens[offsets[1:] - 1] == eos).all():
-        raise DataError(f"{where}: a document does not end with EOS ({eos})")
-
-
 # ---- order: counter-based draws, seeded permutations per epoch --------------------------------
 
 
@@ -358,36 +259,65 @@ class MixtureLoader:
     `seq_len` and `batch_rows` may change between batches (a sequence-length ramp): the next batch
     cuts rows of the new length from the same stream position. `state()` is the cursor for
     trainer_state.json's `data_cursor`; `load_state()` (or `state=`) resumes exactly there.
+    `rows_of=(rank, world)`: each batch is that rank's rows of the global batch (see MEMORY).
+    `cache_dir`: the token cache the sources' shards are read from (default_cache_dir()).
     """
 
     def __init__(self, mixture: MixtureConfig, seq_len: int, batch_rows: int, seed: int = 0,
-                 state: dict | None = None, root: str | Path | None = None) -> None:  # fmt: skip
+                 state: dict | None = None, root: str | Path | None = None,
+                 rows_of: tuple[int, int] | None = None, cache_dir: str | Path | None = None) -> None:  # fmt: skip
         for name, value in (("seq_len", seq_len), ("batch_rows", batch_rows), ("seed", seed)):
             if not isinstance(value, int) or isinstance(value, bool) or value < (name != "seed"):
                 kind = "an integer >= 0" if name == "seed" else "a positive integer"
                 raise ConfigError(f"{name} must be {kind}, got {value!r}")
         self.mixture, self.seq_len, self.batch_rows, self.seed = mixture, seq_len, batch_rows, seed
+        self.rows_of = rows_of
         weights, tokenizer = resolve(mixture, root)
-        self.sources = []
+        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.sources, lengths = [], []
         # Sorted by key, not by path: the order must not depend on where the datasets are.
         for (directory, name), weight in sorted(weights.items(), key=lambda kv: _key(*kv[0])):
-            tokens, offsets, masks = load_source(directory, name, tokenizer)
+            tokens, offsets, length, masks = open_source(directory, name, tokenizer, cache_dir)
             key = _key(directory, name)
             held = held_documents(key, len(offsets) - 1, mixture.hold_out or 0)
             self.sources.append(LoadedSource(key, tokens, offsets, weight, masks, held))
+            lengths.append(length)
         self.masked = any(s.masks is not None for s in self.sources)
         self.pad_id = int(tokenizer.get("pad_id", PAD_ID))
-        # Per source, the start and length of each document training draws from (held-out ones left out).
-        self._begins = [s.offsets[:-1][s.train] for s in self.sources]
-        self._lengths = [np.diff(s.offsets)[s.train] for s in self.sources]
+        # Per source, the start and length of each document training draws from (held-out ones left
+        # out); without held-out documents the start is a view of the offsets: nothing is copied.
+        self._begins, self._lengths = [], []
+        for source, length in zip(self.sources, lengths):
+            kept = slice(None) if source.train is None else source.train
+            self._begins.append(source.offsets[:-1][kept])
+            self._lengths.append(length[kept])
         # Documents are drawn with probability ∝ weight / mean length, so token shares = weights.
-        p = np.array([s.weight * len(n) / n.sum() for s, n in zip(self.sources, self._lengths)])
+        p = np.array([s.weight * len(n) / n.sum(dtype=np.int64)
+                      for s, n in zip(self.sources, self._lengths)])  # fmt: skip
         self._cdf = np.cumsum(p / p.sum())
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
         self._tokens = 0
         self._start(0, 0, np.zeros(len(self.sources), np.int64))
         if state is not None:
             self.load_state(state)
+
+    @property
+    def rows_of(self) -> tuple[int, int] | None:
+        """(rank, world): next_batch returns only the rows `rank_rows(batch, rank, world)`
+        (orchestration/core/parallel.py) keeps of the global batch, reading only their tokens; the
+        cursor still walks the whole global batch. None: every row."""
+        return self._rows_of
+
+    @rows_of.setter
+    def rows_of(self, value: tuple[int, int] | None) -> None:
+        if value is not None:
+            ok = isinstance(value, (tuple, list)) and len(value) == 2
+            ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            if not (ok and 0 <= value[0] < value[1]):
+                raise ConfigError("rows_of must be (rank, world) with 0 <= rank < world, "
+                                  f"got {value!r}")  # fmt: skip
+            value = (int(value[0]), int(value[1]))
+        self._rows_of = value
 
     @property
     def weights(self) -> dict[str, float]:
@@ -406,7 +336,8 @@ class MixtureLoader:
         return self.next_batch()
 
     def next_batch(self) -> Batch:
-        """B = batch_rows rows: inputs, targets, segment_ids int32 [B, seq_len] (+ loss_mask).
+        """B = batch_rows rows (under rows_of, this rank's share of them: rank_rows's rows):
+        inputs, targets, segment_ids int32 [B, seq_len] (+ loss_mask).
 
         loss_mask is None when every target counts (no padding, no masked source); else float32,
         0 on padding and where a source's loss_mask column is 0.
@@ -424,33 +355,48 @@ class MixtureLoader:
     # -- packing --
 
     def _fill(self, n_rows: int, width: int) -> tuple[np.ndarray, ...]:
-        """Rows int32 [n_rows, width] cut from the stream, tokens per row [n_rows], a bool
-        [n_rows, width] that is true where a document starts, and the sources' loss_mask int8
-        [n_rows, width] (1 for sources without one; None when no source has one)."""
-        rows = np.full((n_rows, width), self.pad_id, np.int32)
-        masks = np.ones((n_rows, width), np.int8) if self.masked else None
-        starts = np.zeros((n_rows, width), bool)
-        filled = np.zeros(n_rows, np.int64)
-        split = self.mixture.split_documents
+        """This rank's rows int32 [B, width] of the n_rows cut from the stream (B = n_rows, or its
+        share under rows_of), tokens per row [B], a bool [B, width] that is true where a document
+        starts, and the sources' loss_mask int8 [B, width] (1 for sources without one; None when no
+        source has one). Rows of other ranks advance the cursor by lengths alone: no token is read."""
+        lo, hi = self._local_rows(n_rows)
+        rows = np.full((hi - lo, width), self.pad_id, np.int32)
+        masks = np.ones((hi - lo, width), np.int8) if self.masked else None
+        starts = np.zeros((hi - lo, width), bool)
+        filled = np.zeros(hi - lo, np.int64)
+        split, delivered = self.mixture.split_documents, 0
         for r in range(n_rows):
-            column = 0
+            column, mine = 0, lo <= r < hi
             while column < width:  # one document piece per iteration, never one token
                 i = self._index
                 left, space = self._length[i] - self._offset, width - column
                 if left > space and not split and column > 0:
                     break  # keep the document whole: pad this row, start it on the next
-                take, begin = min(left, space), self._begin[i] + self._offset
-                source = self.sources[self._source[i]]
-                rows[r, column : column + take] = source.tokens[begin : begin + take]
-                if masks is not None and source.masks is not None:
-                    masks[r, column : column + take] = source.masks[begin : begin + take]
-                starts[r, column] = self._offset == 0
+                take = min(left, space)
+                if mine:
+                    begin, source = self._begin[i] + self._offset, self.sources[self._source[i]]
+                    rows[r - lo, column : column + take] = source.tokens[begin : begin + take]
+                    if masks is not None and source.masks is not None:
+                        masks[r - lo, column : column + take] = source.masks[begin : begin + take]
+                    starts[r - lo, column] = self._offset == 0
                 column, self._offset = column + take, self._offset + take
                 if self._offset == self._length[i]:
                     self._next_document()
-            filled[r] = column
-        self._tokens += int(filled.sum())
+            if mine:
+                filled[r - lo] = column
+            delivered += column
+        self._tokens += delivered
         return rows, filled, starts, masks
+
+    def _local_rows(self, n_rows: int) -> tuple[int, int]:
+        """Rows [lo, hi) of a global batch of n_rows this loader returns: np.array_split's share,
+        as rank_rows takes it."""
+        if self._rows_of is None:
+            return 0, n_rows
+        rank, world = self._rows_of
+        size, extra = divmod(n_rows, world)
+        lo = rank * size + min(rank, extra)
+        return lo, lo + size + (rank < extra)
 
     def _next_document(self) -> None:
         self._offset, self._index = 0, self._index + 1
@@ -486,7 +432,8 @@ class MixtureLoader:
     def _permutation(self, s: int, epoch: int) -> np.ndarray:
         if (s, epoch) not in self._permutations:
             key, n = self.sources[s].key, self.sources[s].documents
-            self._permutations[s, epoch] = permutation(self.seed, key, epoch, n)
+            order = permutation(self.seed, key, epoch, n)  # int64; kept as int32: the same values
+            self._permutations[s, epoch] = order.astype(np.int32) if n < 2**31 else order
         return self._permutations[s, epoch]
 
     # -- the cursor --

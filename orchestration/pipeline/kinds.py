@@ -56,6 +56,8 @@ class Loader(Protocol):
 
     # optional: `metrics() -> dict` of numbers about the batch just drawn, added to the step's
     # metrics line (grpo: the sampled answers' rewards, lengths and zero-variance groups)
+    # optional: `rows_of`, set by run_stage to (rank, world): next_batch then returns only the rows
+    # rank_rows would keep of the global batch (MixtureLoader: and reads only their tokens)
 
 
 def mixture_loader(mixture, seq_len: int, rows: int, seed: int) -> Loader:

@@ -147,6 +147,8 @@ def run_stage(config: dict) -> dict:
         callbacks.append(evaluator)
         if stage.upscale is not None and run.state.step == 0:
             evaluate_upscaled(run, evaluator)
+    if hasattr(run.loader, "rows_of"):  # a MixtureLoader reads only this rank's rows (issue #20)
+        run.loader.rows_of = (run.rank, run.world)  # set here: a kind's wrapper (distill) keeps all
     train(run, callbacks)
     lines = log.read()
     return {"checkpoint": str(run.checkpoint_dir), "tokens": int(run.state.tokens_seen),
@@ -177,12 +179,14 @@ def train(run: StageRun, callbacks: list[Callback]) -> None:
         for callback in callbacks:
             callback.before_step(run)
         start = time.perf_counter()
-        batch = run.loader.next_batch()  # the global batch: its shape is the step's
-        metrics = run.backend.train_step(run.state, rank_rows(batch, run.rank, run.world), loss=run.stage.loss)
+        batch = run.loader.next_batch()  # the global batch, or this rank's rows of it (rows_of)
+        local = getattr(run.loader, "rows_of", None) is not None
+        metrics = run.backend.train_step(run.state, batch if local else rank_rows(batch, run.rank, run.world),
+                                         loss=run.stage.loss)  # fmt: skip
         seconds = time.perf_counter() - start
         if not math.isfinite(metrics["loss"]):
             raise TrainingError(diverged(run, metrics["loss"]))
-        B, T = batch.inputs.shape
+        B, T = run.loader.batch_rows if local else batch.rows, batch.inputs.shape[1]  # the global batch's
         record = {"stage": run.name, "step": int(run.state.step), "tokens": int(run.state.tokens_seen),
                   "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
                   "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": round(B * T / seconds, 1),

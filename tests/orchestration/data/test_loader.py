@@ -25,6 +25,7 @@ from orchestration.data.loader import (
     MixtureLoader,
     ReplaySource,
     SourceWeight,
+    TokenFile,
 )
 from hanyeong.errors import CheckpointError, ConfigError, DataError
 from tests.conftest import REPO
@@ -33,6 +34,15 @@ PAD, BOS, EOS, VOCAB = 0, 1, 2, 5000
 FAST = settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def loader_cache(tmp_path_factory):
+    """This module's own token cache (tests/conftest.py gives the session one): the laws that count
+    what an open builds start from an empty cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HANYEONG_LOADER_CACHE", str(tmp_path_factory.mktemp("loader-cache")))
+        yield
 
 
 def write_dataset(
@@ -704,15 +714,18 @@ def test_a_loader_without_a_seed_is_seed_0(datasets):
     assert_same(read(bare, [(16, 2)] * 3), read(loader(root, config.to_dict(), seed=0), [(16, 2)] * 3))
 
 
-def test_a_one_shard_one_chunk_source_is_a_zero_copy_view(tmp_path):
-    """load_source's memory law: such a source's tokens stay the Arrow buffer; others are one array."""
+def test_a_sources_tokens_are_read_by_the_slice_never_held(tmp_path):
+    """open_source's memory law (issue #20; it replaced the one-shard zero-copy view, which held a
+    source's tokens whole): a source's tokens are a TokenFile, and a slice reads exactly its bytes."""
     write_dataset(tmp_path / "d", {"one": [[BOS, 5, EOS]] * 4, "two": [[BOS, 6, EOS]] * 4}, shards=2)
     write_dataset(tmp_path / "e", {"one": [[BOS, 7, 8, EOS]] * 4})
-    for root, key, owns in ((tmp_path / "e", "e/one", False), (tmp_path / "d", "d/two", True)):
+    for root, key, piece in ((tmp_path / "e", "e/one", [7, 8]), (tmp_path / "d", "d/two", [6, EOS])):
         data = loader(tmp_path, {"sources": [{"dataset": root.name, "source": key.split("/")[1]}]})
         (source,) = data.sources
-        assert source.tokens.flags.owndata == owns and source.tokens.dtype == np.int32
+        assert isinstance(source.tokens, TokenFile) and source.tokens.dtype == np.int32
         assert len(source.tokens) == source.offsets[-1] == (16 if root.name == "e" else 12)
+        before = source.tokens.bytes_read
+        assert source.tokens[1:3].tolist() == piece and source.tokens.bytes_read - before == 8
 
 
 def test_empty_sources_are_left_out_or_named(tmp_path):

@@ -1,0 +1,479 @@
+"""The streaming loader (issue #20): a rank's rows of the global batch and only their tokens, the
+cursor of the whole global batch, memory O(documents) and never O(tokens), shards hashed and read
+in blocks; and the token cache: built once per shard, shared, never trusted when damaged, never
+trusted for a shard that changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import orchestration.data.loader as loader_module
+import orchestration.data.token_cache as token_cache
+from hanyeong.errors import ConfigError, DataError
+from orchestration.core.parallel import rank_rows
+from tests.orchestration.data.test_loader import (  # noqa: F401  (datasets: the shared fixture)
+    BOS,
+    EOS,
+    FAST,
+    PAD,
+    VOCAB,
+    assert_same,
+    datasets,
+    loader,
+    loader_cache,
+    make_docs,
+    mixtures,
+    read,
+    rows_of,
+    schedules,
+    write_dataset,
+    write_masked,
+)
+
+
+@pytest.fixture(scope="module")
+def with_chat(datasets):
+    """The shared datasets plus a masked chat dataset ('sft') under the same root."""
+    root, _ = datasets
+    rng = np.random.default_rng(9)
+    chat = [[BOS, *rng.integers(3, 2000, rng.integers(1, 40)).tolist(), EOS] for _ in range(30)]
+    if not (root / "sft").exists():
+        write_masked(root / "sft", chat, shards=2)
+    return root
+
+
+def local_batches(root: Path, config: dict, seed: int, schedule, world: int, state=None) -> list:
+    """Per rank, the batches of a loader that keeps rank's rows (rows_of), and the ranks' cursors."""
+    out = []
+    for rank in range(world):
+        data = loader(root, config, seed, rows_of=(rank, world), state=state)
+        out.append((read(data, schedule), data.state()))
+    return out
+
+
+@FAST
+@given(config=mixtures(), chat=st.booleans(), seed=st.integers(0, 2**40), schedule=schedules,
+       world=st.integers(1, 5))  # fmt: skip
+def test_rows_of_returns_exactly_what_rank_rows_keeps(with_chat, config, chat, seed, schedule, world):
+    """Each rank's batch is rank_rows(global batch) (also ranks given no row), and every rank's
+    cursor is the global loader's, so 2 workers read what 1 does and resume alike."""
+    if chat:  # a masked source: loss_mask rows follow
+        config = {**config, "sources": [*config["sources"], {"dataset": "sft", "weight": 2.0}]}
+    whole = loader(with_chat, config, seed)
+    expected = read(whole, schedule)
+    for rank, (batches, state) in enumerate(local_batches(with_chat, config, seed, schedule, world)):
+        assert_same(batches, [rank_rows(b, rank, world) for b in expected])
+        assert state == whole.state()
+
+
+@FAST
+@given(config=mixtures(), seed=st.integers(0, 2**40), before=schedules, after=schedules,
+       world=st.integers(2, 4))  # fmt: skip
+def test_a_rank_resumes_exactly_from_any_cursor(with_chat, config, seed, before, after, world):
+    """The cursor of a rank's loader is the global one: resuming a rank at it (or at a single
+    worker's cursor) gives that rank's rows of exactly the next global batches."""
+    whole = loader(with_chat, config, seed)
+    read(whole, before)
+    cursor = json.loads(json.dumps(whole.state()))
+    expected = read(whole, after)
+    for rank, (batches, state) in enumerate(local_batches(with_chat, config, seed, after, world, cursor)):
+        assert_same(batches, [rank_rows(b, rank, world) for b in expected])
+        assert state == whole.state()
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_a_rank_reads_only_the_tokens_of_its_rows(with_chat, split):
+    """The I/O law: during next_batch a rank reads exactly the tokens (and loss_mask values) of its
+    own rows, never another rank's; over the ranks, what a single worker reads."""
+    config = {"sources": [{"dataset": "stage2"}, {"dataset": "sft"}], "split_documents": split}
+
+    def read_bytes(data):
+        return sum(s.tokens.bytes_read + (s.masks.bytes_read if s.masks is not None else 0) for s in data.sources)
+
+    whole = loader(with_chat, config, seed=3, seq_len=40, rows=5)
+    start = read_bytes(whole)
+    assert start == 0  # opening reads no token: the cache's lengths files only
+    batches = read(whole, [(40, 5)] * 6)
+    total = 0
+    for rank in range(3):
+        data = loader(with_chat, config, seed=3, seq_len=40, rows=5, rows_of=(rank, 3))
+        before = read_bytes(data)
+        assert before == 0
+        mine = read(data, [(40, 5)] * 6)
+        tokens = sum(int((rows_of(b) != PAD).sum()) for b in mine)
+        (sft,) = [s for s in data.sources if s.masks is not None]
+        assert read_bytes(data) - before == 4 * tokens + sft.masks.bytes_read  # 4 bytes a token
+        assert 4 * sft.masks.bytes_read == sft.tokens.bytes_read  # each chat piece: its mask values
+        total += read_bytes(data) - before
+    assert total == read_bytes(whole) - start and sum(int((rows_of(b) != PAD).sum()) for b in batches) > 0
+
+
+def retained_array_bytes(data) -> int:
+    """Bytes of every numpy array the loader and its sources keep (lists and dicts of them too)."""
+    seen, total = set(), 0
+    stack = [vars(data), *(vars(s) for s in data.sources)]
+    while stack:
+        item = stack.pop()
+        values = item.values() if isinstance(item, dict) else item
+        for value in values:
+            if isinstance(value, np.ndarray) and id(value) not in seen:
+                seen.add(id(value))
+                base = value if value.base is None else value.base
+                if isinstance(base, np.ndarray) and id(base) not in seen:
+                    seen.add(id(base))
+                    total += base.nbytes
+                elif base is value:
+                    total += value.nbytes
+            elif isinstance(value, (list, tuple, dict)):
+                stack.append(value)
+    return total
+
+
+def test_the_loader_keeps_offsets_never_tokens(tmp_path):
+    """The memory law: what stays in memory is O(documents) (offsets, lengths, the permutation, one
+    draw block), not the source's tokens, however long its documents."""
+    rng, tags = np.random.default_rng(1), iter(range(3000, 4000))
+    docs = make_docs(rng, 60, 3000, 5000, tags)  # ~240k tokens: ~1 MB as int32
+    write_dataset(tmp_path / "d", {"web": docs}, shards=3)
+    data = loader(tmp_path, {"sources": [{"dataset": "d"}]}, seq_len=512, rows=4)
+    read(data, [(512, 4)] * 20)
+    tokens = sum(map(len, docs))
+    assert retained_array_bytes(data) < 24 * len(docs) + 16 * loader_module.DRAW_BLOCK + 4096
+    assert retained_array_bytes(data) < tokens  # a quarter of the tokens' int32 bytes, at most
+
+
+def test_a_shard_is_hashed_and_decoded_in_blocks_never_whole(tmp_path, monkeypatch):
+    """Opening reads each shard in blocks: never its bytes whole, never a whole table, and Arrow
+    batches of at most READ_ROWS documents, even inside one large row group."""
+    rng, tags = np.random.default_rng(2), iter(range(3000, 4000))
+    docs = make_docs(rng, 50, 3, 40, tags)
+    (tmp_path / "d" / "shards" / "web").mkdir(parents=True)
+    write_dataset(tmp_path / "d", {"web": docs})
+    path = tmp_path / "d" / "shards" / "web" / "part-00000.parquet"
+    pq.write_table(pq.read_table(path), path, row_group_size=50)  # one row group
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    manifest["sources"]["web"]["shards"][0]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest))
+    expected = loader(tmp_path, {"sources": [{"dataset": "d"}]}, cache_dir=tmp_path / "first").sources[0]
+    sizes = []
+    real = token_cache.read_shard
+
+    def counted(path, masked):
+        for bounds, values, mask in real(path, masked):
+            sizes.append(len(bounds) - 1)
+            yield bounds, values, mask
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a shard was read whole")
+
+    monkeypatch.setattr(token_cache, "READ_ROWS", 8)
+    monkeypatch.setattr(token_cache, "read_shard", counted)
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr(pq, "read_table", refuse)
+    (source,) = loader(tmp_path, {"sources": [{"dataset": "d"}]}, cache_dir=tmp_path / "second").sources
+    assert max(sizes) == 8 and sum(sizes) == 50  # 7 batches: each row group read once, in blocks
+    assert np.array_equal(source.offsets, expected.offsets)
+    assert np.array_equal(np.asarray(source.tokens), np.asarray(expected.tokens))
+
+
+def test_a_replaced_shard_is_refused_naming_it(tmp_path):
+    """A shard that still parses, with the manifest's counts, but other bytes: one DataError line
+    naming that shard."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, 6, EOS]] * 6}, shards=2)
+    path = tmp_path / "d" / "shards" / "web" / "part-00001.parquet"
+    pq.write_table(pa.table({"input_ids": pa.array([[BOS, 7, 8, EOS]] * 3, pa.list_(pa.int32()))}), path)
+    with pytest.raises(DataError, match=r"part-00001.parquet: its sha256 is not the manifest's") as err:
+        loader(tmp_path, {"sources": [{"dataset": "d"}]})
+    assert "\n" not in str(err.value) and "part-00000" not in str(err.value)
+    path.unlink()
+    with pytest.raises(DataError, match=r"part-00001.parquet: cannot read the shard"):
+        loader(tmp_path, {"sources": [{"dataset": "d"}]})
+
+
+def test_shards_without_a_checksum_leave_nothing_on_disk(tmp_path):
+    """A hand-made shard (no sha256 in its manifest) has no content to name a cache entry by: it is
+    decoded into unlinked files, and the cache folder stays empty."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, 6, EOS]] * 6}, shards=2)
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    for shard in manifest["sources"]["web"]["shards"]:
+        shard["sha256"] = None
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest))
+    data = loader(tmp_path, {"sources": [{"dataset": "d"}]}, cache_dir=tmp_path / "cache")
+    read(data, [(8, 2)] * 3)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [(2, 2), (0, 0), (-1, 2), (0.0, 1), "0/2", (True, 2), (0, 1, 2)])
+def test_bad_rows_of_is_one_config_error(datasets, value):
+    with pytest.raises(ConfigError, match=r"^rows_of must be \(rank, world\) with 0 <= rank < world, got "):
+        loader(datasets[0], {"sources": [{"dataset": "stage2"}]}, rows_of=value)
+
+
+def test_rows_of_may_change_between_batches(datasets):
+    """The stage sets rows_of once the group is known; the cursor does not depend on it."""
+    root, _ = datasets
+    config = {"sources": [{"dataset": "stage2"}]}
+    whole, part = loader(root, config, seed=5, rows=4), loader(root, config, seed=5, rows=4)
+    expected = read(whole, [(24, 4)] * 4)
+    got = read(part, [(24, 4)] * 2)
+    part.rows_of = (1, 2)
+    got += read(part, [(24, 4)] * 2)
+    assert_same(got[:2], expected[:2])
+    assert_same(got[2:], [rank_rows(b, 1, 2) for b in expected[2:]])
+    assert part.state() == whole.state()
+
+
+# ---- the token cache ------------------------------------------------------------------------------
+
+
+def age(directory: Path, seconds: int = 60) -> None:
+    """Date every shard under `directory` `seconds` back: past the racy window (RACY_NS), in which a
+    freshly written shard is hashed again at every open."""
+    for path in directory.rglob("*.parquet"):
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - seconds * 10**9))
+
+
+def mixed(root: Path) -> dict:
+    """A chat dataset (loss_mask, 2 shards) and a web dataset (3 shards) under `root`: the mixture."""
+    rng, tags = np.random.default_rng(11), iter(range(3000, 4000))
+    chat = [[BOS, *rng.integers(3, 2000, rng.integers(1, 30)).tolist(), EOS] for _ in range(20)]
+    write_masked(root / "sft", chat, shards=2)
+    write_dataset(root / "web", {"web": make_docs(rng, 30, 3, 50, tags)}, shards=3)
+    return {"sources": [{"dataset": "sft"}, {"dataset": "web", "weight": 2.0}]}
+
+
+class Reads:
+    """Counts what an open reads of the shards: Parquet footers and files, and whole-file hashes."""
+
+    def __init__(self, monkeypatch) -> None:
+        import orchestration.data.shards as shards
+
+        self.parquet = self.hashed = 0
+        real_file, real_schema, real_hash = pq.ParquetFile, pq.read_schema, shards.file_sha256
+
+        def parquet_file(*args, **kwargs):
+            self.parquet += 1
+            return real_file(*args, **kwargs)
+
+        def read_schema(*args, **kwargs):
+            self.parquet += 1
+            return real_schema(*args, **kwargs)
+
+        def file_sha256(path):
+            self.hashed += 1
+            return real_hash(path)
+
+        monkeypatch.setattr(pq, "ParquetFile", parquet_file)
+        monkeypatch.setattr(pq, "read_schema", read_schema)
+        monkeypatch.setattr(shards, "file_sha256", file_sha256)
+
+
+def entries(cache: Path) -> set[str]:
+    """The shard sha256s with a whole-looking entry in `cache`."""
+    return {p.name.split(".")[0] for p in cache.glob("*.json")}
+
+
+def test_a_second_loader_reads_no_parquet_and_yields_the_same_batches(tmp_path, monkeypatch):
+    """Law 1: the first open builds one entry per shard; a second loader (another rank, stage or
+    restart) reads no Parquet and hashes nothing at open, and yields identical batches."""
+    config, cache, schedule = mixed(tmp_path), tmp_path / "cache", [(24, 3)] * 6
+    age(tmp_path)
+    reads = Reads(monkeypatch)
+    first = loader(tmp_path, config, seed=7, seq_len=24, rows=3, cache_dir=cache)
+    assert reads.parquet > 0 and reads.hashed == 5 and len(entries(cache)) == 5
+    expected = read(first, schedule)
+    reads.parquet = reads.hashed = 0
+    second = loader(tmp_path, config, seed=7, seq_len=24, rows=3, cache_dir=cache)
+    assert (reads.parquet, reads.hashed) == (0, 0)
+    assert_same(read(second, schedule), expected)
+    assert not list(cache.glob("*.tmp"))  # no temporary file left behind
+
+
+def test_a_fresh_shard_is_hashed_again_but_not_decoded(tmp_path, monkeypatch):
+    """A shard written within RACY_NS of its hash could change within one timestamp tick unseen, so
+    the next open hashes it again; its entry is still whole, so nothing is decoded."""
+    config, cache = mixed(tmp_path), tmp_path / "cache"
+    expected = read(loader(tmp_path, config, cache_dir=cache), [(16, 2)] * 4)
+    reads = Reads(monkeypatch)
+    data = loader(tmp_path, config, cache_dir=cache)
+    assert (reads.parquet, reads.hashed) == (0, 5)
+    assert_same(read(data, [(16, 2)] * 4), expected)
+
+
+def test_byte_identical_shards_of_two_datasets_share_one_entry(tmp_path, monkeypatch):
+    """Law 2: the cache is named by content: a copied dataset's shards are hashed (their files are
+    new to the cache) but not decoded again, and its source reads the same tokens."""
+    config, cache = mixed(tmp_path / "a"), tmp_path / "cache"
+    age(tmp_path / "a")
+    loader(tmp_path / "a", config, cache_dir=cache)
+    shutil.copytree(tmp_path / "a" / "web", tmp_path / "copy")
+    reads = Reads(monkeypatch)
+    both = {"sources": [{"dataset": "a/web"}, {"dataset": "copy"}]}
+    data = loader(tmp_path, both, cache_dir=cache)
+    assert reads.parquet == 0 and reads.hashed == 3 and len(entries(cache)) == 5
+    a, b = data.sources
+    assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert np.array_equal(a.offsets, b.offsets)
+
+
+@pytest.mark.parametrize("how", ["in place", "renamed over, mtime kept"])
+def test_a_shard_damaged_after_its_entry_was_built_is_refused_naming_it(tmp_path, how):
+    """Law 3, the checksum law with a whole cache entry for the shard's original bytes: a shard
+    whose bytes changed (its size, mtime or inode with them) is hashed again and refused, one
+    DataError line naming it; the entry of the original bytes is left as it is."""
+    config, cache = mixed(tmp_path), tmp_path / "cache"
+    age(tmp_path)
+    loader(tmp_path, config, cache_dir=cache)
+    path = tmp_path / "web" / "shards" / "web" / "part-00001.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    if how == "in place":
+        path.write_bytes(bytes(data))
+    else:
+        stat = path.stat()
+        other = path.with_suffix(".new")
+        other.write_bytes(bytes(data))
+        os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        os.replace(other, path)
+        assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    for _ in range(2):  # and again: a refused shard is never marked checked
+        with pytest.raises(DataError, match=r"part-00001.parquet: its sha256 is not the manifest's") as err:
+            loader(tmp_path, config, cache_dir=cache)
+        assert "\n" not in str(err.value) and "part-00000" not in str(err.value)
+    assert len(entries(cache)) == 5
+
+
+def rewrite(path: Path, data: bytes) -> None:
+    """Replace a file by a new one (a new inode: a loader holding the old one open keeps it)."""
+    path.with_suffix(".new").write_bytes(data)
+    os.replace(path.with_suffix(".new"), path)
+
+
+def damage(cache: Path) -> None:
+    """Four entries damaged four ways: a truncated token file, a json that does not parse, a
+    lengths file gone, a mask file of the wrong size."""
+    jsons = sorted(cache.glob("*.json"))
+    masked = [p for p in jsons if json.loads(p.read_text())["masked"]]
+    plain = [p for p in jsons if p not in masked]
+    tokens = plain[0].with_name(plain[0].name.replace(".json", ".tokens.i32"))
+    rewrite(tokens, tokens.read_bytes()[:-4])
+    rewrite(plain[1], b"{not json")
+    plain[2].with_name(plain[2].name.replace(".json", ".lengths.i32")).unlink()
+    mask = masked[0].with_name(masked[0].name.replace(".json", ".mask.i8"))
+    rewrite(mask, mask.read_bytes() + b"\x01")
+
+
+def test_a_damaged_cache_entry_is_rebuilt_and_the_batches_are_unchanged(tmp_path, monkeypatch):
+    """Law 4: an entry whose files disagree with its json (or without a json that parses) is never
+    trusted: it is built again, and the batches are those of the whole cache. A loader already
+    running keeps reading its open files while another one rebuilds."""
+    config, cache, schedule = mixed(tmp_path), tmp_path / "cache", [(20, 3)] * 6
+    age(tmp_path)
+    running = loader(tmp_path, config, seed=2, seq_len=20, rows=3, cache_dir=cache)
+    expected = read(loader(tmp_path, config, seed=2, seq_len=20, rows=3, cache_dir=cache), schedule)
+    damage(cache)
+    sizes = {p.name: p.stat().st_size for p in cache.glob("*.*")}
+    reads = Reads(monkeypatch)
+    again = loader(tmp_path, config, seed=2, seq_len=20, rows=3, cache_dir=cache)
+    assert reads.hashed == 4 and reads.parquet > 0  # the four damaged entries, and only them
+    assert_same(read(again, schedule), expected)
+    for p in cache.glob("*.json"):
+        stats, sha = json.loads(p.read_text()), p.name.split(".")[0]
+        assert (cache / f"{sha}.tokens.i32").stat().st_size == 4 * stats["tokens"]
+        assert (cache / f"{sha}.lengths.i32").stat().st_size == 4 * stats["documents"]
+    assert len(sizes) < len(list(cache.glob("*.*")))  # the lengths file is back
+    reads.parquet = reads.hashed = 0
+    last = loader(tmp_path, config, seed=2, seq_len=20, rows=3, cache_dir=cache)
+    assert_same(read(last, schedule), expected)
+    assert (reads.parquet, reads.hashed) == (0, 0)
+    assert_same(read(running, schedule), expected)
+
+
+def test_a_shard_refused_while_it_is_decoded_leaves_no_entry(tmp_path):
+    """A shard that fails its structural checks half way leaves neither an entry nor temporary
+    files: the next open decodes it again and refuses it again."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, EOS]] * 4})
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    shard = manifest["sources"]["web"]["shards"][0]
+    path = tmp_path / "d" / shard["path"]
+    pq.write_table(pa.table({"input_ids": pa.array([[BOS, 5, EOS]] * 4, pa.list_(pa.int64()))}), path)
+    shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest))
+    for _ in range(2):
+        with pytest.raises(DataError, match="input_ids must be list<int32>"):
+            loader(tmp_path, {"sources": [{"dataset": "d"}]}, cache_dir=tmp_path / "cache")
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == [".build.lock"]  # the build lock only
+
+
+def test_the_tokenizer_checks_hold_on_a_cache_hit(tmp_path):
+    """The vocabulary and BOS/EOS checks come from each entry's recorded numbers, so a dataset
+    whose manifest claims another tokenizer is refused also when its shards' entries exist."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, 4000, EOS]] * 4})
+    loader(tmp_path, {"sources": [{"dataset": "d"}]}, cache_dir=tmp_path / "cache")
+    for key, value, message in [("vocab_size", 4000, r"token ids outside \[0, 4000\)"),
+                                ("bos_id", 7, r"a document does not start with BOS \(7\)"),
+                                ("eos_id", 7, r"a document does not end with EOS \(7\)")]:  # fmt: skip
+        manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+        manifest["tokenizer"] = {"vocab_size": VOCAB, "bos_id": BOS, "eos_id": EOS, key: value}
+        (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(DataError, match=rf"part-00000.parquet: {message}"):
+            loader(tmp_path, {"sources": [{"dataset": "d"}]}, cache_dir=tmp_path / "cache")
+
+
+def test_a_token_file_reads_across_shards_exactly_its_bytes(tmp_path):
+    """A source's TokenFile is its shards' files back to back: any [a:b] equals the concatenated
+    tokens, one pread per shard it spans; max() and min() come from the recorded numbers."""
+    rng, tags = np.random.default_rng(5), iter(range(3000, 4000))
+    docs = make_docs(rng, 12, 3, 9, tags)
+    write_dataset(tmp_path / "d", {"web": docs}, shards=4)
+    (source,) = loader(tmp_path, {"sources": [{"dataset": "d"}]}, cache_dir=tmp_path / "cache").sources
+    flat = np.concatenate([np.array(d, np.int32) for d in docs])
+    assert len(source.tokens.files) == 4
+    assert (source.tokens.max(), source.tokens.min()) == (flat.max(), flat.min())
+    ends = np.cumsum([sum(map(len, docs[i : i + 3])) for i in range(0, 12, 3)])  # 3 documents a shard
+    for a, b in [(0, len(flat)), (3, 40), (len(flat) - 2, len(flat)), (5, 5), (ends[0] - 1, ends[1] + 1)]:
+        before, reads = source.tokens.bytes_read, source.tokens.reads
+        assert np.array_equal(source.tokens[a:b], flat[a:b])
+        spanned = len({int(np.searchsorted(ends, i, side="right")) for i in range(a, b)})
+        assert (source.tokens.bytes_read - before, source.tokens.reads - reads) == (4 * (b - a), spanned)
+    assert source.tokens[-1] == EOS and source.tokens[0] == BOS
+
+
+def open_and_read(root: str, config: dict, cache: str, log: str) -> list:
+    """In a spawned process: open a loader on `cache`, logging each shard it builds; its batches."""
+    real = token_cache.build_shard
+
+    def logged(path, sha256, cache_dir):
+        with open(log, "a") as f:
+            f.write(f"{sha256}\n")
+        return real(path, sha256, cache_dir)
+
+    token_cache.build_shard = logged
+    data = loader(Path(root), config, seed=4, seq_len=24, rows=2, cache_dir=cache)
+    return [(rows_of(b).tolist(), b.loss_mask.tolist()) for b in read(data, [(24, 2)] * 5)]
+
+
+def test_processes_opening_at_once_build_each_entry_once(tmp_path):
+    """Ranks opening a cold cache at once build each shard's entry exactly once between them (a
+    lock per entry), and all of them read the same batches."""
+    import multiprocessing
+
+    config, cache, log = mixed(tmp_path), tmp_path / "cache", tmp_path / "built.log"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        results = pool.starmap(open_and_read, [(str(tmp_path), config, str(cache), str(log))] * 3)
+    built = log.read_text().split()
+    assert sorted(built) == sorted(entries(cache)) and len(built) == 5
+    assert results[0] == results[1] == results[2]
+    assert not list(cache.glob("*.tmp"))
