@@ -1,8 +1,10 @@
 """Data preparation benchmarks on ../shared/data: Ray tokenization against direct batch encoding,
-decontamination speed and memory against every shared benchmark, and a whole `prepare` run.
+decontamination speed and memory against every shared benchmark, a whole `prepare` run, and
+`prepare` with its per-document steps in the driver, on 1 and on 2 Ray workers.
 
-    python benchmarks/data_prepare.py                  # everything (~10 minutes on 2 busy cores)
-    python benchmarks/data_prepare.py tokenize         # a part: tokenize, decontaminate, prepare
+    python benchmarks/data_prepare.py                  # everything (~15 minutes on 2 busy cores)
+    python benchmarks/data_prepare.py tokenize         # a part: tokenize, decontaminate, prepare,
+                                                       # workers
     python benchmarks/data_prepare.py --tokenizer DIR  # a tokenizer of yours (default: one trained
                                                        # on data/quickstart, 32k ids, cached)
 
@@ -11,7 +13,10 @@ Wikipedia). Tokenize: the same documents encoded by `BBPETokenizer.encode_batch`
 Rust thread pool), and by `ShardWriter` through a local Ray with one task per core (encode, add
 BOS/EOS, write Parquet, hash), rounds interleaved so a busy machine slows both alike; the ratio of
 each pair of rounds is reported, with its median. Decontaminate runs in a fresh process per round so
-its peak memory (VmHWM) is its own. Results go to benchmarks/results/data-<machine>.{json,md}.
+its peak memory (VmHWM) is its own. Workers: the whole `prepare` in a fresh process per run, rounds
+interleaved; CPU seconds are those of the driver and of every process under it (Ray's raylet, GCS
+and workers, the file readers), and the datasets of all runs must be identical (manifests but for
+timings, every shard's bytes). Results go to benchmarks/results/data-<machine>.{json,md}.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ CORPUS = [
 ]
 ROUNDS = 3
 TOKENIZE_ROUNDS = 4
+WORKER_ROUNDS = 2
+# (name, Ray CPUs = file readers, chunk_tasks: 0 runs the per-document steps in the driver)
+WORKER_RUNS = [("steps in the driver, 2 CPUs", 2, 0), ("Ray, 1 CPU", 1, None), ("Ray, 2 CPUs", 2, None)]
 
 
 def machine() -> dict:
@@ -280,10 +288,14 @@ def bench_decontaminate(texts: list[tuple[str, str]], results: dict) -> None:
     }
 
 
+def corpus_inputs() -> tuple[list[str], list[str]]:
+    """(input paths, text fields) of the corpus files, for `prepare`."""
+    return [str(DATA / rel) for rel, _, _ in CORPUS], sorted({f for _, f, _ in CORPUS if f} | {"text"})
+
+
 def bench_prepare(tokenizer: Path, results: dict) -> None:
     """A whole `hanyeong data prepare` of the corpus files (all of their documents) with the recipe."""
-    inputs = [str(DATA / rel) for rel, _, _ in CORPUS]
-    fields = sorted({f for _, f, _ in CORPUS if f} | {"text"})
+    inputs, fields = corpus_inputs()
     out = WORK / "dataset"
     command = [
         sys.executable,
@@ -330,6 +342,106 @@ def bench_prepare(tokenizer: Path, results: dict) -> None:
         "load": os.getloadavg()[0],
     }
     print(f"prepare: {results['prepare']}", flush=True)
+
+
+def _prepare_once(out: str, num_cpus: str, chunk_tasks: str, tokenizer: str) -> None:
+    """In a fresh process: `prepare` the corpus as `hanyeong data prepare --num-cpus N` does."""
+    from orchestration.data.config import load_config
+    from orchestration.data.prepare import prepare
+
+    inputs, fields = corpus_inputs()
+    n, tasks = int(num_cpus), None if chunk_tasks == "auto" else int(chunk_tasks)
+    prepare(inputs, tokenizer, out, load_config(RECIPE), text_fields=fields, num_cpus=n, workers=n,
+            force=True, chunk_tasks=tasks)  # fmt: skip
+
+
+def run_measured(command: list[str]) -> dict:
+    """Run `command`; its wall time, peak RSS, and CPU seconds: its own and its process tree's."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=REPO)
+    me, peak, seen = psutil.Process(proc.pid), 0.0, {}
+    while proc.poll() is None:  # the last CPU times seen of each process (polled: a slight undercount)
+        try:
+            peak = max(peak, peak_rss_mb(proc.pid))
+            for p in [me, *me.children(recursive=True)]:
+                times = p.cpu_times()
+                seen[p.pid] = times.user + times.system
+        except (OSError, AttributeError, psutil.Error):  # it is exiting
+            pass
+        time.sleep(0.25)
+    if proc.returncode:
+        raise SystemExit(f"{command} failed ({proc.returncode})")
+    return {
+        "wall_s": time.perf_counter() - start,
+        "driver_cpu_s": seen.get(proc.pid, 0.0),
+        "cpu_s": sum(seen.values()),
+        "driver_peak_rss_mb": round(peak),
+    }
+
+
+def two_process_speedup() -> float:
+    """How much 2 processes of the same pure-Python work (~1 s) get done, at once, over 1, now: 2.0
+    on two free cores; the other jobs of a shared machine bring it down."""
+    code = "sum(i * i for i in range(12_000_000))"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    one = time.perf_counter() - start
+    start = time.perf_counter()
+    for proc in [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]:
+        proc.wait()
+    return round(2 * one / (time.perf_counter() - start), 2)
+
+
+def dataset_digest(out: Path) -> tuple[dict, dict]:
+    """(manifest without its timings, sha256 of every shard file's bytes)."""
+    import hashlib
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("seconds")
+    files = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*.parquet"))}
+    return manifest, files
+
+
+def bench_workers(tokenizer: Path, results: dict) -> None:
+    """`prepare` with the per-document steps in the driver, then in Ray tasks on 1 and 2 CPUs."""
+    runs, digests = [], {}
+    for r in range(WORKER_ROUNDS):
+        for name, cpus, tasks in WORKER_RUNS:
+            out = WORK / f"dataset-{cpus}-{tasks}"
+            command = [sys.executable, __file__, "_prepare", str(out), str(cpus), str(tasks if tasks is not None else "auto"), str(tokenizer)]
+            load, speedup = os.getloadavg()[0], two_process_speedup()
+            run = run_measured(command)
+            manifest = json.loads((out / "manifest.json").read_text())
+            digests[name] = dataset_digest(out)
+            text_mb = manifest["steps"][0]["bytes"] / 1e6
+            seconds = manifest["seconds"]
+            run.update(
+                name=name, round=r, ray_cpus=cpus, text_mb=round(text_mb, 1),
+                mb_s=round(text_mb / run["wall_s"], 2),
+                mb_s_per_core=round(text_mb / run["wall_s"] / cpus, 2),
+                mb_per_cpu_s=round(text_mb / run["cpu_s"], 2),
+                driver_cpu_share=round(run["driver_cpu_s"] / run["cpu_s"], 3),
+                driver_not_waiting_share=round(1 - seconds["waiting_for_ray"] / seconds["total"], 3),
+                seconds=seconds, load=round(max(load, os.getloadavg()[0]), 2), two_cores=speedup,
+            )  # fmt: skip
+            for key in ("wall_s", "driver_cpu_s", "cpu_s"):
+                run[key] = round(run[key], 1)
+            runs.append(run)
+            print(f"workers round {r}: {run}", flush=True)
+    first = next(iter(digests.values()))
+    identical = all(d == first for d in digests.values())
+    assert identical, "prepare made different datasets on different worker counts"
+    results["workers"] = {
+        "command": "prepare(<corpus>, <tokenizer>, --config recipes/prepare-shared.toml, num_cpus=N, workers=N)",
+        "documents_read": first[0]["steps"][0]["documents"],
+        "kept": first[0]["steps"][5]["documents"],
+        "shards": len(first[1]),
+        "content_hash": first[0]["content_hash"],
+        "identical": identical,
+        "runs": runs,
+    }
 
 
 def write_markdown(r: dict) -> str:
@@ -427,13 +539,51 @@ def write_markdown(r: dict) -> str:
             f"- Drops: {p['steps']}.",
             "",
         ]
+    if "workers" in r:
+        w = r["workers"]
+        about = (
+            f"`{w['command']}` in a fresh process per run, rounds interleaved: {w['runs'][0]['text_mb']} MB, "
+            f"{w['documents_read']:,} documents read, {w['kept']:,} kept in {w['shards']} shards. *steps in the "
+            "driver*: clean, filter, dedup and decontamination in the driver and tokenizing in Ray tasks, as "
+            "before this part existed (`chunk_tasks=0`); *Ray*: those steps in Ray tasks over chunks of 4,096 "
+            "documents, the driver deciding duplicates from their fingerprints in document order. MB/s per core "
+            "divides by the Ray CPUs; MB per CPU-second counts every process (driver, file readers, raylet, "
+            "GCS, workers). Driver share: the driver's CPU seconds over all of them; not waiting: the share of "
+            "the driver's wall time not spent waiting for Ray results (Ray's start, ~5 s, included). Two cores: "
+            "what two processes of the same pure-Python work got done at once, over one, just before the run "
+            "(2.0 on two free cores; other jobs on this shared machine bring it down)."
+        )
+        lines += [
+            "## `prepare` on 1 and 2 Ray workers",
+            "",
+            about,
+            "",
+            "| run | round | wall s | MB/s | MB/s per core | MB per CPU-s | CPU s | driver CPU s | driver share | driver not waiting | driver peak RSS MB | load | two cores |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for x in w["runs"]:
+            lines.append(
+                f"| {x['name']} | {x['round']} | {x['wall_s']} | {x['mb_s']} | {x['mb_s_per_core']} | "
+                f"{x['mb_per_cpu_s']} | {x['cpu_s']} | {x['driver_cpu_s']} | {x['driver_cpu_share']:.0%} | "
+                f"{x['driver_not_waiting_share']:.0%} | {x['driver_peak_rss_mb']} | {x['load']:.2f} | "
+                f"{x.get('two_cores', '–')} |"
+            )
+        lines += [
+            "",
+            f"- The datasets of every run are identical (manifest but for timings, and every shard's bytes): "
+            f"**{w['identical']}**, content hash {w['content_hash'][:12]}.",
+            f"- Seconds per step of the last run (summed over tasks): {w['runs'][-1]['seconds']}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "_decontaminate":
         return _decontaminate_once(sys.argv[2])
-    parts = ["tokenize", "decontaminate", "prepare"]
+    if len(sys.argv) == 6 and sys.argv[1] == "_prepare":
+        return _prepare_once(*sys.argv[2:])
+    parts = ["tokenize", "decontaminate", "prepare", "workers"]
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -457,6 +607,7 @@ def main() -> None:
         "tokenize": lambda: bench_tokenize(texts, tokenizer, results),
         "decontaminate": lambda: bench_decontaminate(texts, results),
         "prepare": lambda: bench_prepare(tokenizer, results),
+        "workers": lambda: bench_workers(tokenizer, results),
     }
     for part in chosen:
         steps[part]()

@@ -7,11 +7,16 @@ datasketch does), and documents sharing a band are candidates. A candidate is a 
 its estimated Jaccard similarity (the share of equal signature entries) reaches the threshold, so
 LSH's false positives never drop a document. Memory: ~0.5 KB of signature plus one dict entry per
 band (~0.1 KB each) per kept document.
+
+`check` is `fingerprint` (per text, independent of every other text: `prepare` runs it in Ray
+tasks, chunk by chunk) followed by `decide` (in document order, against what was kept before: the
+driver runs it), so fingerprints computed anywhere give the decisions of one sequential pass.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
@@ -89,6 +94,17 @@ class MinHasher:
         return sig, has
 
 
+@dataclass
+class Fingerprints:
+    """Per text of a batch: exact key, MinHash signature, LSH band hashes (None: switched off)."""
+
+    size: int
+    exact: list[int] | None  # text_hash of the normalized text
+    sig: np.ndarray | None  # [D, num_perm] uint32
+    has: np.ndarray | None  # [D] bool: the text has at least one shingle
+    keys: np.ndarray | None  # [D, bands] uint64
+
+
 class Deduplicator:
     """Keeps the first of exact and near duplicates; `check` returns the reason a text is dropped."""
 
@@ -110,31 +126,41 @@ class Deduplicator:
 
     def check(self, normalized: list[str]) -> list[str | None]:
         """For each normalized text, in order: 'exact', 'near' or None (kept, and remembered)."""
+        return self.decide(self.fingerprint(normalized))
+
+    def fingerprint(self, normalized: list[str]) -> Fingerprints:
+        """What `decide` compares, per text and independent of the others: a Ray task's part."""
         c = self.config
-        reasons: list[str | None] = [None] * len(normalized)
-        if not normalized:
-            return reasons
-        if c.near:
+        exact = [text_hash(text) for text in normalized] if c.exact else None
+        sig = has = keys = None
+        if c.near and normalized:
             sig, has = self.hasher.signatures(normalized)
             usable = self.bands * self.rows
             keys = (
                 sig[:, :usable].reshape(len(normalized), self.bands, self.rows).astype(np.uint64)
                 * self.band_mix
-            )
-            keys = keys.sum(axis=2).tolist()  # [D][bands] band hashes (modulo 2^64)
-        for i, text in enumerate(normalized):
+            ).sum(axis=2)  # [D, bands] band hashes (modulo 2^64)
+        return Fingerprints(len(normalized), exact, sig, has, keys)
+
+    def decide(self, fp: Fingerprints) -> list[str | None]:
+        """The reasons of `check` from fingerprints, in order: the part that must be sequential."""
+        c = self.config
+        reasons: list[str | None] = [None] * fp.size
+        keys = fp.keys.tolist() if fp.keys is not None else None
+        for i in range(fp.size):
             if c.exact:
-                key = text_hash(text)
+                key = fp.exact[i]
                 if key in self.exact_seen:
                     reasons[i] = "exact"
                     continue
-            if c.near and has[i] and self._near_duplicate(sig[i], keys[i]):
+            near = c.near and bool(fp.has[i])
+            if near and self._near_duplicate(fp.sig[i], keys[i]):
                 reasons[i] = "near"
                 continue
             if c.exact:
                 self.exact_seen.add(key)
-            if c.near and has[i]:
-                self._remember(sig[i], keys[i])
+            if near:
+                self._remember(fp.sig[i], keys[i])
         return reasons
 
     def _near_duplicate(self, sig: np.ndarray, keys: list[int]) -> bool:

@@ -28,6 +28,11 @@ class Ledger:
     def keep(self, source: str, language: str) -> None:
         self.counts[source, language, KEPT] += 1
 
+    def merge(self, other: Ledger) -> None:
+        """Add another ledger's counts (a chunk's, counted in a Ray task) to these."""
+        self.counts.update(other.counts)
+        self.read.update(other.read)
+
     def dropped(self, step: str) -> dict[str, int]:
         """Drops of one step by reason, over all sources."""
         out: Counter[str] = Counter()

@@ -1,12 +1,27 @@
 """`hanyeong data prepare`: ingest -> clean -> filter -> dedup -> decontaminate -> tokenize.
 
-Documents stream through the steps a file at a time, in batches; kept documents go to Ray tasks that
-tokenize and write shards while the next batches are processed. Every document read ends up kept or
-dropped by one named reason (the ledger); every step's counts go into the manifest.
+Documents go through in chunks of BATCH_DOCUMENTS in their global order (source, file, position).
+1. Ray tasks read the files (the driver does, through `read_corpus`, when the cluster has other
+   machines, which need not see the inputs) and leave each file's texts in the object store, chunk
+   by chunk; the driver gets each file's report, in file order.
+2. A Ray task per chunk does the per-document work of every step (`prepare_tasks.check_chunk`:
+   language, clean, filter, normalize, dedup fingerprints, decontamination check) and returns
+   counts, fingerprints and matches; the surviving texts stay in the object store.
+3. The driver settles chunks in order (`Steps.settle`): the sequential deduplicator decides from the
+   fingerprints which documents repeat one kept before, decontamination matches drop the rest that
+   hit a benchmark, and the kept documents go to ShardWriter, whose Ray tasks fetch their
+   texts, tokenize them and write the shards.
+Chunks are cut the same way whatever the worker count and are settled in order, so the dataset is
+byte for byte the one a single process makes (`chunk_tasks=0` runs every chunk in this process).
+The driver's own work per document is a few dictionary lookups (dedup); it holds the dedup tables
+(~1.5 KB per kept document) and the chunks in flight, and on one machine no text passes through it.
+Every document read ends up kept or dropped by one named reason (the ledger); every step's counts
+go into the manifest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import time
@@ -15,111 +30,114 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestration.data.clean import clean_text
 from orchestration.data.config import PrepareConfig
-from orchestration.data.decontaminate import Decontaminator, benchmark_files, build_index
+from orchestration.data.decontaminate import Match, benchmark_files, build_index
 from orchestration.data.dedup import Deduplicator
-from orchestration.data.documents import (
-    Document,
-    IngestReport,
-    Source,
-    read_documents,
-    resolve_sources,
-)
-from orchestration.data.filters import quality_reasons
-from orchestration.data.fingerprint import normalize
+from orchestration.data.documents import IngestReport, Source, resolve_sources
 from orchestration.data.ledger import Ledger
 from hanyeong.errors import DataError
 
-BATCH_DOCUMENTS = 4096  # documents per pass through the steps
+BATCH_DOCUMENTS = 4096  # documents per chunk (a Ray task's work)
 EXAMPLES = 50  # decontamination matches kept in the manifest for auditing
 
 
 @dataclass
+class Survivor:
+    """A document that passed clean and filter, waiting for the driver's dedup decision."""
+
+    source: str
+    id: str
+    language: str
+    text: object  # its cleaned text, or (reference to its chunk's texts, index) in Ray
+    nbytes: int
+    duplicate: str | None  # dedup's reason: exact, near or None
+    match: Match | None  # the benchmark window it shares, if any
+
+
+@dataclass
 class Steps:
-    """The per-document steps, and what they counted."""
+    """The ordered part of the steps, in the driver, and what every step counted."""
 
     config: PrepareConfig
     ledger: Ledger = field(default_factory=Ledger)
     dedup: Deduplicator | None = None
-    decontaminator: Decontaminator | None = None
     cleaned_changed: int = 0
     examples: list[dict] = field(default_factory=list)
-    seconds: Counter = field(default_factory=Counter)
+    seconds: Counter = field(default_factory=Counter)  # per step, in tasks and here
 
-    def _drop(self, doc: Document, step: str, reason: str) -> None:
-        self.ledger.drop(doc.source, doc.language, step, reason)
-
-    def run(self, docs: list[Document]) -> list[Document]:
-        """The documents of a batch that survive every step, in order."""
-        docs = self._timed("clean", self.clean, docs)
-        docs = self._timed("filter", self.filter, docs)
-        # dedup and decontamination compare the same normalized form: compute it once
-        pairs = self._timed("normalize", lambda ds: [(d, normalize(d.text)) for d in ds], docs)
-        pairs = self._timed("dedup", self.deduplicate, pairs)
-        pairs = self._timed("decontaminate", self.decontaminate, pairs)
-        for doc, _ in pairs:
-            self.ledger.keep(doc.source, doc.language)
-        return [doc for doc, _ in pairs]
-
-    def _timed(self, name: str, step, items: list) -> list:
+    def settle(self, chunk, result, texts) -> list[Survivor]:
+        """Count a checked chunk (`prepare_tasks.Chunk`, its `ChunkResult`) and decide, in document
+        order, which of its documents are kept."""
+        self.ledger.merge(result.ledger)
+        self.cleaned_changed += result.changed
+        self.seconds.update(result.seconds)
         start = time.perf_counter()
-        items = step(items)
-        self.seconds[name] += time.perf_counter() - start
-        return items
+        n = len(result.survivors)
+        duplicates = self.dedup.decide(result.fingerprints) if self.dedup else [None] * n
+        self.seconds["dedup"] += time.perf_counter() - start
+        located = isinstance(texts, list)
+        survivors = [
+            Survivor(
+                chunk.source,
+                chunk.id(i),
+                result.languages[k],
+                texts[k] if located else (texts, k),
+                result.nbytes[k],
+                duplicates[k],
+                result.matches[k] if result.matches is not None else None,
+            )
+            for k, i in enumerate(result.survivors)
+        ]
+        survivors = self.deduplicate(survivors)
+        survivors = self.decontaminate(survivors)
+        for survivor in survivors:
+            self.ledger.keep(survivor.source, survivor.language)
+        return survivors
 
-    def clean(self, docs: list[Document]) -> list[Document]:
+    def _drop(self, survivor: Survivor, step: str, reason: str) -> None:
+        self.ledger.drop(survivor.source, survivor.language, step, reason)
+
+    def deduplicate(self, survivors: list[Survivor]) -> list[Survivor]:
         kept = []
-        for doc in docs:
-            text = clean_text(doc.text, self.config.clean)
-            self.cleaned_changed += text != doc.text
-            doc.text = text
-            if text:
-                kept.append(doc)
+        for survivor in survivors:
+            if survivor.duplicate is None:
+                kept.append(survivor)
             else:
-                self._drop(doc, "clean", "empty")
+                self._drop(survivor, "dedup", survivor.duplicate)
         return kept
 
-    def filter(self, docs: list[Document]) -> list[Document]:
-        texts, languages = [d.text for d in docs], [d.language for d in docs]
+    def decontaminate(self, survivors: list[Survivor]) -> list[Survivor]:
         kept = []
-        for doc, reason in zip(docs, quality_reasons(texts, self.config.filters, languages)):
-            if reason is None:
-                kept.append(doc)
-            else:
-                self._drop(doc, "filter", reason)
-        return kept
-
-    def deduplicate(self, pairs: list[tuple[Document, str]]) -> list[tuple[Document, str]]:
-        if self.dedup is None:
-            return pairs
-        kept = []
-        for pair, reason in zip(pairs, self.dedup.check([norm for _, norm in pairs])):
-            if reason is None:
-                kept.append(pair)
-            else:
-                self._drop(pair[0], "dedup", reason)
-        return kept
-
-    def decontaminate(self, pairs: list[tuple[Document, str]]) -> list[tuple[Document, str]]:
-        if self.decontaminator is None:
-            return pairs
-        kept = []
-        for pair, match in zip(pairs, self.decontaminator.check([norm for _, norm in pairs])):
+        for survivor in survivors:
+            match = survivor.match
             if match is None:
-                kept.append(pair)
+                kept.append(survivor)
                 continue
-            doc = pair[0]
-            self._drop(doc, "decontaminate", match.benchmark)
+            self._drop(survivor, "decontaminate", match.benchmark)
             if len(self.examples) < EXAMPLES:
-                example = {"source": doc.source, "id": doc.id, "benchmark": match.benchmark}
-                self.examples.append({**example, "window": match.window})
+                example = {"source": survivor.source, "id": survivor.id}
+                self.examples.append({**example, "benchmark": match.benchmark, "window": match.window})
         return kept
 
 
-def batches(docs: list[Document], size: int = BATCH_DOCUMENTS):
-    for start in range(0, len(docs), size):
-        yield docs[start : start + size]
+def read_chunks(sources: list[Source], report: IngestReport, workers: int = 1):
+    """The documents of sources as `Chunk`s of BATCH_DOCUMENTS texts, a file at a time, in sorted
+    file order (`documents.read_documents`, leaving language detection to the chunk's task), and
+    after a source's last chunk, its name. `workers` processes read files."""
+    from orchestration.data.prepare_tasks import Chunk
+    from tokenizer.corpus import read_corpus
+
+    size = BATCH_DOCUMENTS  # read when called: tests cut smaller chunks
+    for source in sources:
+        prefixes = {str(path): prefix for path, prefix in source.files}
+        paths = [path for path, _ in source.files]
+        for texts, file_report in read_corpus(paths, source.fields, workers=workers):
+            report.add(file_report)
+            prefix = prefixes[file_report.path]
+            for start in range(0, len(texts), size):
+                part = texts[start : start + size]
+                yield Chunk(source.name, prefix, start, part, len(part))
+        yield source.name
 
 
 def prepare(
@@ -133,13 +151,17 @@ def prepare(
     workers: int = 1,
     progress: bool = False,
     force: bool = False,
+    chunk_tasks: int | None = None,
 ) -> dict:
     """Build the dataset `out` from `inputs` (and the config's sources); returns its manifest.
 
     When `out` already holds a dataset built from the same inputs, config and tokenizer, and its
     shards are intact, nothing is done (the manifest comes back with `"up_to_date": true`).
+    At most `chunk_tasks` chunks are checked in Ray tasks at once (None: two per CPU of the Ray
+    cluster; 0: in this process, files read by `workers` processes), with the same result.
     """
     from orchestration.data import manifest as mf
+    from orchestration.data.prepare_tasks import ChunkRunner
     from orchestration.data.shards import ShardWriter, ray_session, tokenizer_info
 
     out = Path(out)
@@ -170,15 +192,21 @@ def prepare(
     index = None
     if config.decontaminate.enabled and config.decontaminate.benchmarks:
         index = build_index(config.decontaminate)
-        steps.decontaminator = Decontaminator(index)
     ingest = IngestReport()
     tmp = mf.staging_dir(out)
     try:
-        with ExitStack() as stack:  # Ray starts with the first shard, and stops when the run ends
-            writer = ShardWriter(
-                tmp, tok, config.shards, lambda: stack.enter_context(ray_session(num_cpus, address))
-            )
-            shards = _run(sources, steps, ingest, writer, workers, progress)
+        with ExitStack() as stack:  # Ray starts when first needed, and stops when the run ends
+            ray = []
+
+            def connect():
+                if not ray:
+                    ray.append(stack.enter_context(ray_session(num_cpus, address)))
+                return ray[0]
+
+            runner = ChunkRunner(config, index, connect, chunk_tasks)
+            writer = ShardWriter(tmp, tok, config.shards, connect)
+            shards = _run(sources, steps, ingest, runner, writer, workers, progress)
+            steps.seconds["waiting_for_ray"] = runner.waited + writer.waited
         if ingest.documents == 0:
             raise DataError(_nothing_readable(ingest))
         unaccounted = steps.ledger.unaccounted()
@@ -196,7 +224,13 @@ def prepare(
 
 
 def _run(
-    sources: list[Source], steps: Steps, ingest: IngestReport, writer, workers: int, progress: bool
+    sources: list[Source],
+    steps: Steps,
+    ingest: IngestReport,
+    runner,
+    writer,
+    workers: int,
+    progress: bool,
 ) -> dict[str, list[dict]]:
     from tqdm import tqdm
 
@@ -208,17 +242,30 @@ def _run(
         desc="tokenize", unit="doc", disable=None if progress else True, file=sys.stderr, position=1
     )
     writer.progress = token_bar
+
+    def settle(ready: list) -> None:
+        for chunk, result, texts in ready:
+            if result is None:  # a source's last chunk is settled: its last shard goes to Ray now
+                writer.finish(chunk)
+                continue
+            for s in steps.settle(chunk, result, texts):
+                writer.add_text(s.source, s.id, s.language, s.text, s.nbytes)
+            read_bar.update(len(chunk.texts))
+
     try:
-        for source in sources:
-            read_bar.set_postfix_str(source.name)
-            for docs in read_documents(source, ingest, workers=workers):
-                for batch in batches(docs):
-                    for doc in batch:
-                        steps.ledger.add_read(doc.source, doc.language)
-                    for doc in steps.run(batch):
-                        writer.add(doc)
-                    read_bar.update(len(batch))
-            writer.finish(source.name)  # its buffer goes to Ray now, not at the end of the run
+        if runner.reads_files():
+            chunks = runner.read(sources, ingest, BATCH_DOCUMENTS)
+        else:
+            chunks = read_chunks(sources, ingest, workers)
+        for chunk in chunks:
+            if isinstance(chunk, str):  # a source's last chunk was queued before this
+                settle(runner.mark(chunk))
+                continue
+            read_bar.set_postfix_str(chunk.source, refresh=False)
+            # the driver keeps the chunk's name and place, not its texts, until it is settled
+            header = dataclasses.replace(chunk, texts=range(chunk.size))
+            settle(runner.submit(chunk, header))
+        settle(runner.ready(0))
         return writer.close()
     finally:
         read_bar.close()

@@ -5,15 +5,18 @@ with columns `id` (string), `language` (string) and `input_ids` (list<int32>: [B
 Shards are numbered per source in document order, so a re-run writes the same files.
 
 `tokenize_shard` runs alone (tests call it in-process); `ShardWriter` cuts each source's documents
-into shards and submits one Ray task per shard, a bounded number in flight. Each task writes its file
-itself, so with `--address` the output folder must be on storage every node shares. This is the
-only module that imports ray, and only inside functions.
+into shards and submits one Ray task per shard, a bounded number in flight. A document's text may be
+a reference into a list of texts in Ray's object store (`prepare_tasks` leaves cleaned texts there):
+the task fetches them itself. Each task writes its file itself, so with `--address` the output
+folder must be on storage every node shares. This module and `prepare_tasks` are the only ones that
+import ray, and only inside functions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 from orchestration.data.config import ShardConfig
@@ -106,10 +109,36 @@ def tokenize_shard(
     }
 
 
-def _tokenize_task(*args) -> dict:
+def _tokenize_task(tokenizer, out, ids, languages, texts, compression) -> dict:
     # One CPU per task: the tokenizer must not start its own thread pool on top of Ray's workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    return tokenize_shard(*args)
+    if not all(isinstance(text, str) for text in texts):
+        import ray
+
+        # runs of (a chunk's texts in the object store, indices): fetch each chunk once
+        chunks = iter(ray.get([run[0] for run in texts if not isinstance(run, str)]))
+        runs, texts = texts, []
+        for run in runs:
+            if isinstance(run, str):
+                texts.append(run)
+            else:
+                chunk = next(chunks)
+                texts.extend(chunk[i] for i in run[1])
+    return tokenize_shard(tokenizer, out, ids, languages, texts, compression)
+
+
+def _runs(texts: list) -> list:
+    """Texts with those that lie in the object store, (reference, index), grouped into runs
+    (reference, [indices]) of one chunk."""
+    runs: list = []
+    for text in texts:
+        if isinstance(text, str):
+            runs.append(text)
+        elif runs and not isinstance(runs[-1], str) and runs[-1][0] is text[0]:
+            runs[-1][1].append(text[1])
+        else:
+            runs.append((text[0], [text[1]]))
+    return runs
 
 
 class ShardWriter:
@@ -127,18 +156,23 @@ class ShardWriter:
         self.pending: dict = {}  # ObjectRef -> (source, relative path)
         self.done: dict[str, dict[str, dict]] = {}  # source -> relative path -> result
         self.progress = progress
+        self.waited = 0.0  # seconds spent waiting for tasks
 
     def add(self, doc: Document) -> None:
-        ids, languages, texts = self.buffers.setdefault(doc.source, ([], [], []))
-        ids.append(doc.id)
-        languages.append(doc.language)
-        texts.append(doc.text)
-        size = self.buffered_bytes.get(doc.source, 0) + len(
-            doc.text.encode("utf-8", "surrogatepass")
-        )
-        self.buffered_bytes[doc.source] = size
+        size = len(doc.text.encode("utf-8", "surrogatepass"))
+        self.add_text(doc.source, doc.id, doc.language, doc.text, size)
+
+    def add_text(self, source: str, id: str, language: str, text, nbytes: int) -> None:
+        """Add a document; `text` is a str, or (reference to a list of texts in Ray's object store,
+        index in it), and `nbytes` its size in UTF-8 bytes (where the shard is cut)."""
+        ids, languages, texts = self.buffers.setdefault(source, ([], [], []))
+        ids.append(id)
+        languages.append(language)
+        texts.append(text)
+        size = self.buffered_bytes.get(source, 0) + nbytes
+        self.buffered_bytes[source] = size
         if size >= self.config.text_bytes_per_shard or len(ids) >= self.config.documents_per_shard:
-            self._submit(doc.source)
+            self._submit(source)
 
     def _submit(self, source: str) -> None:
         ids, languages, texts = self.buffers.pop(source)
@@ -153,12 +187,19 @@ class ShardWriter:
         while len(self.pending) >= self.max_in_flight:  # bounded memory: wait for a shard to finish
             self._collect(1)
         ref = self.task.remote(
-            self.tokenizer, str(self.root / rel), ids, languages, texts, self.config.compression
+            self.tokenizer,
+            str(self.root / rel),
+            ids,
+            languages,
+            _runs(texts),
+            self.config.compression,
         )
         self.pending[ref] = (source, rel)
 
     def _collect(self, n: int) -> None:
+        start = time.perf_counter()
         ready, _ = self.ray.wait(list(self.pending), num_returns=n)
+        self.waited += time.perf_counter() - start
         for ref in ready:
             source, rel = self.pending.pop(ref)
             try:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from orchestration.data.config import DedupConfig
-from orchestration.data.dedup import BUCKET_CAP, Deduplicator, MinHasher, lsh_bands
+from orchestration.data.dedup import BUCKET_CAP, Deduplicator, Fingerprints, MinHasher, lsh_bands
 from orchestration.data.fingerprint import normalize
 from tests.conftest import quickstart_english, quickstart_korean
 
@@ -166,3 +169,93 @@ def test_the_threshold_is_inclusive_and_a_band_bucket_holds_bucket_cap_documents
         dedup._remember(rng.integers(0, 2**32, 128, dtype=np.uint32), keys)
     assert all(table[7] == list(range(BUCKET_CAP)) for table in dedup.tables)
     assert dedup.n_kept == 1 + 3 * BUCKET_CAP
+
+
+def sequential_reference(texts: list[str], config: DedupConfig) -> list[str | None]:
+    """The documented rule, written plainly: keep the first of exact copies; drop a text whose
+    signature agrees with an earlier kept one's in >= threshold of its entries, when both share a
+    band hash; a band hash remembers its first BUCKET_CAP kept texts."""
+    dedup = Deduplicator(config)  # for its hash family and band mix only
+    sig, has = dedup.hasher.signatures(texts)
+    b, r = dedup.bands, dedup.rows
+    keys = (sig[:, : b * r].reshape(len(texts), b, r).astype(np.uint64) * dedup.band_mix).sum(axis=2)
+    seen, buckets, reasons = set(), [{} for _ in range(b)], []
+    for i, text in enumerate(texts):
+        if config.exact and text in seen:
+            reasons.append("exact")
+            continue
+        near = config.near and has[i]
+        candidates = [j for band in range(b) for j in buckets[band].get(int(keys[i, band]), [])] if near else []
+        if any(np.mean(sig[j] == sig[i]) >= config.threshold for j in candidates):
+            reasons.append("near")
+            continue
+        reasons.append(None)
+        seen.add(text)
+        if near:
+            for band in range(b):
+                bucket = buckets[band].setdefault(int(keys[i, band]), [])
+                if len(bucket) < BUCKET_CAP:
+                    bucket.append(i)
+    return reasons
+
+
+@st.composite
+def near_duplicate_corpora(draw):
+    """Texts drawn from a few bases, each copied, cut or edited a little; short texts over a small
+    alphabet, so band hashes collide often and buckets fill past BUCKET_CAP."""
+    letters = st.text(alphabet="가나다abc", min_size=3, max_size=40)
+    bases = draw(st.lists(letters, min_size=1, max_size=4))
+    texts = []
+    for _ in range(draw(st.integers(1, 70))):
+        text = draw(st.sampled_from(bases))
+        for _ in range(draw(st.integers(0, 3))):
+            at = draw(st.integers(0, len(text)))
+            text = text[:at] + draw(st.text(alphabet="가나다abc", max_size=3)) + text[at + 1 :]
+        texts.append(text)
+    return texts
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    texts=near_duplicate_corpora(),
+    threshold=st.sampled_from([0.3, 0.5, 0.8]),
+    num_perm=st.sampled_from([8, 32]),
+    shingle_chars=st.sampled_from([2, 3, 5]),
+    switches=st.sampled_from([(True, True), (False, True), (True, False)]),
+    cuts=st.lists(st.integers(0, 70), max_size=6),
+)
+def test_decisions_from_fingerprints_computed_apart_are_the_sequential_ones(
+    texts, threshold, num_perm, shingle_chars, switches, cuts
+):
+    """Fingerprints computed chunk by chunk in another Deduplicator (as Ray tasks compute them), then
+    decided in document order, drop exactly the texts one sequential `check` drops, and the
+    plainly written rule agrees."""
+    exact, near = switches
+    config = DedupConfig(exact=exact, near=near, threshold=threshold, num_perm=num_perm, shingle_chars=shingle_chars)
+    expected = Deduplicator(config).check(texts)
+    worker, driver, decided = Deduplicator(config), Deduplicator(config), []
+    bounds = [0, *sorted(c for c in cuts if c < len(texts)), len(texts)]
+    for start, end in itertools.pairwise(bounds):
+        decided += driver.decide(worker.fingerprint(texts[start:end]))
+    assert decided == expected == sequential_reference(texts, config)
+    assert worker.n_kept == 0 and not worker.exact_seen  # fingerprinting remembers nothing
+
+
+def test_generated_corpora_reach_near_duplicates():
+    texts = ["가나다abc가나다" + "abc"[i % 3] * (i % 4) + "가나"[i % 2] for i in range(80)]
+    config = DedupConfig(exact=False, threshold=0.3, num_perm=8, shingle_chars=2)
+    reasons = Deduplicator(config).check(texts)
+    assert reasons == sequential_reference(texts, config) and "near" in reasons
+
+
+def test_decide_compares_only_the_first_bucket_cap_kept_documents_of_a_band_hash():
+    """From fingerprints alone: a copy of the first kept document is near, a copy of the one kept
+    after a full bucket is not (its band hashes' buckets never remembered it)."""
+    dedup = Deduplicator(DedupConfig(exact=False, threshold=0.75))
+    n = BUCKET_CAP + 2
+    sig = np.random.default_rng(0).integers(0, 2**32, (n + 2, 128), dtype=np.uint32)
+    sig[n], sig[n + 1] = sig[0], sig[BUCKET_CAP]
+    keys = np.full((n + 2, dedup.bands), 7, dtype=np.uint64)  # every band hash shared
+    fp = Fingerprints(n + 2, None, sig, np.ones(n + 2, dtype=bool), keys)
+    assert dedup.decide(fp) == [None] * n + ["near", None]
+    assert dedup.n_kept == n + 1 and all(t[7] == list(range(BUCKET_CAP)) for t in dedup.tables)

@@ -10,10 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from orchestration.data import prepare as prepare_module
 from orchestration.data.clean import clean_text
-from orchestration.data.config import PrepareConfig
+from orchestration.data.config import PrepareConfig, ShardConfig
+from orchestration.data.documents import Document
 from orchestration.data.prepare import Steps, prepare
-from orchestration.data.shards import file_sha256, tokenize_shard, tokenizer_info
+from orchestration.data.prepare_tasks import ChunkRunner
+from orchestration.data.shards import ShardWriter, file_sha256, tokenize_shard, tokenizer_info
 from hanyeong.errors import DataError
 from tests.conftest import quickstart_korean
 from tests.orchestration.data.support import (  # noqa: F401
@@ -139,6 +142,47 @@ def test_planted_benchmark_items_and_duplicates_are_dropped(built):
     assert manifest["sources"]["news"]["dropped"]["dedup:exact"] == 2
 
 
+@pytest.mark.parametrize(
+    "chunk_tasks, chunk_documents, driver_reads",
+    [(0, None, True), (1, 97, False), (3, 97, False), (2, 50, True)],
+)
+def test_the_dataset_is_the_same_on_any_number_of_workers(
+    built, small_tokenizer_dir, tmp_path, monkeypatch, chunk_tasks, chunk_documents, driver_reads
+):
+    """The steps in this process (0), or in Ray tasks one (1) or several at a time over chunks of
+    any size, files read by Ray tasks or (as on a cluster of several nodes) by the driver: the same
+    manifest but for timings, and the same shard bytes."""
+    root, corpus, config, manifest = built
+    if chunk_documents:
+        monkeypatch.setattr(prepare_module, "BATCH_DOCUMENTS", chunk_documents)
+    if driver_reads:
+        monkeypatch.setattr(ChunkRunner, "reads_files", lambda self: False)
+    other = prepare([str(corpus)], small_tokenizer_dir, tmp_path / "ds", config, chunk_tasks=chunk_tasks)
+    assert {**other, "seconds": None} == {**manifest, "seconds": None}
+    for source in other["sources"].values():
+        for shard in source["shards"]:
+            assert file_sha256(tmp_path / "ds" / shard["path"]) == shard["sha256"]
+    assert set(other["seconds"]) >= {"clean", "filter", "dedup", "decontaminate", "waiting_for_ray"}
+
+
+def test_shards_of_texts_left_in_the_object_store_are_the_same(
+    tmp_path, small_tokenizer_dir, ray_local  # noqa: F811
+):
+    """ShardWriter given references into Ray's object store writes the bytes it writes from texts."""
+    tok, texts = tokenizer_info(small_tokenizer_dir), quickstart_korean(300)[:200]
+    config = ShardConfig(text_bytes_per_shard=4000)
+    direct = ShardWriter(tmp_path / "a", tok, config, lambda: ray_local)
+    for i, text in enumerate(texts):
+        direct.add(Document(f"r#{i}", "reviews", "ko", text))
+    stored = ShardWriter(tmp_path / "b", tok, config, lambda: ray_local)
+    refs = [ray_local.put(texts[:120]), ray_local.put(texts[120:])]
+    for i, text in enumerate(texts):
+        where = (refs[0], i) if i < 120 else (refs[1], i - 120)
+        stored.add_text("reviews", f"r#{i}", "ko", where, len(text.encode("utf-8")))
+    shards = direct.close()
+    assert len(shards["reviews"]) > 2 and stored.close() == shards
+
+
 def test_rerun_is_a_noop_and_a_forced_rebuild_is_identical(built, small_tokenizer_dir):
     root, corpus, config, manifest = built
     again = prepare([str(corpus)], small_tokenizer_dir, root / "ds", config)
@@ -202,3 +246,8 @@ def test_tokenize_shard_runs_alone(tmp_path, small_tokenizer_dir, small_tokenize
 def test_local_ray_listens_on_loopback_only(ray_local):  # noqa: F811
     assert {node["NodeManagerAddress"] for node in ray_local.nodes()} == {"127.0.0.1"}
     assert ray_local.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+
+def test_ray_tasks_read_the_files_on_a_one_machine_ray(ray_local):  # noqa: F811
+    assert ChunkRunner(PrepareConfig(), None, lambda: ray_local).reads_files()
+    assert not ChunkRunner(PrepareConfig(), None, None, in_flight=0).reads_files()
