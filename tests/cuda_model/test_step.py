@@ -286,3 +286,78 @@ def test_activation_checkpointing_trains_the_same_weights_and_resumes(backend, t
     for name, w in resumed[0].items():
         np.testing.assert_allclose(resumed[1][name], w, rtol=0, atol=1e-6, err_msg=name)
 
+
+
+@pytest.mark.parametrize("value, fused", [("1", True), ("on", True), ("0", False), ("off", False), ("", False)])
+def test_the_fused_adamw_switch_is_read_from_its_environment_variable(backend, monkeypatch, value, fused):
+    """HANYEONG_FUSED_ADAMW picks the AdamW kernel (empty: the device's default, foreach on the CPU);
+    HANYEONG_TORCH_COMPILE and HANYEONG_FSDP_BF16 are read by the same rule."""
+    from cuda_model.step import ENV_COMPILE, ENV_FSDP_BF16, ENV_FUSED, env_flag
+
+    assert (ENV_FUSED, ENV_COMPILE, ENV_FSDP_BF16) == ("HANYEONG_FUSED_ADAMW", "HANYEONG_TORCH_COMPILE",
+                                                       "HANYEONG_FSDP_BF16")  # fmt: skip
+    monkeypatch.setenv(ENV_FUSED, value)
+    state = backend.init_train_state(backend.init(tiny(), seed=0), OPTIM)
+    assert bool(state.optimizer.defaults["fused"]) is fused
+    assert bool(state.optimizer.defaults["foreach"]) is not fused
+    monkeypatch.setenv("HANYEONG_SOME_FLAG", " No ")
+    assert env_flag("HANYEONG_SOME_FLAG", True) is False and env_flag("HANYEONG_UNSET_FLAG", True) is True
+
+
+def test_tokens_seen_and_steps_count_every_input_token(backend):
+    state = backend.init_train_state(backend.init(tiny(), seed=0), OPTIM)
+    for rows, width in ((2, 9), (3, 5)):
+        backend.train_step(state, Batch.from_tokens(random_tokens(tiny(), (rows, width), seed=rows)))
+    assert (state.step, state.tokens_seen) == (2, 2 * 8 + 3 * 4)
+
+
+@pytest.fixture
+def metric_loss():
+    """SFT plus a summed metric of its own (as the preference losses return): the counted targets
+    again, so its mean over them is 1."""
+    from cuda_model.losses import sft
+
+    def with_metric(model, batch):
+        summed, n = sft(model, batch)
+        return summed, n, {"counted_again": n}
+
+    register_loss("test_metric", with_metric, reads=("inputs", "targets", "loss_mask"))
+    yield "test_metric"
+    del LOSSES["test_metric"], LOSS_READS["test_metric"]
+
+
+@pytest.mark.parametrize("counted", [1, 7])
+def test_the_step_means_loss_gradient_and_metrics_over_the_counted_targets(backend, metric_loss, counted):
+    """The reported loss and a loss's own metrics are sums over the global batch's counted targets
+    divided by their count, accumulated over micro-batches, and the gradient (its norm reported before
+    clipping) is that of the mean: checked against autograd on the same loss, down to one target."""
+    spec = tiny()
+    tokens = random_tokens(spec, (4, 9), seed=5)
+    mask = np.zeros(tokens.shape, np.float32)  # over the tokens; the targets' is its [:, 1:]
+    picked = np.random.default_rng(counted).choice(tokens.shape[0] * (tokens.shape[1] - 1), counted, replace=False)
+    targets = np.zeros(tokens.shape[0] * (tokens.shape[1] - 1), np.float32)
+    targets[picked] = 1.0
+    mask[:, 1:] = targets.reshape(tokens.shape[0], -1)
+    batch = Batch.from_tokens(tokens, loss_mask=mask)
+    optim = OptimConfig(**{**OPTIM.to_dict(), "grad_accum_steps": 2, "grad_clip": 0.0})
+    state = backend.init_train_state(backend.init(spec, seed=1), optim)
+    reference = backend.init(spec, seed=1)
+    summed, n, _ = LOSSES[metric_loss](reference, backend.tensors(Batch.from_tokens(tokens, loss_mask=mask)))
+    (summed / n).backward()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()
+    metrics = backend.train_step(state, batch, loss=metric_loss)
+    assert metrics["counted_tokens"] == counted and metrics["counted_again"] == pytest.approx(1.0)
+    assert metrics["loss"] == pytest.approx(summed.item() / counted, rel=1e-5)
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-4)
+
+
+def test_a_batch_with_fewer_rows_than_micro_batches_is_refused(backend):
+    state = backend.init_train_state(backend.init(tiny(), seed=0), OptimConfig(grad_accum_steps=3, total_steps=2))
+    with pytest.raises(DataError, match="a batch of 2 rows cannot be split into grad_accum_steps=3 micro-batches"):
+        backend.train_step(state, Batch.from_tokens(random_tokens(tiny(), (2, 9), seed=0)))
+
+
+def test_an_explicit_fused_choice_wins_over_the_environment(backend, monkeypatch):
+    monkeypatch.setenv("HANYEONG_FUSED_ADAMW", "0")
+    state = backend.init_train_state(backend.init(tiny(), seed=0), OPTIM, fused=True)
+    assert state.optimizer.defaults["fused"] is True
