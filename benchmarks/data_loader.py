@@ -310,7 +310,7 @@ def scale(args) -> dict:
     import shutil
     import subprocess
 
-    from orchestration.data.loader import RACY_NS
+    from orchestration.data.token_cache import RACY_NS
 
     results = {}
     for label, tokens in SCALE_TOKENS.items():
@@ -462,7 +462,7 @@ def scale_markdown(scale: dict, load_average: list) -> list[str]:
     verdict = "within" if ratio is not None and abs(ratio - 1) <= 0.10 else "NOT within"
     lines += ["", f"Peak RSS 1 GB / 10 MB: **{ratio}** on the cache, {scale.get('peak_ratio_cold')} "
               f"building it ({verdict} the 10% goal). What grows with the dataset is O(documents): "
-              "int64 offsets, int32 lengths and the current epoch's int32 permutation, ~16 bytes a "
+              "int64 offsets and the current epoch's int32 permutation, 12 bytes a "
               "document; the tokens stay in the token cache (on local disk, 4 bytes a token, built "
               "once per machine and shared by every loader there). Tokens/s are the second "
               "(cached) process's.", ""]  # fmt: skip

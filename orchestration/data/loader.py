@@ -21,7 +21,8 @@ seed), so every stage and run that reads the source holds out the same ones, and
 first n of any larger count.
 
 MEMORY (issue #20): bounded by the batch, not the dataset. What stays in memory is O(documents):
-int64 offsets, int32 lengths and the current epoch's int32 permutation, ~16 bytes a document. A
+int64 offsets and the current epoch's int32 permutation, 12 bytes a document (a source holding
+documents out keeps their index too). A
 batch reads each document piece it packs with one pread. With `rows_of=(rank, world)` a rank walks
 the whole global batch by lengths (the cursor is the global one) and reads the tokens of its own rows
 only: every rank of a group draws the same batches, each keeps and reads its share.
@@ -246,8 +247,13 @@ def draw_sources(seed: int, block: int, cdf: np.ndarray) -> np.ndarray:
 
 
 def permutation(seed: int, key: str, epoch: int, n: int) -> np.ndarray:
-    """The order of a source's n documents in `epoch`: int64 [n]."""
-    return np.zeros(1, np.int64) if n == 1 else philox(seed, "epoch", key, epoch).permutation(n)
+    """The order of a source's n documents in `epoch`: int32 [n] (Generator.permutation(n)'s order:
+    it is arange(n) shuffled, here in place in 4 bytes a document instead of 8)."""
+    if n == 1:
+        return np.zeros(1, np.int32)
+    order = np.arange(n, dtype=np.int32)
+    philox(seed, "epoch", key, epoch).shuffle(order)
+    return order
 
 
 # ---- the loader ---------------------------------------------------------------------------------
@@ -274,26 +280,22 @@ class MixtureLoader:
         self.rows_of = rows_of
         weights, tokenizer = resolve(mixture, root)
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.sources, lengths = [], []
+        self.sources = []
         # Sorted by key, not by path: the order must not depend on where the datasets are.
         for (directory, name), weight in sorted(weights.items(), key=lambda kv: _key(*kv[0])):
-            tokens, offsets, length, masks = open_source(directory, name, tokenizer, cache_dir)
+            tokens, offsets, masks = open_source(directory, name, tokenizer, cache_dir)
             key = _key(directory, name)
             held = held_documents(key, len(offsets) - 1, mixture.hold_out or 0)
             self.sources.append(LoadedSource(key, tokens, offsets, weight, masks, held))
-            lengths.append(length)
         self.masked = any(s.masks is not None for s in self.sources)
         self.pad_id = int(tokenizer.get("pad_id", PAD_ID))
-        # Per source, the start and length of each document training draws from (held-out ones left
-        # out); without held-out documents the start is a view of the offsets: nothing is copied.
-        self._begins, self._lengths = [], []
-        for source, length in zip(self.sources, lengths):
-            kept = slice(None) if source.train is None else source.train
-            self._begins.append(source.offsets[:-1][kept])
-            self._lengths.append(length[kept])
         # Documents are drawn with probability ∝ weight / mean length, so token shares = weights.
-        p = np.array([s.weight * len(n) / n.sum(dtype=np.int64)
-                      for s, n in zip(self.sources, self._lengths)])  # fmt: skip
+        # A document's start and length come from the offsets (no per-document array besides them).
+        p = []
+        for s in self.sources:
+            held_tokens = int((s.offsets[s.held + 1] - s.offsets[s.held]).sum())
+            p.append(s.weight * s.documents / (int(s.offsets[-1]) - held_tokens))
+        p = np.array(p)
         self._cdf = np.cumsum(p / p.sum())
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
         self._tokens = 0
@@ -421,8 +423,9 @@ class MixtureLoader:
                 order = self._permutation(s, epoch)
                 documents[where[done : done + take]] = order[position : position + take]
                 done, k = done + take, k + take
-            begin[where] = self._begins[s][documents[where]]
-            length[where] = self._lengths[s][documents[where]]
+            drawn = documents[where] if source.train is None else source.train[documents[where]]
+            begin[where] = source.offsets[drawn]
+            length[where] = source.offsets[drawn + 1] - begin[where]
             for old in [key for key in self._permutations if key[0] == s and key[1] < k // n]:
                 del self._permutations[old]
         # Python lists: _fill reads them one document at a time, faster than numpy scalars.

@@ -171,10 +171,10 @@ class ShardEntry:
 
 
 def open_source(directory: Path, name: str, tokenizer: dict, cache_dir: Path | None = None
-                ) -> tuple[TokenFile, np.ndarray, np.ndarray, TokenFile | None]:  # fmt: skip
+                ) -> tuple[TokenFile, np.ndarray, TokenFile | None]:  # fmt: skip
     """A source's int32 tokens [N] (a TokenFile over its shards' cache files), document offsets
-    int64 [docs + 1] and lengths int32 [docs], and int8 loss_mask [N] (a second TokenFile) when the
-    shards have that column (all of them or none), else None.
+    int64 [docs + 1], and int8 loss_mask [N] (a second TokenFile) when the shards have that column
+    (all of them or none), else None.
 
     Each shard comes from the token cache (see open_shard): built once per machine, after which an
     open reads only its lengths. Every open checks each shard's recorded numbers against the
@@ -200,11 +200,15 @@ def open_source(directory: Path, name: str, tokenizer: dict, cache_dir: Path | N
     entries = open_shards(named, cache_dir, check)
     if len({e.stats["masked"] for e in entries}) > 1:
         raise DataError(f"{directory}: some shards have a loss_mask column and some do not")
-    lengths = np.concatenate([e.lengths for e in entries]) if entries else np.zeros(0, np.int32)
-    if not len(lengths):
+    documents = sum(len(e.lengths) for e in entries)
+    if not documents:
         raise DataError(f"{directory}: source {name!r}: no documents")
-    offsets = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, dtype=np.int64, out=offsets[1:])
+    offsets, at = np.zeros(documents + 1, np.int64), 0
+    for e in entries:  # shard by shard, each one's lengths let go once summed: no second copy of all
+        part = offsets[at + 1 : at + 1 + len(e.lengths)]
+        np.cumsum(e.lengths, dtype=np.int64, out=part)
+        part += offsets[at]
+        at, e.lengths = at + len(part), None
     full = [e for e in entries if e.stats["tokens"]]
     counts = [e.stats["tokens"] for e in full]
     low, high = min(e.stats["low"] for e in full), max(e.stats["high"] for e in full)
@@ -212,7 +216,7 @@ def open_source(directory: Path, name: str, tokenizer: dict, cache_dir: Path | N
     masks = None
     if entries[0].stats["masked"]:
         masks = TokenFile(np.int8, [e.mask for e in full], counts, 0, 1)
-    return tokens, offsets, lengths, masks
+    return tokens, offsets, masks
 
 
 def check_contract(entry: ShardEntry, tokenizer: dict) -> None:
