@@ -16,7 +16,7 @@ from cuda_model.losses import LOSS_READS, LOSSES, register_loss, token_logprobs
 from cuda_model.step import forward_backward
 from orchestration.core.batch import Batch
 from orchestration.core.checkpoint import optimizer_key, read_trainer_state
-from hanyeong.errors import DataError
+from hanyeong.errors import CheckpointError, DataError
 from orchestration.core.optim import OptimConfig, lr_at
 from tests.conftest import REPO
 from tests.check_model import WEIGHTED, check_extras_reach_the_loss, random_tokens
@@ -288,7 +288,8 @@ def test_activation_checkpointing_trains_the_same_weights_and_resumes(backend, t
 
 
 
-@pytest.mark.parametrize("value, fused", [("1", True), ("on", True), ("0", False), ("off", False), ("", False)])
+@pytest.mark.parametrize("value, fused", [("1", True), ("on", True), ("0", False), ("off", False), ("False", False),
+                                          ("", False)])  # fmt: skip
 def test_the_fused_adamw_switch_is_read_from_its_environment_variable(backend, monkeypatch, value, fused):
     """HANYEONG_FUSED_ADAMW picks the AdamW kernel (empty: the device's default, foreach on the CPU);
     HANYEONG_TORCH_COMPILE and HANYEONG_FSDP_BF16 are read by the same rule."""
@@ -361,3 +362,29 @@ def test_an_explicit_fused_choice_wins_over_the_environment(backend, monkeypatch
     monkeypatch.setenv("HANYEONG_FUSED_ADAMW", "0")
     state = backend.init_train_state(backend.init(tiny(), seed=0), OPTIM, fused=True)
     assert state.optimizer.defaults["fused"] is True
+
+
+def test_moments_that_do_not_match_the_model_are_named(backend):
+    from cuda_model.step import load_optimizer_tensors, optimizer_tensors
+
+    state = backend.init_train_state(backend.init(tiny(), seed=0), OPTIM)
+    state.step = 1
+    tensors = optimizer_tensors(state)
+    tensors["model.norm.weight.exp_avg_extra"] = tensors.pop("model.norm.weight.exp_avg")
+    with pytest.raises(CheckpointError, match=r"missing \['model.norm.weight.exp_avg'\], unexpected "
+                                              r"\['model.norm.weight.exp_avg_extra'\]"):  # fmt: skip
+        load_optimizer_tensors(state, tensors, "here")
+
+
+def test_carried_moments_are_installed_whatever_the_stage_step(backend):
+    """Moments are skipped only before any AdamW step at all (this stage's and the carried ones)."""
+    from cuda_model.step import load_optimizer_tensors, optimizer_tensors
+
+    source = backend.init_train_state(backend.init(tiny(), seed=0), OPTIM)
+    backend.train_step(source, Batch.from_tokens(random_tokens(tiny(), (2, 9), seed=0)))
+    for step, carried in ((2, 2), (0, 3), (3, 0)):
+        state = backend.init_train_state(backend.init(tiny(), seed=0), OPTIM)
+        state.step, state.carried_steps = step, carried
+        load_optimizer_tensors(state, optimizer_tensors(source), "here")
+        steps = {float(v["step"]) for v in state.optimizer.state.values()}
+        assert len(state.optimizer.state) == len(list(state.model.parameters())) and steps == {step + carried}
