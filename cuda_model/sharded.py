@@ -121,13 +121,12 @@ def load(tensors: dict[str, torch.Tensor], path: str | Path, spec: ModelSpec, di
     path = Path(path)
     found = shapes(path)
     check_tensors(spec, {k: v for k, v in found.items() if not k.endswith(MOMENT_SUFFIXES)}, str(path / SHARDED_DIR))
-    wanted = {k: v for k, v in tensors.items() if k in found}  # a weights-only read asks no moments
     if missing := sorted(set(tensors) - set(found)):
         raise CheckpointError(f"{path / SHARDED_DIR}: no {', '.join(missing[:3])} in the pieces")
     try:
         with warnings.catch_warnings():  # DCP warns that a read without a process group is local: it is meant
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            dcp_load(wanted, storage_reader=HuggingFaceStorageReader(str(path / SHARDED_DIR)), no_dist=not distributed)
+            dcp_load(tensors, storage_reader=HuggingFaceStorageReader(str(path / SHARDED_DIR)), no_dist=not distributed)
     except Exception as err:  # DCP wraps every rank's failure in a CheckpointException
         raise CheckpointError(f"{path / SHARDED_DIR}: cannot read the pieces ({str(err).splitlines()[0]})") from None
 
