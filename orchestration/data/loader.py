@@ -435,8 +435,7 @@ class MixtureLoader:
     def _permutation(self, s: int, epoch: int) -> np.ndarray:
         if (s, epoch) not in self._permutations:
             key, n = self.sources[s].key, self.sources[s].documents
-            order = permutation(self.seed, key, epoch, n)  # int64; kept as int32: the same values
-            self._permutations[s, epoch] = order.astype(np.int32) if n < 2**31 else order
+            self._permutations[s, epoch] = permutation(self.seed, key, epoch, n)  # int32, no copy
         return self._permutations[s, epoch]
 
     # -- the cursor --

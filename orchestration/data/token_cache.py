@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -183,9 +184,14 @@ def open_source(directory: Path, name: str, tokenizer: dict, cache_dir: Path | N
     shards = read_manifest(directory)["sources"][name].get("shards", [])
     try:
         paths = [directory / shard["path"] for shard in shards]
-        expected = [(int(shard["tokens"]), shard.get("documents")) for shard in shards]
+        expected = [(int(shard["tokens"]), None if shard.get("documents") is None else int(shard["documents"]))
+                    for shard in shards]  # fmt: skip
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{directory}/manifest.json: {name}: bad shard entry ({err!r})") from None
+    for shard in shards:  # the cache's file names: never a path of its own, never a traceback
+        if shard.get("sha256") and not re.fullmatch(r"[0-9a-f]{64}", str(shard["sha256"])):
+            raise DataError(f"{directory}/manifest.json: {name}: shard {shard['path']}: sha256 must be 64 "
+                            f"hex digits, got {shard['sha256']!r}")  # fmt: skip
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     def check(i: int, entry: ShardEntry) -> None:
@@ -321,6 +327,10 @@ def open_shard(path: Path, sha256: str | None, cache_dir: Path, locks: BuildLock
     if entry is not None and _still_checked(cache_dir, path, stat, sha256):
         return entry
     if not locks.acquire(sha256, wait):
+        if entry is not None:  # another process is rebuilding it: this one comes back for it later
+            for f in (entry.tokens, entry.mask):
+                if f is not None:
+                    f.close()
         return None
     try:
         entry = entry or read_entry(cache_dir, sha256, path)  # built meanwhile by the lock's holder?
@@ -420,6 +430,10 @@ def build_shard(path: Path, sha256: str | None, cache_dir: Path) -> ShardEntry:
             f.close()
         raise DataError(f"{cache_dir}: cannot write the loader's token cache ({err}); free space "
                         "there or pass another cache_dir") from None  # fmt: skip
+    except BaseException:  # a bad shard, Ctrl-C: an unlinked file of a shard without sha256 is closed too
+        for f in files.values():
+            f.close()
+        raise
     finally:
         if sha256:
             for f in files.values():
@@ -520,16 +534,15 @@ def read_shard(path: Path, masked: bool):
 
     columns = ["input_ids", "loss_mask"] if masked else ["input_ids"]
     try:
-        parquet = pq.ParquetFile(path, buffer_size=READ_BUFFER, pre_buffer=False)
-        batches = parquet.iter_batches(batch_size=READ_ROWS, columns=columns, use_threads=False)
-        for batch in batches:
-            column = batch.column("input_ids")
-            if column.null_count or str(getattr(column.type, "value_type", "")) != "int32":
-                raise DataError(f"{path}: input_ids must be list<int32>, no nulls; got {column.type}")
-            bounds = column.offsets.to_numpy().astype(np.int64)
-            values = column.values.to_numpy(zero_copy_only=True)[bounds[0] : bounds[-1]]
-            mask = read_loss_mask(batch.column("loss_mask"), bounds, path) if masked else None
-            yield bounds - bounds[0], values, mask
+        with pq.ParquetFile(path, buffer_size=READ_BUFFER, pre_buffer=False) as parquet:  # closed on any exit
+            for batch in parquet.iter_batches(batch_size=READ_ROWS, columns=columns, use_threads=False):
+                column = batch.column("input_ids")
+                if column.null_count or str(getattr(column.type, "value_type", "")) != "int32":
+                    raise DataError(f"{path}: input_ids must be list<int32>, no nulls; got {column.type}")
+                bounds = column.offsets.to_numpy().astype(np.int64)
+                values = column.values.to_numpy(zero_copy_only=True)[bounds[0] : bounds[-1]]
+                mask = read_loss_mask(batch.column("loss_mask"), bounds, path) if masked else None
+                yield bounds - bounds[0], values, mask
     except (OSError, KeyError, ValueError, pa.ArrowException) as err:
         raise DataError(f"{path}: cannot read the input_ids column ({err})") from None
 

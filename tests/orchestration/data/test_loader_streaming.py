@@ -478,3 +478,13 @@ def test_processes_opening_at_once_build_each_entry_once(tmp_path):
     assert sorted(built) == sorted(entries(cache)) and len(built) == 5
     assert results[0] == results[1] == results[2]
     assert not list(cache.glob("*.tmp"))
+
+
+def test_a_manifest_sha256_that_is_not_one_is_refused_before_it_names_a_cache_file(tmp_path):
+    """The sha256 names the cache's files: '../x' must never reach a path, nor a traceback."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, EOS]] * 3})
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    manifest["sources"]["web"]["shards"][0]["sha256"] = "../../escape"
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"sha256 must be 64 hex digits, got '\.\./\.\./escape'"):
+        loader(tmp_path, {"sources": [{"dataset": "d"}]})
