@@ -107,6 +107,15 @@ def global_batches():
         yield Batch.from_tokens(tokens, loss_mask=rng.random((ROWS, T + 1)) < 0.6)
 
 
+def sft_counted(model, batch):
+    """sft with a summed metric of its own (as the preference losses have): its counted targets, so
+    the step's mean of it over the global batch's is 1 only if it was summed over the ranks."""
+    from mlx_model.losses import sft
+
+    summed, n = sft(model, batch)
+    return summed, n, {"counted": n}
+
+
 def train(out: Path, rank: int = 0, world: int = 1) -> None:
     """The law's run, alone (world 1) or as one rank: steps, a checkpoint every rank calls, a resume
     from it on every rank, one more step; metrics and weights to OUT/rank<r>.{json,npz}."""
@@ -116,6 +125,10 @@ def train(out: Path, rank: int = 0, world: int = 1) -> None:
     from orchestration.core.parallel import rank_rows
     from tests.mlx_model.conftest import tiny
 
+    from mlx_model.losses import LOSSES, register_loss
+
+    if "test_sft_counted" not in LOSSES:
+        register_loss("test_sft_counted", sft_counted, reads=("inputs", "targets", "loss_mask"))
     backend, parallel = MLXBackend(), "ddp" if world > 1 else None
     # rank 1 starts from other weights: the group must begin from rank 0's
     model = backend.init(tiny(), seed=rank)
@@ -125,7 +138,8 @@ def train(out: Path, rank: int = 0, world: int = 1) -> None:
         if i == STEPS:
             backend.save(state.model, out / "ckpt", state)
             state = backend.load_train_state(out / "ckpt", parallel=parallel)
-        metrics.append(backend.train_step(state, rank_rows(batch, rank, world), loss="sft"))
+        loss = "test_sft_counted" if i % 2 else "sft"  # with and without metrics of the loss's own
+        metrics.append(backend.train_step(state, rank_rows(batch, rank, world), loss=loss))
     (out / f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, "world": backend.world(),
                                                       "tokens_seen": state.tokens_seen}))  # fmt: skip
     weights = {k: np.array(v) for k, v in tree_flatten(state.model.parameters())}
@@ -162,11 +176,13 @@ def test_data_parallel_law_two_ranks_step_as_one_process_on_the_whole_batch(tmp_
         got = json.loads((ranks / f"rank{r}.json").read_text())
         assert got["world"] == [r, 2]
         assert got["tokens_seen"] == one["tokens_seen"] == (STEPS + 1) * ROWS * T
+        assert 0 < sum("counted" in m for m in got["metrics"]) < len(got["metrics"])
         for a, b in zip(got["metrics"], one["metrics"], strict=True):  # the global batch's metrics
             for key in ("tokens", "counted_tokens", "lr"):
                 assert a[key] == b[key], key
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+            assert a.get("counted", 1.0) == b.get("counted", 1.0) == 1.0  # a loss's metrics: summed over the ranks
     expected, w0, w1 = (np.load(d / f"rank{r}.npz") for d, r in ((alone, 0), (ranks, 0), (ranks, 1)))
     for name in expected.files:
         np.testing.assert_array_equal(w0[name], w1[name], err_msg=name)  # the ranks never drift apart
