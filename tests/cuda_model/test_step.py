@@ -388,3 +388,11 @@ def test_carried_moments_are_installed_whatever_the_stage_step(backend):
         load_optimizer_tensors(state, optimizer_tensors(source), "here")
         steps = {float(v["step"]) for v in state.optimizer.state.values()}
         assert len(state.optimizer.state) == len(list(state.model.parameters())) and steps == {step + carried}
+
+
+def test_an_unknown_loss_names_the_backend_and_the_losses_it_knows(backend):
+    from hanyeong.errors import ConfigError
+
+    state = backend.init_train_state(backend.init(tiny(), seed=0), OPTIM)
+    with pytest.raises(ConfigError, match=r"^unknown loss 'nope' for the torch backend; known: .*causal_lm, .*sft"):
+        backend.train_step(state, Batch.from_tokens(random_tokens(tiny(), (2, 9), seed=0)), loss="nope")
