@@ -579,6 +579,20 @@ def test_a_sources_loss_mask_reaches_the_batches_token_by_token(tmp_path, split)
     assert (targets == PAD).any() != split  # whole documents pad their rows
 
 
+def test_a_loss_mask_comes_exactly_when_some_target_does_not_count(tmp_path):
+    """Chat data alone carries its loss_mask column too; packed data of sources without one has
+    loss_mask None (every target counts), so the trainer skips the masking."""
+    rng = np.random.default_rng(4)
+    chat_docs = [[BOS, *rng.integers(3, 2000, rng.integers(2, 30)).tolist(), EOS] for _ in range(20)]
+    write_masked(tmp_path / "sft", chat_docs)
+    write_dataset(tmp_path / "web", {"web": [[BOS, 2500, 2600, EOS]] * 5})
+    chat = loader(tmp_path, {"sources": [{"dataset": "sft"}]}, seed=1, seq_len=24, rows=3)
+    web = loader(tmp_path, {"sources": [{"dataset": "web"}]}, seed=1, seq_len=24, rows=3)
+    for a, b in zip(read(chat, [(24, 3)] * 3), read(web, [(24, 3)] * 3)):
+        assert np.array_equal(a.loss_mask, (~np.isin(a.targets, USER)).astype(np.float32))
+        assert b.loss_mask is None
+
+
 def test_bad_loss_masks_are_data_errors(tmp_path):
     docs = [[BOS, 5, 1500, EOS], [BOS, 6, EOS]]
     cases = {
@@ -673,6 +687,14 @@ def test_config_objects_are_frozen_and_loaded_sources_print_short(datasets):
     assert all(len(repr(s)) < 200 for s in data.sources)  # no token arrays in logs
     bare = LoadedSource("k", data.sources[0].tokens, data.sources[0].offsets, 1.0)
     assert bare.documents == len(bare.offsets) - 1 and len(bare.held) == 0  # nothing held out by default
+
+
+def test_a_loaded_source_prints_its_key_and_weight_only(datasets):
+    """Logs show a source as its key and share: no token, offset, mask or held-out array."""
+    data = loader(datasets[0], {"sources": [{"dataset": "stage2"}, {"dataset": "stage1"}], "hold_out": 2})
+    assert all(len(s.held) for s in data.sources if s.key.endswith("web"))
+    for s in data.sources:
+        assert repr(s) == f"LoadedSource(key={s.key!r}, weight={s.weight!r})"
 
 
 def test_shards_outside_the_contract_are_data_errors(tmp_path):

@@ -154,6 +154,27 @@ def test_the_loader_keeps_offsets_never_tokens(tmp_path):
     assert retained_array_bytes(data) < tokens  # a quarter of the tokens' int32 bytes, at most
 
 
+def test_a_source_keeps_one_epochs_permutation_and_shuffles_each_epoch_once(tmp_path, monkeypatch):
+    """The memory law's permutation: a draw block of small sources spans many epochs (here about
+    ten), and each source keeps one epoch's permutation, the last its laid-out draws reach; dropping
+    it early would cost a second shuffle of that epoch in the next block."""
+    shuffled = []
+
+    def counted(seed, key, epoch, n):
+        shuffled.append((key, epoch))
+        return real(seed, key, epoch, n)
+
+    real = loader_module.permutation
+    monkeypatch.setattr(loader_module, "permutation", counted)
+    write_dataset(tmp_path / "d", {"one": [[BOS, 5, EOS]] * 50, "two": [[BOS, 6, EOS]] * 30})
+    data = loader(tmp_path, {"sources": [{"dataset": "d"}]}, seq_len=511, rows=8)
+    for _ in range(4):  # 1,365 documents a batch: every batch starts a draw block
+        held = [s for s, _ in data._permutations]  # (source, epoch) -> int32 permutation
+        assert sorted(held) == sorted(set(held)) and len(held) <= len(data.sources)
+        data.next_batch()
+    assert len(shuffled) == len(set(shuffled)) and len(shuffled) > 100
+
+
 def test_a_shard_is_hashed_and_decoded_in_blocks_never_whole(tmp_path, monkeypatch):
     """Opening reads each shard in blocks: never its bytes whole, never a whole table, and Arrow
     batches of at most READ_ROWS documents, even inside one large row group."""
