@@ -25,7 +25,7 @@ def distill_batch(seed: int, rows: int = 2, length: int = 16, k: int = 8) -> Bat
     logp = teacher - np.log(np.exp(teacher).sum(-1, keepdims=True))
     ids = np.argsort(-logp, axis=-1, kind="stable")[..., :k]
     extras = {"teacher_ids": ids.astype(np.int32), "teacher_logprobs": np.take_along_axis(logp, ids, -1).astype(np.float32),
-              "afm_weight": np.full(rows, 0.9, np.float32), "temperature": np.full(rows, 2.0, np.float32),
+              "afm_weight": np.full(rows, 0.9, np.float32), "temperature": np.full(rows, 1.5, np.float32),
               "mix": np.full(rows, 0.3, np.float32)}  # fmt: skip
     return Batch.from_tokens(tokens, loss_mask=mask, segment_ids=segments, **extras)
 
@@ -42,8 +42,9 @@ def test_mlx_distillation_equals_torch(backend, torch_backend, tmp_path, name):
     ma, mb = torch_backend.train_step(a, batch, loss=name), backend.train_step(b, batch, loss=name)
     assert mb["loss"] == pytest.approx(ma["loss"], abs=1e-4)
     assert mb["counted_tokens"] == ma["counted_tokens"] == batch.loss_mask.sum()
-    for key in ("distill/ce", "distill/kd", "distill/agreement"):
-        assert mb[key] == pytest.approx(ma[key], abs=1e-4), key
+    assert set(mb) == set(ma) >= {"distill/ce", "distill/kd", "distill/agreement"}
+    for key in ma:
+        assert mb[key] == pytest.approx(ma[key], rel=1e-4, abs=1e-4), key
     after = torch_backend.eval_loss(a.model, batch, loss=name)
     assert after < expected
     assert backend.eval_loss(b.model, batch, loss=name) == pytest.approx(after, abs=1e-4)

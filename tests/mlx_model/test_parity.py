@@ -157,3 +157,16 @@ def test_adamw_update_is_torchs(backend):
         np.testing.assert_allclose(step_ours, step_torch, rtol=1e-4, atol=ulp, err_msg=k)
         np.testing.assert_allclose(np.array(state.optimizer.state["exp_avg_sq"][k]),
                                    adamw.state[p]["exp_avg_sq"].numpy(), rtol=1e-5, err_msg=k)  # fmt: skip
+
+
+def test_both_backends_have_the_same_losses_reading_the_same_arrays(torch_backend):
+    """One recipe runs on either backend: each loss a stage names exists on both, reads the same
+    arrays (a name that differs would make one backend refuse batches the other trains on) and
+    reports metrics of the same names (TRL's: the logs and plots read them)."""
+    import cuda_model.losses as torch_losses
+    import mlx_model.losses as mlx_losses
+
+    reads = {k: list(v) for k, v in mlx_losses.LOSS_READS.items()}
+    assert reads == {k: list(v) for k, v in torch_losses.LOSS_READS.items()}
+    for name in ("PAIR_METRICS", "REWARD_METRICS", "GRPO_METRICS"):
+        assert getattr(mlx_losses, name) == getattr(torch_losses, name), name
