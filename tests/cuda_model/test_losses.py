@@ -28,10 +28,14 @@ def test_fused_linear_cross_entropy_equals_the_plain_one(rows, chunk, masked, se
     losses.CHUNK_ELEMENTS = chunk * V  # `chunk` rows per chunk: many chunks, a ragged last one
     try:
         fused, n_fused = losses.linear_cross_entropy(h, w, targets, mask)
+        with torch.no_grad():  # the evaluation path: chunked too, without gradients
+            evaluated, n_evaluated = losses.linear_cross_entropy(h, w, targets, mask)
     finally:
         losses.CHUNK_ELEMENTS = old
     grads_fused = torch.autograd.grad(fused * 0.5, (h, w))
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(evaluated, plain.detach(), atol=1e-5, rtol=1e-6)
+    assert n_evaluated.item() == n_plain.item()
     assert n_fused.item() == n_plain.item()
     for a, b in zip(grads_fused, grads_plain):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

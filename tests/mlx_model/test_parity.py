@@ -56,6 +56,25 @@ def test_logits_and_greedy_generation_match_torch(backend, torch_backend, tmp_pa
     assert backend.generate(ours, prompts, 8) == torch_backend.generate(theirs, prompts, 8)
 
 
+@pytest.mark.parametrize("loss", ["causal_lm", "sft"])
+def test_packed_and_masked_losses_match_torch(backend, torch_backend, tmp_path, loss):
+    """The language-model losses read segment_ids (packed documents see only themselves) and
+    loss_mask (causal_lm's padding, sft's answers) as torch's do."""
+    spec = tiny()
+    torch_backend.save(perturbed(torch_backend.init(spec, seed=5)), tmp_path / "ckpt")
+    theirs, ours = torch_backend.load(tmp_path / "ckpt"), backend.load(tmp_path / "ckpt")
+    tokens = random_tokens(spec, (2, 33), seed=3)
+    mask = (np.random.default_rng(3).random(tokens.shape) < 0.6).astype(np.float32)
+    segments = np.repeat([[0] * 12 + [1] * 21], 2, axis=0)
+    packed = Batch.from_tokens(tokens, loss_mask=mask, segment_ids=segments)
+    expected = torch_backend.eval_loss(theirs, packed, loss=loss)
+    # measured on the CPU: <= 8.3e-7 over 6 seeds (fp32, losses ~ 6)
+    assert backend.eval_loss(ours, packed, loss=loss) == pytest.approx(expected, abs=2e-5)
+    for other in (Batch.from_tokens(tokens, loss_mask=mask), Batch.from_tokens(tokens, loss_mask=np.ones_like(mask),
+                                                                               segment_ids=segments)):  # fmt: skip
+        assert abs(torch_backend.eval_loss(theirs, other, loss=loss) - expected) > 1e-3  # each array matters
+
+
 def test_torch_loads_what_mlx_saves(backend, torch_backend, tmp_path):
     spec = tiny(tie_embeddings=False)
     model = backend.init(spec, seed=2)
