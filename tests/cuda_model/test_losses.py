@@ -41,6 +41,20 @@ def test_fused_linear_cross_entropy_equals_the_plain_one(rows, chunk, masked, se
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("trained", ["hidden", "head"])
+def test_the_fused_loss_trains_when_only_one_of_its_inputs_does(trained):
+    """A frozen head (or frozen hidden states) still gets the training path: the other's gradient is
+    the plain cross-entropy's."""
+    generator = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 5, 8, generator=generator, requires_grad=trained == "hidden")
+    w = torch.randn(11, 8, generator=generator, requires_grad=trained == "head")
+    targets = torch.randint(0, 11, (2, 5), generator=generator)
+    x = h if trained == "hidden" else w
+    fused, _ = losses.linear_cross_entropy(h, w, targets, None)
+    plain, _ = losses.masked_cross_entropy(h @ w.T, targets, None)
+    torch.testing.assert_close(torch.autograd.grad(fused, x)[0], torch.autograd.grad(plain, x)[0], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_fusable_chunk_kernel_equals_the_eager_one(masked):
     generator = torch.Generator().manual_seed(0)

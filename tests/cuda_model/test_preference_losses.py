@@ -130,6 +130,24 @@ def test_conservative_dpo_and_simper_equal_their_formulas():
 # ---- a real tiny model ---------------------------------------------------------------------------
 
 
+def test_the_registered_losses_read_label_smoothing_and_report_simpers_rewards(model):
+    """dpo takes each pair's label_smoothing from the batch (cDPO per pair); simper's rewards are the
+    answers' mean token log-probs, its margin their difference."""
+    batch = model_batch(4)
+    with torch.no_grad():
+        c, r, nc, nr = losses.pair_logps(model, batch)
+        refs = (batch["ref_chosen_logps"], batch["ref_rejected_logps"], batch["beta"])
+        smoothing = torch.tensor([0.0, 0.1, 0.3])
+        summed, _, _ = losses.dpo(model, {**batch, "label_smoothing": smoothing})
+        want = losses.dpo_pair_loss(c, r, refs[0], refs[1], refs[2], smoothing).sum()
+        assert summed.item() == pytest.approx(want.item(), abs=1e-5)
+        assert abs(summed.item() - losses.dpo(model, batch)[0].item()) > 1e-3
+        _, _, metrics = losses.simper(model, batch)
+    mean_c, mean_r = c / nc, r / nr
+    for key, value in (("rewards/chosen", mean_c), ("rewards/rejected", mean_r), ("rewards/margins", mean_c - mean_r)):
+        assert metrics[key].item() == pytest.approx(value.sum().item(), rel=1e-5), key
+
+
 def model_batch(seed: int, rows: int = 3, length: int = 12, vocab: int = 97) -> dict[str, torch.Tensor]:
     """A pair batch of random tokens in the layout of cuda_model/losses.py (shared prompt per row)."""
     rng = np.random.default_rng(seed)
@@ -197,7 +215,9 @@ def test_step_metrics_equal_trl_logged_metrics(model, name, trl_name):
     rows = batch["inputs"].shape[0]
     with torch.no_grad():
         c, r, _, _ = losses.pair_logps(model, batch)  # references making pair 2 (only) a miss
-        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = c + torch.tensor([-1.0, 1.0, -1.0]), r
+        # rejected rewards not zero either: margins = chosen - rejected is told from chosen + rejected
+        batch["ref_chosen_logps"] = c + torch.tensor([-1.0, 1.0, -1.0])
+        batch["ref_rejected_logps"] = r + torch.tensor([0.5, -0.5, 0.2])
         _, count, ours = losses.get_loss(name)(model, batch)
         x = torch.cat([batch["inputs"], batch["rejected_inputs"]])
         y = torch.cat([batch["targets"], batch["rejected_targets"]])

@@ -52,3 +52,17 @@ def test_mlx_grpo_equals_torch(backend, torch_backend, tmp_path, aggregation):
     assert 0 < ma["grpo/clip_ratio"] < 1  # both clip sides are exercised
     after = torch_backend.eval_loss(a.model, batch, loss="grpo")
     assert backend.eval_loss(b.model, batch, loss="grpo") == pytest.approx(after, abs=1e-4)
+
+
+def test_on_policy_with_a_zero_clip_range_clips_nothing(backend, torch_backend):
+    """On policy (no old_logprobs) the ratio is exactly 1: with epsilon = epsilon_high = 0 it sits on
+    both clip bounds, which clip only strictly beyond them (TRL's is_low_clipped / is_high_clipped)."""
+    from cuda_model.losses import grpo as torch_grpo
+    from mlx_model.losses import grpo as mlx_grpo
+    from mlx_model.step import arrays
+
+    batch = rollout_batch(0, "token_mean")
+    batch.extras["epsilon_low"] = batch.extras["epsilon_high"] = np.zeros(batch.rows, np.float32)
+    torch_model, mlx_model = torch_backend.init(tiny(), seed=3), backend.init(tiny(), seed=3)
+    assert torch_grpo(torch_model, torch_backend.tensors(batch))[2]["grpo/clip_ratio"].item() == 0.0
+    assert mlx_grpo(mlx_model, arrays(batch))[2]["grpo/clip_ratio"].item() == 0.0
