@@ -34,6 +34,7 @@ def test_mlx_grpo_equals_torch(backend, torch_backend, tmp_path, aggregation):
     torch_backend.save(torch_backend.init(tiny(), seed=3), tmp_path / "ckpt")
     theirs, ours = torch_backend.load(tmp_path / "ckpt"), backend.load(tmp_path / "ckpt")
     batch = rollout_batch(0, aggregation)
+    batch.extras["advantages"][0] = 0.0  # a group whose answers all scored alike: never clipped
     logps = torch_backend.logprobs(theirs, Batch(batch.inputs, batch.targets))
     rng = np.random.default_rng(1)
     batch.extras["old_logprobs"] = (logps + rng.uniform(-0.4, 0.4, logps.shape)).astype(np.float32)
