@@ -24,11 +24,15 @@ def pair_batch(seed: int, rows: int = 4, length: int = 16) -> Batch:
     mask = np.zeros((2 * rows, length), np.float32)
     for row in range(2 * rows):
         mask[row, 4 : 4 + int(rng.integers(1, length - 4 + 1))] = 1.0
+    mask[[0, rows]] = 0.0
+    mask[[0, rows], 4] = 1.0  # pair 0: one-token answers (the length floor of 1 is reached)
+    rejected[-1], mask[-1] = chosen[-1], mask[rows - 1]  # the last pair: one answer twice (a tie, no accuracy)
     extras = {"rejected_inputs": rejected[:, :-1], "rejected_targets": rejected[:, 1:],
               "rejected_mask": mask[rows:], "ref_chosen_logps": rng.normal(-40, 3, rows).astype(np.float32),
               "ref_rejected_logps": rng.normal(-40, 3, rows).astype(np.float32),
               "beta": np.full(rows, 0.1, np.float32), "label_smoothing": np.full(rows, 0.1, np.float32),
               "sft_weight": np.full(rows, 0.2, np.float32)}  # fmt: skip
+    extras["ref_rejected_logps"][-1] = extras["ref_chosen_logps"][-1]
     return Batch(chosen[:, :-1], chosen[:, 1:], loss_mask=mask[:rows], extras=extras)
 
 

@@ -33,6 +33,8 @@ def reward_batch(seed: int, rows: int = 3, T: int = 16) -> Batch:
             mask[row, 3:n] = 1.0
         arrays[f"{prefix}inputs"], arrays[f"{prefix}mask" if prefix else "loss_mask"] = tokens, mask
     arrays["rejected_inputs"][:, :3] = arrays["inputs"][:, :3]
+    # the last pair: one answer twice, a tie (accuracy counts only a strictly higher chosen reward)
+    arrays["rejected_inputs"][-1], arrays["rejected_mask"][-1] = arrays["inputs"][-1], arrays["loss_mask"][-1]
     arrays["targets"] = np.zeros_like(arrays["inputs"])
     arrays["margin"] = rng.uniform(-0.5, 0.5, rows).astype(np.float32)
     arrays["center_coefficient"] = np.full(rows, 0.01, np.float32)
