@@ -334,6 +334,22 @@ def test_token_shares_converge_to_the_weights(datasets):
     assert {k: c / total for k, c in counts.items()} == pytest.approx(weights, abs=0.025)
 
 
+def test_draw_probabilities_give_each_source_its_weight_in_expected_tokens(datasets):
+    """Exactly, not by sampling: a source drawn with probability p yields p x (its mean training
+    document length) tokens a draw, and those are the weights; held-out documents count neither in
+    the documents nor in the tokens (its own documents' lengths, not their neighbours')."""
+    root, _ = datasets
+    data = loader(root, {"sources": [{"dataset": "stage2"}, {"dataset": "stage1"}], "hold_out": 2})
+    assert any(len(s.held) for s in data.sources)
+    p = np.diff(data._cdf, prepend=0.0)
+    expected = []
+    for s, share in zip(data.sources, p):
+        kept = np.setdiff1d(np.arange(len(s.offsets) - 1), s.held)
+        expected.append(share * (s.offsets[kept + 1] - s.offsets[kept]).mean())
+    np.testing.assert_allclose(np.array(expected) / sum(expected), [data.weights[s.key] for s in data.sources],
+                               rtol=1e-9)  # fmt: skip
+
+
 def test_star_splits_a_weight_by_tokens(datasets):
     root, _ = datasets
     data = loader(root, {"sources": [{"dataset": "stage2"}]})
