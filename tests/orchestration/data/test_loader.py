@@ -890,3 +890,12 @@ def test_after_a_document_longer_than_a_row_the_next_starts_a_fresh_row(tmp_path
     batch = loader(tmp_path, {"sources": [{"dataset": "d"}], "split_documents": False}, seq_len=3, rows=4).next_batch()
     rows = rows_of(batch).tolist()
     assert [row[0] for row in rows] == [BOS, EOS, BOS, EOS] and rows[1][1:] == rows[3][1:] == [PAD] * 3
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_an_epochs_order_is_a_permutation_of_its_documents(n):
+    from orchestration.data.loader import permutation
+
+    for epoch in range(3):
+        order = permutation(5, "d/web", epoch, n)
+        assert order.dtype == np.int32 and sorted(order.tolist()) == list(range(n))
