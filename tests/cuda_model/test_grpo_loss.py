@@ -21,13 +21,15 @@ TRL_LOSS = {"token_mean": "dapo", "seq_mean_token_mean": "grpo", "dr_grpo": "dr_
 
 
 def rollout(seed: int, aggregation: str, beta: float = 0.04, old_noise: float = 0.3):
-    """A batch in the grpo layout: a 3-token prompt, answers of random length, old log-probs off the
+    """A batch in the grpo layout: a 3-token prompt, answers of random length (the last of one
+    token: a metric's per-answer token mean reaches its floor of one), old log-probs off the
     current ones by up to `old_noise` (so ratios leave the clip range), advantages of both signs."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, VOCAB, (B, T + 1))
     mask = np.zeros((B, T), np.float32)
     for row in range(B):
         mask[row, 2 : 2 + int(rng.integers(1, T - 2 + 1))] = 1.0
+    mask[-1, 3:] = 0.0
     weight, count = aggregation_weights(aggregation, mask, MAX_NEW)
     return {"inputs": torch.from_numpy(tokens[:, :-1]), "targets": torch.from_numpy(tokens[:, 1:]),
             "loss_mask": torch.from_numpy(mask),

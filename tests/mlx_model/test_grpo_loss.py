@@ -17,11 +17,13 @@ from tests.mlx_model.conftest import VOCAB, tiny
 
 
 def rollout_batch(seed: int, aggregation: str, rows: int = 4, length: int = 12) -> Batch:
+    """Answers of random length after a 2-token prompt, the last of one token."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, VOCAB, (rows, length + 1)).astype(np.int32)
     mask = np.zeros((rows, length), np.float32)
     for row in range(rows):
         mask[row, 2 : 2 + int(rng.integers(1, length - 2 + 1))] = 1.0
+    mask[-1, 3:] = 0.0  # a one-token answer: a metric's per-answer token mean reaches its floor of one
     weight, count = aggregation_weights(aggregation, mask, 16)
     extras = {"advantages": rng.normal(0, 1, rows).astype(np.float32),
               "epsilon_low": np.full(rows, 0.2, np.float32), "epsilon_high": np.full(rows, 0.28, np.float32),
