@@ -98,6 +98,39 @@ def check_extras_reach_the_loss(backend, spec: ModelSpec, seen: list[dict[str, n
     assert not seen and state.step == 1  # refused before the loss ran
 
 
+# ---- the step's counters, and a batch too small to split ----------------------------------------
+
+
+def batch_counting(spec: ModelSpec, counted: int) -> Batch:
+    """A 4 x 9 batch whose loss mask counts `counted` of its targets, picked at random."""
+    tokens = random_tokens(spec, (4, 9), seed=5)
+    targets = np.zeros(tokens.shape[0] * (tokens.shape[1] - 1), np.float32)
+    targets[np.random.default_rng(counted).choice(targets.size, counted, replace=False)] = 1.0
+    mask = np.zeros(tokens.shape, np.float32)  # over the tokens; the targets' is its [:, 1:]
+    mask[:, 1:] = targets.reshape(tokens.shape[0], -1)
+    return Batch.from_tokens(tokens, loss_mask=mask)
+
+
+def check_step_counters(backend, spec: ModelSpec) -> None:
+    """`step` counts updates and `tokens_seen` every input token, whatever each batch's shape."""
+    state = backend.init_train_state(backend.init(spec, seed=0), OptimConfig(total_steps=4))
+    for rows, width in ((2, 9), (3, 5)):
+        backend.train_step(state, Batch.from_tokens(random_tokens(spec, (rows, width), seed=rows)))
+    assert (state.step, state.tokens_seen) == (2, 2 * 8 + 3 * 4)
+
+
+def check_too_few_rows_are_refused(backend, spec: ModelSpec) -> None:
+    """A batch with fewer rows than micro-batches is one DataError, before anything moves."""
+    state = backend.init_train_state(backend.init(spec, seed=0), OptimConfig(grad_accum_steps=3, total_steps=2))
+    try:
+        backend.train_step(state, Batch.from_tokens(random_tokens(spec, (2, 9), seed=0)))
+    except DataError as err:
+        assert "a batch of 2 rows cannot be split into grad_accum_steps=3 micro-batches" in str(err), err
+    else:
+        raise AssertionError("a batch of 2 rows was split into 3 micro-batches")
+    assert (state.step, state.tokens_seen) == (0, 0)
+
+
 # ---- generation never samples a special id it was not told -------------------------------------
 
 EOS, UNK, THOUGHT, END_THOUGHT = (

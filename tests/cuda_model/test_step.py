@@ -19,7 +19,14 @@ from orchestration.core.checkpoint import optimizer_key, read_trainer_state
 from hanyeong.errors import CheckpointError, DataError
 from orchestration.core.optim import OptimConfig, lr_at
 from tests.conftest import REPO
-from tests.check_model import WEIGHTED, check_extras_reach_the_loss, random_tokens
+from tests.check_model import (
+    WEIGHTED,
+    batch_counting,
+    check_extras_reach_the_loss,
+    check_step_counters,
+    check_too_few_rows_are_refused,
+    random_tokens,
+)
 from tests.cuda_model.conftest import tiny
 from tests.cuda_model.resume_worker import train
 
@@ -306,10 +313,7 @@ def test_the_fused_adamw_switch_is_read_from_its_environment_variable(backend, m
 
 
 def test_tokens_seen_and_steps_count_every_input_token(backend):
-    state = backend.init_train_state(backend.init(tiny(), seed=0), OPTIM)
-    for rows, width in ((2, 9), (3, 5)):
-        backend.train_step(state, Batch.from_tokens(random_tokens(tiny(), (rows, width), seed=rows)))
-    assert (state.step, state.tokens_seen) == (2, 2 * 8 + 3 * 4)
+    check_step_counters(backend, tiny())
 
 
 @pytest.fixture
@@ -333,17 +337,11 @@ def test_the_step_means_loss_gradient_and_metrics_over_the_counted_targets(backe
     divided by their count, accumulated over micro-batches, and the gradient (its norm reported before
     clipping) is that of the mean: checked against autograd on the same loss, down to one target."""
     spec = tiny()
-    tokens = random_tokens(spec, (4, 9), seed=5)
-    mask = np.zeros(tokens.shape, np.float32)  # over the tokens; the targets' is its [:, 1:]
-    picked = np.random.default_rng(counted).choice(tokens.shape[0] * (tokens.shape[1] - 1), counted, replace=False)
-    targets = np.zeros(tokens.shape[0] * (tokens.shape[1] - 1), np.float32)
-    targets[picked] = 1.0
-    mask[:, 1:] = targets.reshape(tokens.shape[0], -1)
-    batch = Batch.from_tokens(tokens, loss_mask=mask)
+    batch = batch_counting(spec, counted)
     optim = OptimConfig(**{**OPTIM.to_dict(), "grad_accum_steps": 2, "grad_clip": 0.0})
     state = backend.init_train_state(backend.init(spec, seed=1), optim)
     reference = backend.init(spec, seed=1)
-    summed, n, _ = LOSSES[metric_loss](reference, backend.tensors(Batch.from_tokens(tokens, loss_mask=mask)))
+    summed, n, _ = LOSSES[metric_loss](reference, backend.tensors(batch))
     (summed / n).backward()
     norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()
     metrics = backend.train_step(state, batch, loss=metric_loss)
@@ -353,9 +351,7 @@ def test_the_step_means_loss_gradient_and_metrics_over_the_counted_targets(backe
 
 
 def test_a_batch_with_fewer_rows_than_micro_batches_is_refused(backend):
-    state = backend.init_train_state(backend.init(tiny(), seed=0), OptimConfig(grad_accum_steps=3, total_steps=2))
-    with pytest.raises(DataError, match="a batch of 2 rows cannot be split into grad_accum_steps=3 micro-batches"):
-        backend.train_step(state, Batch.from_tokens(random_tokens(tiny(), (2, 9), seed=0)))
+    check_too_few_rows_are_refused(backend, tiny())
 
 
 def test_an_explicit_fused_choice_wins_over_the_environment(backend, monkeypatch):

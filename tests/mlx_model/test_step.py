@@ -15,12 +15,12 @@ mx = pytest.importorskip("mlx.core")
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from hanyeong.errors import CheckpointError, DataError
+from hanyeong.errors import CheckpointError
 from mlx_model.losses import LOSS_READS, LOSSES, register_loss, sft
 from mlx_model.step import ENV_COMPILE, arrays, clip, env_flag, split
 from orchestration.core.batch import Batch
 from orchestration.core.optim import OptimConfig
-from tests.check_model import random_tokens
+from tests.check_model import batch_counting, check_step_counters, check_too_few_rows_are_refused, random_tokens
 from tests.mlx_model.conftest import tiny
 
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=2, total_steps=8, weight_decay=0.1, grad_clip=0.5)
@@ -55,9 +55,7 @@ def test_split_takes_the_global_micro_batch_size_on_each_rank(rows, n, world, si
 
 
 def test_a_batch_with_fewer_rows_than_micro_batches_is_refused(backend):
-    state = backend.init_train_state(backend.init(tiny(), seed=0), OptimConfig(grad_accum_steps=3, total_steps=2))
-    with pytest.raises(DataError, match="a batch of 2 rows cannot be split into grad_accum_steps=3 micro-batches"):
-        backend.train_step(state, Batch.from_tokens(random_tokens(tiny(), (2, 9), seed=0)))
+    check_too_few_rows_are_refused(backend, tiny())
 
 
 def test_arrays_are_int32_ids_float32_numbers_and_bools():
@@ -97,10 +95,7 @@ def test_clipping_is_torchs_clip_grad_norm(shape, scale, max_norm, seed):
 
 
 def test_tokens_seen_and_steps_count_every_input_token(backend):
-    state = backend.init_train_state(backend.init(tiny(), seed=0), OPTIM)
-    for rows, width in ((2, 9), (3, 5)):
-        backend.train_step(state, Batch.from_tokens(random_tokens(tiny(), (rows, width), seed=rows)))
-    assert (state.step, state.tokens_seen) == (2, 2 * 8 + 3 * 4)
+    check_step_counters(backend, tiny())
 
 
 @pytest.fixture
@@ -124,13 +119,7 @@ def test_the_step_means_loss_gradient_and_metrics_over_the_counted_targets(backe
     their count, accumulated over micro-batches, and the gradient (its norm reported before clipping)
     is that of the mean: checked against mx's value_and_grad on the same loss, down to one target."""
     spec = tiny()
-    tokens = random_tokens(spec, (4, 9), seed=5)
-    mask = np.zeros(tokens.shape, np.float32)  # over the tokens; the targets' is its [:, 1:]
-    picked = np.random.default_rng(counted).choice(tokens.shape[0] * (tokens.shape[1] - 1), counted, replace=False)
-    targets = np.zeros(tokens.shape[0] * (tokens.shape[1] - 1), np.float32)
-    targets[picked] = 1.0
-    mask[:, 1:] = targets.reshape(tokens.shape[0], -1)
-    batch = Batch.from_tokens(tokens, loss_mask=mask)
+    batch = batch_counting(spec, counted)
     optim = OptimConfig(**{**OPTIM.to_dict(), "grad_accum_steps": 2, "grad_clip": 0.0})
     state = backend.init_train_state(backend.init(spec, seed=1), optim, compile=compile)
     reference = backend.init(spec, seed=1)
