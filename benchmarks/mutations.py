@@ -5,6 +5,7 @@
     python benchmarks/mutations.py --modules all        # every module in MODULES (hours)
     python benchmarks/mutations.py --list               # the mutants, without running anything
     python benchmarks/mutations.py --modules M --survivors   # after new assertions: rerun M's survivors only
+    python benchmarks/mutations.py --modules M --resume      # go on with a run that was stopped early
 
 Each module is parsed, and each mutant is one change to its syntax tree, as mutmut makes them:
 a comparison flipped (< to <=, == to !=, in to not in), an operator swapped (+ to -, * to /, & to |,
@@ -29,6 +30,9 @@ mutant is killed or not the same way every run. Tests that need ../shared/data s
 the original) are marked in EQUIVALENT with the reason, and the kill rate counts only the others;
 a survivor left alive for another reason is in NOT_KILLED with it, and counts against the rate.
 
+Mutants run in a seeded random order: a run stopped early (--minutes, Ctrl-C, `kill`) writes what
+ran, a random sample of the module's mutants, and its row says how many ran.
+
 Results: benchmarks/results/mutations-<machine>.{json,md}, merged per module: a run replaces the rows
 of the modules it ran and keeps the others, each row with its date and command, and the numbers of
 the module's first run (before its survivors were looked at). `--rejudge FILE` applies EQUIVALENT
@@ -41,7 +45,9 @@ import argparse
 import ast
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -69,16 +75,27 @@ MODULES = {
     "orchestration/core/checkpoint.py": ["tests/orchestration/test_checkpoint.py",
                                          "tests/cuda_model/test_checkpoint_io.py"],
     "orchestration/data/loader.py": ["tests/orchestration/data/test_loader.py",
-                                     "tests/orchestration/data/test_loader_streaming.py"],
+                                     "tests/orchestration/data/test_loader_streaming.py",
+                                     "tests/orchestration/data/test_loader_order.py"],
     "orchestration/data/token_cache.py": ["tests/orchestration/data/test_loader_streaming.py",
                                           "tests/orchestration/data/test_loader.py"],
-    "cuda_model/losses.py": ["tests/cuda_model/test_losses.py", "tests/cuda_model/test_step.py"],
+    "cuda_model/losses.py": ["tests/cuda_model/test_losses.py", "tests/cuda_model/test_preference_losses.py",
+                             "tests/cuda_model/test_reward.py", "tests/cuda_model/test_grpo_loss.py",
+                             "tests/cuda_model/test_distill_losses.py", "tests/cuda_model/test_step.py",
+                             "tests/mlx_model/test_parity.py::test_both_backends_have_the_same_losses_reading_the_same_arrays",
+                             "tests/mlx_model/test_parity.py::test_packed_and_masked_losses_match_torch",
+                             # MLX's losses, written apart, compared with these: a bug in either shows
+                             "tests/mlx_model/test_preference_losses.py", "tests/mlx_model/test_reward.py",
+                             "tests/mlx_model/test_grpo_loss.py", "tests/mlx_model/test_distill_losses.py"],
     "cuda_model/step.py": ["tests/cuda_model/test_step.py", "tests/cuda_model/test_model.py",
                            "tests/cuda_model/test_parallel.py",  # DDP/FSDP paths
                            "tests/cuda_model/test_checkpoint_io.py",
                            "tests/orchestration/test_carry_optimizer.py::test_carried_moments_train_as_one_longer_stage[torch]"],  # fmt: skip
-    "mlx_model/losses.py": ["tests/mlx_model/test_model.py", "tests/mlx_model/test_parity.py"],
-    "mlx_model/step.py": ["tests/mlx_model/test_model.py", "tests/mlx_model/test_parity.py",
+    "mlx_model/losses.py": ["tests/mlx_model/test_step.py", "tests/mlx_model/test_preference_losses.py", "tests/mlx_model/test_reward.py",
+                            "tests/mlx_model/test_grpo_loss.py", "tests/mlx_model/test_distill_losses.py",
+                            "tests/mlx_model/test_model.py", "tests/mlx_model/test_parity.py"],
+    "mlx_model/step.py": ["tests/mlx_model/test_step.py", "tests/mlx_model/test_model.py", "tests/mlx_model/test_parity.py",
+                          "tests/mlx_model/test_distributed.py::test_data_parallel_law_two_ranks_step_as_one_process_on_the_whole_batch",
                           "tests/orchestration/test_carry_optimizer.py::test_carried_moments_train_as_one_longer_stage[mlx]"],  # fmt: skip
 }  # fmt: skip
 DEFAULT = ["tokenizer/bbpe.py", "tokenizer/stream.py", "orchestration/data/decontaminate.py",
@@ -209,6 +226,59 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "arithmetic" for line in ("return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True).item()",
                                   "norm = par.full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))",
                                   "torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)")},
+    # mlx_model/step.py
+    **{("mlx_model/step.py", line, change): "a default every caller overrides (init_train_state passes each "
+        "field; the backend passes seed, compile, activation_checkpointing and the loss)"
+        for line, change in (("seed: int = 0", "0 -> 1"), ("compile: bool = True", "True -> False"),
+                             ("activation_checkpointing: bool = False", "False -> True"),
+                             ("seed: int = 0,", "0 -> 1"), ("activation_checkpointing: bool = False,", "False -> True"),
+                             ('def train_step(state: TrainState, batch: Batch, loss: str = "causal_lm") -> dict[str, float]:',
+                              "'causal_lm' -> 'XXcausal_lmXX'"))},
+    ("mlx_model/step.py", 'dtype = mx.int32 if kind in "iu" else mx.float32 if kind == "f" else None',
+     "'iu' -> 'XXiuXX'"): "a dtype's kind is one character: 'i' and 'u' are in 'XXiuXX' too",
+    **{("mlx_model/step.py", line, "call removed"): "MLX is lazy: the same graph is evaluated at the next "
+        ".item() or step (when, not what)" for line in (
+            "mx.eval(total, count, norm, tokens, extra, state.model.parameters(), state.optimizer.state)",
+            "mx.eval(current)")},
+    # cuda_model/losses.py
+    **{("cuda_model/losses.py", "CHUNK_ELEMENTS = 1 << 26  # logits per chunk of the fused head + loss (256 MB in fp32)",
+        change): "the size of a chunk (1 >> 26 = 0: chunks of one row), not the sums: test_losses.py sets its own "
+        "to make many ragged chunks" for change in ("<< -> >>", "1 -> 2", "26 -> 27")},
+    ("cuda_model/losses.py", "if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):", "and -> or"):
+        "the training kernel in evaluation: the same chunked sum, with gradients computed and dropped (time only)",
+    **{("cuda_model/losses.py", "chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])", change): "the size of a "
+        "chunk, not the sums" for change in ("1 -> 2", "0 -> 1")},
+    ("cuda_model/losses.py", "onehot = torch.arange(x.shape[-1], device=x.device)[None, :] == targets[:, None]",
+     "drop unary -"): "the logits are (rows, V): shape[1] is shape[-1]",
+    ("cuda_model/losses.py", 'if not (COMPILE_HEAD_KERNEL and device.type == "cuda"):', "drop not"):
+        "picks the compiled kernel or the eager one, the same function (test_losses.py holds them equal): time only",
+    ("cuda_model/losses.py", "if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):", "or -> and"):
+        "with one input frozen the evaluation path is taken, and autograd differentiates it (the plain chunked "
+        "cross-entropy): the same gradients, holding each chunk's logits (memory only)",
+    **{("cuda_model/losses.py", line, "drop unary -"): "the logits are (rows, V): dim 1 is dim -1" for line in (
+        "lse = torch.logsumexp(x, dim=-1)", "lse = torch.logsumexp(x, dim=-1, keepdim=True)")},
+    **{(module, "logps, lengths = per_token.sum(-1), mask.sum(-1)", "drop unary -"): "the arrays are (2B, T): "
+        "axis 1 is axis -1" for module in ("cuda_model/losses.py", "mlx_model/losses.py")},
+    ("mlx_model/losses.py", "weight = batch[\"row_count\"] / mx.maximum(mask.sum(-1), 1.0)  # a metric's token mean per answer",
+     "drop unary -"): "the mask is (B, T): axis 1 is axis -1",
+    ("cuda_model/losses.py", "weight = batch[\"row_count\"] / mask.sum(-1).clamp(min=1.0)  # a metric's token mean per answer",
+     "drop unary -"): "the mask is (B, T): dim 1 is dim -1",
+    ("cuda_model/losses.py", 'loss = (batch["token_weight"] * (per_token * mask).sum(-1)).sum()', "drop unary -"):
+        "the per-token losses are (B, T): dim 1 is dim -1",
+    ("cuda_model/losses.py", "metrics = {name: (weight * (v.detach() * mask).sum(-1)).sum() for name, v in values.items()}",
+     "drop unary -"): "the per-token values are (B, T): dim 1 is dim -1",
+    ("mlx_model/losses.py", 'loss = (batch["token_weight"] * (per_token * mask).sum(-1)).sum()', "drop unary -"):
+        "the per-token losses are (B, T): axis 1 is axis -1",
+    **{(module, line, "drop unary -"): "the mask is (B, T): argmax over axis 1 is over axis -1" for module, line in (
+        ("cuda_model/losses.py", "return (positions * (mask > 0)).argmax(-1)"),
+        ("mlx_model/losses.py", "return mx.argmax(positions * (mask > 0), axis=-1)"))},
+    ("orchestration/data/loader.py", "kept = np.ones(len(self.offsets) - 1, bool)", "- -> +"): "two more trailing "
+        "entries in `train`, never indexed: draws index it below `documents`, counted from the offsets",
+    ("mlx_model/losses.py", "metrics = {name: mx.stop_gradient((weight * (v * mask).sum(-1)).sum()) for name, v in "
+     "values.items()}", "drop unary -"): "the per-token values are (B, T): axis 1 is axis -1",
+    # mlx_model/losses.py
+    ("mlx_model/losses.py", "def dpo_pair_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0):",
+     "0.0 -> 1.0"): "a default the only caller (dpo) overrides with the batch's label_smoothing",
 }  # fmt: skip
 
 # (module, source line, change) -> why a survivor that is NOT equivalent is left alive: a test could
@@ -228,6 +298,15 @@ NOT_KILLED: dict[tuple[str, str, str], str] = {
         for line, change in (("compile = env_flag(ENV_COMPILE, False) if compile is None else compile", "is -> is not"),
                              ("losses.COMPILE_HEAD_KERNEL = True  # the fused head + loss's softmax kernel too",
                               "True -> False"))},
+    **{("cuda_model/losses.py", line, change): "CUDA only: the compiled head kernel is never used off a GPU; "
+        "tests/cuda_model/test_gpu.py compares it there"
+        for line, change in (("COMPILE_HEAD_KERNEL = False  # set by step.init_train_state(compile=True): process-wide, "
+                              "CUDA only", "False -> True"), ("return _compiled_kernel", "return None"),
+                             ("if _compiled_kernel is None:", "is -> is not"),
+                             ("_compiled_kernel = torch.compile(chunk_nll_grad_fusable, dynamic=False)", "False -> True"))},
+    **{("cuda_model/losses.py", 'if not (COMPILE_HEAD_KERNEL and device.type == "cuda"):', change):
+        "CUDA only: off a GPU the head kernel is the eager one either way" for change in ("and -> or", "== -> !=",
+                                                                               "'cuda' -> 'XXcudaXX'")},
     ("cuda_model/step.py", "torch._foreach_div_(grads, max(n, 1.0))", "1.0 -> 2.0"): "a parallel global batch "
         "with fewer than 2 counted targets; the single-process twin of this line is killed by "
         "test_the_step_means_loss_gradient_and_metrics_over_the_counted_targets[1]",
@@ -257,6 +336,7 @@ class Mutant:
     killer: str = ""  # the first failing test
     equivalent: str = ""  # why it is equivalent, for a survivor judged so
     not_killed: str = ""  # why a survivor that is not equivalent is left alive (NOT_KILLED)
+    first: str = ""  # the status of its first run, before survivors were looked at ("": not run yet)
 
 
 def skipped_nodes(tree: ast.AST) -> set[int]:
@@ -422,13 +502,20 @@ def train_tokenizer_once(work: Path, out: Path) -> None:
                    env={**os.environ, "PYTHONPATH": str(work)})  # fmt: skip
 
 
+STOPPED: list[str] = []  # the module a Ctrl-C or SIGTERM stopped: no module after it starts
+
+
 def run_module(
-    module: str, work: Path, env: dict, deadline: float, log, before: list[dict] | None = None
+    module: str, work: Path, env: dict, deadline: float, log, before: list[dict] | None = None,
+    resume: bool = False,
 ) -> tuple[list[Mutant], float]:
     """Every mutant of `module` in the copy `work` (whose pristine file is the source mutated), and
-    the seconds its tests take unmutated. With `before` (the module's recorded mutants, --survivors)
-    a mutant recorded as caught keeps its result unrun: tests only ever gain assertions, so what
-    they caught they still catch; survivors and mutants not recorded run."""
+    the seconds its tests take unmutated. With `before` (the module's recorded mutants: --survivors,
+    --resume) each mutant starts from its recorded result, and one recorded as caught is not run
+    again: tests only ever gain assertions, so what they caught they still catch. Recorded
+    survivors run again; one recorded as not run (a run stopped early) runs only with `resume`.
+    A stop (the deadline, Ctrl-C, SIGTERM) falls between mutants: those not reached keep their
+    recorded result, the one being run too."""
     target = work / module
     pristine = target.read_text(encoding="utf-8")
     found, tests = mutants(module, pristine), MODULES[module]
@@ -441,27 +528,47 @@ def run_module(
     recorded = {}
     for m in before or []:  # (line, source, change) -> the recorded mutants, in order
         recorded.setdefault((m["line"], m["source"], m["change"]), []).append(m)
+    earlier = [(recorded.get((m.line, m.source, m.change)) or [None]).pop(0) for m in found]  # in the same order
+    for mutant, kept in zip(found, earlier):
+        restore(mutant, kept)
+    order = list(range(len(found)))
+    random.Random(0).shuffle(order)  # a run stopped early (--minutes, Ctrl-C) has run a random sample
+    running = None  # the mutant whose tests are running, and its record
     try:
-        for k, mutant in enumerate(found):
+        for k, i in enumerate(order):
+            mutant, kept = found[i], earlier[i]
             if time.monotonic() > deadline:
                 break
-            earlier = recorded.get((mutant.line, mutant.source, mutant.change), [])
-            if earlier and earlier[0]["status"] in ("killed", "error", "timeout"):
-                kept = earlier.pop(0)
-                mutant.status, mutant.seconds, mutant.killer = kept["status"], kept["seconds"], kept["killer"]
+            if mutant.status in ("killed", "error", "timeout") or (kept and mutant.status == "not run" and not resume):
                 continue
-            if earlier:
-                earlier.pop(0)
             target.write_text(mutated_source(pristine, mutant), encoding="utf-8")
+            running = mutant, kept
             mutant.status, mutant.seconds, mutant.killer = run_tests(work, tests, env, limit)
             if mutant.status == "timeout":  # a shared machine can be slow a while: once more, longer
                 mutant.status, more, mutant.killer = run_tests(work, tests, env, 3 * limit)
                 mutant.seconds += more
+            if not kept or kept["status"] == "not run":  # its first run, before its survivors were looked at
+                mutant.first = mutant.status
             judge(module, mutant)
+            running = None
             log(f"  [{k + 1}/{len(found)}] {mutant.status:8} {mutant.seconds:5.1f}s  L{mutant.line} {mutant.change}")
+    except KeyboardInterrupt:
+        if running is not None:
+            restore(*running)
+        STOPPED.append(module)
+        log(f"{module}: stopped; {sum(m.status != 'not run' for m in found)} of {len(found)} mutants ran")
     finally:
         target.write_text(pristine, encoding="utf-8")
     return found, baseline
+
+
+def restore(mutant: Mutant, kept: dict | None) -> None:
+    """`mutant` as recorded (`kept`, a Mutant's dict), or not run when nothing was."""
+    keys = ("status", "seconds", "killer", "first")
+    values = [kept.get(k, Mutant.__dataclass_fields__[k].default) for k in keys] if kept else ["not run", 0.0, "", ""]
+    for k, v in zip(keys, values):
+        setattr(mutant, k, v)
+    judge(mutant.module, mutant)
 
 
 def judge(module: str, mutant: Mutant) -> None:
@@ -481,10 +588,12 @@ def summary(found: list[Mutant]) -> dict:
             "kill_rate": round(caught / relevant, 4) if relevant else None}  # fmt: skip
 
 
-def first_run(summary: dict) -> dict:
-    """What the first run of a module found, before its survivors were looked at."""
-    return {k: summary[k] for k in ("ran", "killed", "error", "timeout", "survived")} | {
-        "caught": summary["killed"] + summary["error"] + summary["timeout"]}
+def first_run(found: list[Mutant]) -> dict:
+    """What the mutants' first runs found, before their survivors were looked at: the first run of
+    the module, and of a stopped run's other mutants when it was resumed."""
+    firsts = [m.first for m in found if m.first]
+    counts = {s: firsts.count(s) for s in ("killed", "error", "timeout", "survived")}
+    return {"ran": len(firsts), **counts, "caught": counts["killed"] + counts["error"] + counts["timeout"]}
 
 
 def markdown(results: dict) -> str:
@@ -510,11 +619,11 @@ def markdown(results: dict) -> str:
     for module, entry in modules.items():
         s, first = entry["summary"], entry.get("first_run")
         rate = "–" if s["kill_rate"] is None else f"{s['kill_rate']:.1%}"
-        relevant = s["ran"] - s["equivalent"]
-        was = "–"
-        if first and relevant:
-            was = f"{first['caught']}/{first['ran']} ({first['caught'] / relevant:.0%})"
-        tests = ", ".join(Path(t).name for t in entry["tests"])
+        # the first runs' share of their mutants not judged equivalent (all of them, for old records)
+        judged = [m for m in entry["mutants"] if m.get("first")] or entry["mutants"]
+        relevant = first["ran"] - sum(m["status"] == "survived" and bool(m["equivalent"]) for m in judged) if first else 0
+        was = f"{first['caught']}/{first['ran']} ({first['caught'] / relevant:.0%})" if relevant else "–"
+        tests = ", ".join(t.removeprefix("tests/") for t in entry["tests"])
         lines.append(f"| `{module}` | {tests} | {s['ran']}/{s['mutants']} | {s['killed']} | {s['error']} | "
                      f"{s['timeout']} | {s['survived']} | {s['equivalent']} | {rate} | {was} |")  # fmt: skip
     if results.get("notes"):
@@ -540,16 +649,18 @@ def write_results(path: Path, results: dict) -> None:
 
 
 def merge(path: Path, results: dict) -> dict:
-    """`results` over the file at `path`: the modules run now replace theirs, the others are kept
-    (a module's first_run is kept from its first run)."""
+    """`results` over the file at `path`: the modules run now replace theirs, the others are kept.
+    A module recorded before mutations.py kept each mutant's first result keeps its recorded
+    first_run, plus the mutants that ran now for the first time."""
     if not path.exists():
         return results
     old = json.loads(path.read_text(encoding="utf-8"))
     if old.get("machine") != results["machine"]:
         raise SystemExit(f"{path} holds results of {old.get('machine')}, not {results['machine']}")
     for module, entry in results["modules"].items():
-        if module in old["modules"] and "first_run" in old["modules"][module]:
-            entry["first_run"] = old["modules"][module]["first_run"]
+        was = old["modules"].get(module, {})
+        if "first_run" in was and not any(m.get("first") for m in was["mutants"]):
+            entry["first_run"] = {k: v + entry["first_run"].get(k, 0) for k, v in was["first_run"].items()}
     return {**old, **{k: v for k, v in results.items() if k not in ("modules", "notes")},
             "modules": {**old["modules"], **results["modules"]}}  # fmt: skip
 
@@ -563,6 +674,8 @@ def rejudge(path: Path) -> None:
         for m in found:
             judge(module, m)
         entry["mutants"], entry["summary"] = [asdict(m) for m in found], summary(found)
+        if any(m.first for m in found):  # else recorded before each mutant's first result was kept
+            entry["first_run"] = first_run(found)
         print(f"{module}: {entry['summary']}")
     write_results(path, results)
 
@@ -575,6 +688,8 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--survivors", action="store_true",
                         help="run only the mutants the recorded results say survived (and new ones)")
+    parser.add_argument("--resume", action="store_true",
+                        help="as --survivors, and run the mutants a stopped run did not reach")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--rejudge", type=Path, help="apply EQUIVALENT, NOT_KILLED anew to a results .json, rewrite it"
@@ -592,11 +707,13 @@ def main() -> None:
                 print(f"{module}:{m.line}: {m.change}    {m.source}")
         return
     os.nice(19)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops it as Ctrl-C does
     started, deadline = time.monotonic(), time.monotonic() + 60 * args.minutes
     command = "python benchmarks/mutations.py"
     if args.modules != DEFAULT:
         command += f" --modules {' '.join(args.modules)}"
     command += " --survivors" if args.survivors else ""
+    command += " --resume" if args.resume else ""
     date = time.strftime("%Y-%m-%d")
     results = {"machine": machine_name(), "cpu": cpu_name(), "cores": os.cpu_count(), "modules": {}}
     with tempfile.TemporaryDirectory(prefix="hanyeong-mutations-") as tmp:
@@ -611,17 +728,19 @@ def main() -> None:
         path = (args.out / f"mutations-{results['machine']}").with_suffix(".json")
         recorded = json.loads(path.read_text(encoding="utf-8"))["modules"] if path.exists() else {}
         for module in modules:
+            if STOPPED:
+                break
             begun = time.monotonic()
             log = lambda s: print(s, flush=True)  # noqa: E731
-            before = recorded.get(module, {}).get("mutants") if args.survivors else None
-            found, baseline = run_module(module, work, env, deadline, log, before)
+            before = recorded.get(module, {}).get("mutants") if args.survivors or args.resume else None
+            found, baseline = run_module(module, work, env, deadline, log, before, resume=args.resume)
             counts = summary(found)
             results["modules"][module] = {
                 "tests": MODULES[module], "date": date, "command": command, "shared": args.shared,
                 "minutes": round((time.monotonic() - begun) / 60, 1), "baseline_seconds": round(baseline, 1),
-                "summary": counts, "first_run": first_run(counts), "mutants": [asdict(m) for m in found]}  # fmt: skip
+                "summary": counts, "first_run": first_run(found), "mutants": [asdict(m) for m in found]}  # fmt: skip
             print(f"{module}: {counts}", flush=True)
-    print(f"{len(modules)} modules in {(time.monotonic() - started) / 60:.0f} minutes", flush=True)
+    print(f"{len(results['modules'])} modules in {(time.monotonic() - started) / 60:.0f} minutes", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = (args.out / f"mutations-{results['machine']}").with_suffix(".json")
     write_results(path, merge(path, results))
