@@ -240,6 +240,19 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         ".item() or step (when, not what)" for line in (
             "mx.eval(total, count, norm, tokens, extra, state.model.parameters(), state.optimizer.state)",
             "mx.eval(current)")},
+    # orchestration/data/fingerprint.py
+    **{("orchestration/data/fingerprint.py", "BASE = 0x9E3779B97F4A7C15 | 1  # odd: invertible modulo 2^64", change):
+        "another odd base (0x…17 either way): other hashes, the same laws; no window hash is stored"
+        for change in ("1 -> 2", "11400714819323198485 -> 11400714819323198486")},
+    **{("orchestration/data/fingerprint.py", "CHUNK = 1 << 20  # windows hashed per numpy pass; bounds the temporary "
+        "arrays to ~40 MB", change): "the chunk size (memory only): test_fingerprint.py sets its own to cross "
+        "chunk edges" for change in ("20 -> 21", "1 -> 2")},
+    ("orchestration/data/fingerprint.py", "if n <= 0:", "<= -> <"): "n = 0 runs no chunk: the same empty array",
+    ("orchestration/data/fingerprint.py", "span = CHUNK + width - 1", "- -> +"): "each chunk hashes two windows "
+        "more, and the next chunk writes the same hashes over them",
+    ("orchestration/data/fingerprint.py", "return owner, inside & (owner < len(ends))", "< -> <="): "an owner of "
+        "len(ends) (a start past the last end) is clamped to the last text, whose end the window cannot fit "
+        "before: inside is False either way",
     # cuda_model/losses.py
     **{("cuda_model/losses.py", "CHUNK_ELEMENTS = 1 << 26  # logits per chunk of the fused head + loss (256 MB in fp32)",
         change): "the size of a chunk (1 >> 26 = 0: chunks of one row), not the sums: test_losses.py sets its own "

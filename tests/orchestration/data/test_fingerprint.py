@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -12,6 +14,7 @@ from orchestration.data.fingerprint import (
     codepoints,
     joined_windows,
     normalize,
+    text_hash,
     window_hashes,
     window_owner,
 )
@@ -78,3 +81,19 @@ def test_joined_windows_owner():
     kept = [joined[i : i + 3] for i in np.flatnonzero(inside)]
     assert kept == ["abc", "bcd", "cde", "def", "ijk", "jkl", "klm", "lmn"]
     assert owner[np.flatnonzero(inside)].tolist() == [0, 0, 0, 0, 2, 2, 2, 2]
+    # a start at or past the last text's end (owner == len(texts)) is inside none of them
+    owner, inside = window_owner(np.array([13, 14, 20]), ends, 1)
+    assert owner.tolist() == [2, 3, 3] and inside.tolist() == [True, False, False]
+
+
+def test_lone_surrogates_pass_through():
+    """Text decoded with surrogateescape, or JSON's unpaired \\ud800, is hashed, not refused."""
+    assert codepoints("a\ud800b").tolist() == [0x61, 0xD800, 0x62]
+    assert text_hash("a\ud800b") != text_hash("ab")
+
+
+@pytest.mark.parametrize("text", ["", "hanyeong", "한영 데이터", "a\ud800"])
+def test_text_hash_is_blake2b_in_64_bits(text):
+    """Stable across processes and machines (unlike hash()): the exact-dedup key is 8 bytes of blake2b."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    assert text_hash(text) == int.from_bytes(digest, "little") < 1 << 64
