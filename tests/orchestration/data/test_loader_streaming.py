@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -486,6 +487,31 @@ def test_a_cache_file_cut_short_while_open_is_one_data_error_naming_it(tmp_path)
     for a, b in [(1, 4), (0, len(source.tokens))]:
         with pytest.raises(DataError, match=f"^{first}: the token cache file ended early"):
             source.tokens[a:b]
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), ValueError("a bad row")],
+                         ids=["disk-full", "bad-shard"])  # fmt: skip
+def test_a_shard_without_sha256_that_fails_mid_decode_closes_its_files(tmp_path, monkeypatch, error):
+    """Its unlinked files live only as open handles: a failure must close them (a full disk says
+    where the cache goes; any other error passes as it is)."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, 6, EOS]] * 6})
+    (shard,) = (tmp_path / "d").rglob("*.parquet")
+    real, make, opened = token_cache.read_shard, tempfile.TemporaryFile, []
+
+    def fails_after_one_batch(path, masked):
+        yield next(iter(real(path, masked)))
+        raise error
+
+    def recorded(*args, **kwargs):
+        opened.append(make(*args, **kwargs))  # noqa: SIM115  (build_shard closes it)
+        return opened[-1]
+
+    monkeypatch.setattr(token_cache, "read_shard", fails_after_one_batch)
+    monkeypatch.setattr(token_cache.tempfile, "TemporaryFile", recorded)
+    said = (DataError, "cannot write the loader's token cache") if isinstance(error, OSError) else (ValueError, "a bad row")
+    with pytest.raises(said[0], match=said[1]):
+        token_cache.build_shard(shard, None, tmp_path / "cache")
+    assert len(opened) == 2 and all(f.closed for f in opened)
 
 def open_and_read(root: str, config: dict, cache: str, log: str) -> list:
     """In a spawned process: open a loader on `cache`, logging each shard it builds; its batches."""
