@@ -242,6 +242,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
             "mx.eval(current)")},
     ("orchestration/data/token_cache.py", "os.fsync(f.fileno())", "call removed"): "durability against a power "
         "loss only: the same files are renamed into place, and no test can cut the power",
+    ("orchestration/data/token_cache.py", "return False", "return None"): "the callers of both (acquire and "
+        "_still_checked) read the answer as a truth value: None is false as False is",
     # orchestration/data/fingerprint.py
     **{("orchestration/data/fingerprint.py", "BASE = 0x9E3779B97F4A7C15 | 1  # odd: invertible modulo 2^64", change):
         "another odd base (0x…17 either way): other hashes, the same laws; no window hash is stored"
