@@ -244,6 +244,31 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "loss only: the same files are renamed into place, and no test can cut the power",
     ("orchestration/data/token_cache.py", "return False", "return None"): "the callers of both (acquire and "
         "_still_checked) read the answer as a truth value: None is false as False is",
+    **{("orchestration/data/token_cache.py", "READ_BUFFER = 1 << 20", change): "pyarrow's read buffer (0: unbuffered reads): the "
+        "same bytes decoded" for change in ("<< -> >>", "1 -> 2", "20 -> 21")},
+    **{("orchestration/data/token_cache.py", 'CACHE_FORMAT, CACHE_VERSION = "hanyeong-token-cache", 1', change): "the name and version an "
+        "entry is written with and read back against, one constant for both" for change in
+        ("'hanyeong-token-cache' -> 'XXhanyeong-token-cacheXX'", "1 -> 2")},
+    **{("orchestration/data/token_cache.py", line, change): "the inlined read's length check then fails and _read reads the same bytes "
+        "(and counts the one read): time only" for line, change in (
+            ("data = os.pread(self._fds[k], (stop - start) * width, (start - starts[k]) * width)", "- -> +"),
+            ("if len(data) == (stop - start) * width:", "* -> /"),
+            ("if len(data) == (stop - start) * width:", "- -> +"))},
+    **{("orchestration/data/token_cache.py", line, "False -> True"): "an entry's repr only (it would print its open files)" for line in (
+        "tokens: object = field(repr=False)", "mask: object = field(default=None, repr=False)")},
+    ("orchestration/data/token_cache.py", "masks = TokenFile(np.int8, [e.mask for e in full], counts, 0, 1)", "1 -> 2"): "the loss mask "
+        "column's recorded largest value: nothing reads it (the vocabulary check reads the tokens')",
+    ("orchestration/data/token_cache.py", 'return cache_dir / "checked" / f"{name}.json"', "'checked' -> 'XXcheckedXX'"): "the folder of the "
+        "checked stamps, written and read by this one function",
+    ("orchestration/data/token_cache.py", 'racy = stat.st_mtime_ns + RACY_NS > stamp["checked_ns"]', "> -> >="): "the one nanosecond at the "
+        "edge of a 2-second margin: either side of it is safe",
+    **{("orchestration/data/token_cache.py", 'built_from = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}',
+        change): "a record for people reading an entry's json: nothing reads it" for change in (
+            "'path' -> 'XXpathXX'", "'size' -> 'XXsizeXX'", "'mtime_ns' -> 'XXmtime_nsXX'")},
+    ("orchestration/data/token_cache.py", '_write_file(cache_dir / f"{sha256}.json", json.dumps(record, indent=1).encode())', "1 -> 2"):
+        "indentation of an entry's json only",
+    ("orchestration/data/token_cache.py", 'if column.null_count or str(getattr(column.type, "value_type", "")) != "int32":', "'' -> 'XXXX'"):
+        "a type without value_type is refused either way: neither '' nor 'XXXX' is 'int32'",
     # orchestration/data/fingerprint.py
     **{("orchestration/data/fingerprint.py", "BASE = 0x9E3779B97F4A7C15 | 1  # odd: invertible modulo 2^64", change):
         "another odd base (0x…17 either way): other hashes, the same laws; no window hash is stored"

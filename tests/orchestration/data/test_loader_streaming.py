@@ -513,6 +513,34 @@ def test_a_shard_without_sha256_that_fails_mid_decode_closes_its_files(tmp_path,
         token_cache.build_shard(shard, None, tmp_path / "cache")
     assert len(opened) == 2 and all(f.closed for f in opened)
 
+
+def test_the_default_cache_is_the_hanyeong_cache_on_local_disk(tmp_path, monkeypatch):
+    """Without HANYEONG_LOADER_CACHE: <XDG_CACHE_HOME>/hanyeong/loader, made; the temp folder only
+    where it cannot be made."""
+    monkeypatch.delenv(token_cache.ENV_CACHE, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert token_cache.default_cache_dir() == tmp_path / "xdg" / "hanyeong" / "loader"
+    assert (tmp_path / "xdg" / "hanyeong" / "loader").is_dir()
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # a file where a folder must go
+    assert token_cache.default_cache_dir() == Path(tempfile.gettempdir()) / "hanyeong-loader"
+    monkeypatch.setenv(token_cache.ENV_CACHE, str(tmp_path / "mine"))
+    assert token_cache.default_cache_dir() == tmp_path / "mine"
+
+
+def test_the_cache_files_are_shared_as_any_file_the_user_makes(tmp_path):
+    """A cache on a shared disk serves the whole group: every file it holds (entries, their json,
+    the checked stamps, the lock) has mode 0o666 less the umask, not a temporary file's 0o600."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, 6, EOS]] * 6})
+    before = os.umask(0o002)
+    try:
+        loader(tmp_path, {"sources": [{"dataset": "d"}]}, cache_dir=tmp_path / "cache")
+    finally:
+        os.umask(before)
+    files = [f for f in (tmp_path / "cache").rglob("*") if f.is_file()]
+    assert {f.suffix for f in files} >= {".i32", ".json"}
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o664) for f in files}
+
 def open_and_read(root: str, config: dict, cache: str, log: str) -> list:
     """In a spawned process: open a loader on `cache`, logging each shard it builds; its batches."""
     real = token_cache.build_shard
