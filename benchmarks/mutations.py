@@ -336,10 +336,6 @@ NOT_KILLED: dict[tuple[str, str, str], str] = {
                              ('mixed_precision = env_flag(ENV_FSDP_BF16, on_cuda) and parallel == "fsdp"', "== -> !="),
                              ('mixed_precision = env_flag(ENV_FSDP_BF16, on_cuda) and parallel == "fsdp"',
                               "'fsdp' -> 'XXfsdpXX'"))},
-    **{("cuda_model/step.py", line, change): "torch.compile: only the GPU tests compile (minutes on this CPU)"
-        for line, change in (("compile = env_flag(ENV_COMPILE, False) if compile is None else compile", "is -> is not"),
-                             ("losses.COMPILE_HEAD_KERNEL = True  # the fused head + loss's softmax kernel too",
-                              "True -> False"))},
     **{("cuda_model/losses.py", line, change): "CUDA only: the compiled head kernel is never used off a GPU; "
         "tests/cuda_model/test_gpu.py compares it there"
         for line, change in (("COMPILE_HEAD_KERNEL = False  # set by step.init_train_state(compile=True): process-wide, "
