@@ -269,6 +269,16 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "indentation of an entry's json only",
     ("orchestration/data/token_cache.py", 'if column.null_count or str(getattr(column.type, "value_type", "")) != "int32":', "'' -> 'XXXX'"):
         "a type without value_type is refused either way: neither '' nor 'XXXX' is 'int32'",
+    ("orchestration/data/token_cache.py", "RACY_NS = 2_000_000_000", "2000000000 -> 2000000001"): "a nanosecond more of a 2-second margin",
+    ("orchestration/data/token_cache.py", "return int(sha256[:12], 16) if len(sha256) >= 12 else 0", "12 -> 13"): "another byte of the lock "
+        "file per entry: distinct entries still lock distinct bytes (a clash, 1 in 2^48, would only serialize "
+        "two builds)",
+    ("orchestration/data/token_cache.py", "return int(sha256[:12], 16) if len(sha256) >= 12 else 0", ">= -> >"): "a sha256 reaching here is "
+        "64 hex digits (checked when the manifest is read): >= 12 and > 12 agree",
+    ("orchestration/data/token_cache.py", "name = hashlib.blake2b(str(path.resolve()).encode(), digest_size=16).hexdigest()", "16 -> 17"):
+        "a longer name for a shard's checked stamp, written and read by this one function",
+    ("orchestration/data/token_cache.py", 'suffix=".tmp", delete=False)', "'.tmp' -> 'XX.tmpXX'"): "the temporary files' suffix: each is "
+        "renamed into place or deleted either way",
     # orchestration/data/fingerprint.py
     **{("orchestration/data/fingerprint.py", "BASE = 0x9E3779B97F4A7C15 | 1  # odd: invertible modulo 2^64", change):
         "another odd base (0x…17 either way): other hashes, the same laws; no window hash is stored"
