@@ -240,8 +240,15 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         ".item() or step (when, not what)" for line in (
             "mx.eval(total, count, norm, tokens, extra, state.model.parameters(), state.optimizer.state)",
             "mx.eval(current)")},
-    ("orchestration/data/token_cache.py", "os.fsync(f.fileno())", "call removed"): "durability against a power "
-        "loss only: the same files are renamed into place, and no test can cut the power",
+    **{("orchestration/data/token_cache.py", line, "call removed"): "durability against a power loss only: the same files are renamed into "
+        "place (a write's buffer is flushed at close, before the rename), and no test can cut the power"
+        for line in ("os.fsync(f.fileno())", "os.fsync(fd)", "f.flush()")},
+    ("orchestration/data/token_cache.py", "if stop <= starts[k + 1]:  # the loader's case, inlined: a document piece inside one shard", "<= -> <"):
+        "a piece ending exactly at its shard's end takes the general path: the same one read of the same bytes",
+    ("orchestration/data/token_cache.py", "for wait in (False, True):", "False -> True"): "the first pass waits for each lock as the second "
+        "does: the same entries, each built once, but one after another across processes (time only)",
+    ("orchestration/data/token_cache.py", "path.parent.mkdir(parents=True, exist_ok=True)", "True -> False"): "the parent's parent (the cache "
+        "folder) exists whenever a json is written: parents never acts (exist_ok=False is killed)",
     ("orchestration/data/token_cache.py", "return False", "return None"): "the callers of both (acquire and "
         "_still_checked) read the answer as a truth value: None is false as False is",
     **{("orchestration/data/token_cache.py", "READ_BUFFER = 1 << 20", change): "pyarrow's read buffer (0: unbuffered reads): the "

@@ -176,6 +176,30 @@ def test_a_source_keeps_one_epochs_permutation_and_shuffles_each_epoch_once(tmp_
     assert len(shuffled) == len(set(shuffled)) and len(shuffled) > 100
 
 
+@given(st.lists(st.lists(st.integers(0, 40), max_size=5), min_size=1, max_size=10), st.data())
+def test_a_shards_recorded_numbers_do_not_depend_on_its_read_batches(docs, data):
+    """The numbers check_contract reads (count, sizes, smallest and largest id, first and last
+    tokens' ranges) folded over any batching of the documents equal those of all at once."""
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(docs) - 1))) if len(docs) > 1 else ())
+
+    def recorded(groups):
+        stats = {"documents": 0, "tokens": 0, "low": None, "high": None, "first": None, "last": None,
+                 "min_length": None}  # fmt: skip
+        for group in groups:
+            bounds = np.concatenate([[0], np.cumsum([len(d) for d in group])]).astype(np.int64)
+            token_cache._record(stats, np.array([t for d in group for t in d], np.int32), bounds)
+        return stats
+
+    def span(values):
+        return [min(values), max(values)] if values else None
+
+    ids, full = [t for d in docs for t in d], [d for d in docs if d]
+    assert recorded([docs[a:b] for a, b in zip([0, *cuts], [*cuts, len(docs)])]) == {
+        "documents": len(docs), "tokens": len(ids), "low": min(ids, default=None), "high": max(ids, default=None),
+        "first": span([d[0] for d in full]), "last": span([d[-1] for d in full]),
+        "min_length": min(map(len, docs))}  # fmt: skip
+
+
 def test_a_shard_is_hashed_and_decoded_in_blocks_never_whole(tmp_path, monkeypatch):
     """Opening reads each shard in blocks: never its bytes whole, never a whole table, and Arrow
     batches of at most READ_ROWS documents, even inside one large row group."""
@@ -489,29 +513,46 @@ def test_a_cache_file_cut_short_while_open_is_one_data_error_naming_it(tmp_path)
             source.tokens[a:b]
 
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), ValueError("a bad row")],
-                         ids=["disk-full", "bad-shard"])  # fmt: skip
-def test_a_shard_without_sha256_that_fails_mid_decode_closes_its_files(tmp_path, monkeypatch, error):
-    """Its unlinked files live only as open handles: a failure must close them (a full disk says
-    where the cache goes; any other error passes as it is)."""
-    write_dataset(tmp_path / "d", {"web": [[BOS, 5, 6, EOS]] * 6})
-    (shard,) = (tmp_path / "d").rglob("*.parquet")
-    real, make, opened = token_cache.read_shard, tempfile.TemporaryFile, []
-
-    def fails_after_one_batch(path, masked):
-        yield next(iter(real(path, masked)))
-        raise error
+@pytest.fixture
+def unlinked_files(monkeypatch) -> list:
+    """The unlinked files a shard without sha256 is decoded into, as build_shard opens them."""
+    make, opened = tempfile.TemporaryFile, []
 
     def recorded(*args, **kwargs):
         opened.append(make(*args, **kwargs))  # noqa: SIM115  (build_shard closes it)
         return opened[-1]
 
-    monkeypatch.setattr(token_cache, "read_shard", fails_after_one_batch)
     monkeypatch.setattr(token_cache.tempfile, "TemporaryFile", recorded)
+    return opened
+
+
+def test_a_shard_without_sha256_keeps_only_its_token_file_open(tmp_path, unlinked_files):
+    """The tokens are read by position for the loader's life; the lengths were read into memory."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, 6, EOS]] * 6})
+    (shard,) = (tmp_path / "d").rglob("*.parquet")
+    entry = token_cache.build_shard(shard, None, tmp_path / "cache")
+    assert [f.closed for f in unlinked_files] == [False, True] and entry.tokens is unlinked_files[0]
+    entry.tokens.close()
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), ValueError("a bad row")],
+                         ids=["disk-full", "bad-shard"])  # fmt: skip
+def test_a_shard_without_sha256_that_fails_mid_decode_closes_its_files(tmp_path, monkeypatch, unlinked_files, error):
+    """Its unlinked files live only as open handles: a failure must close them (a full disk says
+    where the cache goes; any other error passes as it is)."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, 6, EOS]] * 6})
+    (shard,) = (tmp_path / "d").rglob("*.parquet")
+    real = token_cache.read_shard
+
+    def fails_after_one_batch(path, masked):
+        yield next(iter(real(path, masked)))
+        raise error
+
+    monkeypatch.setattr(token_cache, "read_shard", fails_after_one_batch)
     said = (DataError, "cannot write the loader's token cache") if isinstance(error, OSError) else (ValueError, "a bad row")
     with pytest.raises(said[0], match=said[1]):
         token_cache.build_shard(shard, None, tmp_path / "cache")
-    assert len(opened) == 2 and all(f.closed for f in opened)
+    assert len(unlinked_files) == 2 and all(f.closed for f in unlinked_files)
 
 
 def test_the_default_cache_is_the_hanyeong_cache_on_local_disk(tmp_path, monkeypatch):
