@@ -276,6 +276,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "indentation of an entry's json only",
     ("orchestration/data/token_cache.py", 'if column.null_count or str(getattr(column.type, "value_type", "")) != "int32":', "'' -> 'XXXX'"):
         "a type without value_type is refused either way: neither '' nor 'XXXX' is 'int32'",
+    ("orchestration/data/token_cache.py", "wait: bool = True) -> ShardEntry | None:  # fmt: skip", "True -> False"): "a default the one "
+        "caller (open_shards) overrides: it passes wait on each pass",
     ("orchestration/data/token_cache.py", "RACY_NS = 2_000_000_000", "2000000000 -> 2000000001"): "a nanosecond more of a 2-second margin",
     ("orchestration/data/token_cache.py", "return int(sha256[:12], 16) if len(sha256) >= 12 else 0", "12 -> 13"): "another byte of the lock "
         "file per entry: distinct entries still lock distinct bytes (a clash, 1 in 2^48, would only serialize "
