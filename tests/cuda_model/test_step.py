@@ -312,7 +312,6 @@ def test_the_fused_adamw_switch_is_read_from_its_environment_variable(backend, m
     assert env_flag("HANYEONG_SOME_FLAG", True) is False and env_flag("HANYEONG_UNSET_FLAG", True) is True
 
 
-
 @pytest.mark.parametrize("value, compiled", [("1", True), ("0", False), ("", False)])
 def test_the_compile_switch_is_read_from_its_environment_variable(backend, monkeypatch, value, compiled):
     """HANYEONG_TORCH_COMPILE (unset or empty: off) compiles the step's losses and, process-wide, the
@@ -326,6 +325,7 @@ def test_the_compile_switch_is_read_from_its_environment_variable(backend, monke
     assert losses.COMPILE_HEAD_KERNEL is compiled
     assert backend.init_train_state(backend.init(tiny(), seed=0), OPTIM, compile=not compiled).compile is not compiled
     assert losses.COMPILE_HEAD_KERNEL is True  # set once either state compiled; never unset
+
 
 def test_tokens_seen_and_steps_count_every_input_token(backend):
     check_step_counters(backend, tiny())
