@@ -583,6 +583,7 @@ def test_the_cache_files_are_shared_as_any_file_the_user_makes(tmp_path):
     assert {f.suffix for f in files} >= {".i32", ".json"}
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o664) for f in files}
 
+
 def open_and_read(root: str, config: dict, cache: str, log: str) -> list:
     """In a spawned process: open a loader on `cache`, logging each shard it builds; its batches."""
     real = token_cache.build_shard
