@@ -278,6 +278,16 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a type without value_type is refused either way: neither '' nor 'XXXX' is 'int32'",
     ("orchestration/data/token_cache.py", "wait: bool = True) -> ShardEntry | None:  # fmt: skip", "True -> False"): "a default the one "
         "caller (open_shards) overrides: it passes wait on each pass",
+    ("orchestration/data/token_cache.py", "fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self._byte(sha256))", "1 -> 2"): "a process holds one "
+        "entry's byte at a time (open_shard releases it before the next): unlocking one byte more frees nothing held",
+    ("orchestration/data/token_cache.py", "return int(sha256[:12], 16) if len(sha256) >= 12 else 0", "0 -> 1"): "never reached: a sha256 here "
+        "is 64 hex digits",
+    ("orchestration/data/token_cache.py", '"built_from": built_from}  # fmt: skip', "'built_from' -> 'XXbuilt_fromXX'"): "a record for people "
+        "reading an entry's json: nothing reads it",
+    ("orchestration/data/token_cache.py", 'fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")',
+     "'.tmp' -> 'XX.tmpXX'"): "the temporary file's suffix: it is renamed into place or deleted either way",
+    ("orchestration/data/token_cache.py", 'if column.null_count or str(getattr(column.type, "value_type", "")) != "int8":', "'' -> 'XXXX'"):
+        "a type without value_type is refused either way: neither '' nor 'XXXX' is 'int8'",
     ("orchestration/data/token_cache.py", "RACY_NS = 2_000_000_000", "2000000000 -> 2000000001"): "a nanosecond more of a 2-second margin",
     ("orchestration/data/token_cache.py", "return int(sha256[:12], 16) if len(sha256) >= 12 else 0", "12 -> 13"): "another byte of the lock "
         "file per entry: distinct entries still lock distinct bytes (a clash, 1 in 2^48, would only serialize "

@@ -558,6 +558,7 @@ def test_a_shard_without_sha256_that_fails_mid_decode_closes_its_files(tmp_path,
 def test_the_default_cache_is_the_hanyeong_cache_on_local_disk(tmp_path, monkeypatch):
     """Without HANYEONG_LOADER_CACHE: <XDG_CACHE_HOME>/hanyeong/loader, made; the temp folder only
     where it cannot be made."""
+    assert token_cache.ENV_CACHE == "HANYEONG_LOADER_CACHE"  # the name tests/conftest.py sets
     monkeypatch.delenv(token_cache.ENV_CACHE, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     for _ in range(2):  # made, then found
