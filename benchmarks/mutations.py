@@ -288,6 +288,14 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
      "'.tmp' -> 'XX.tmpXX'"): "the temporary file's suffix: it is renamed into place or deleted either way",
     ("orchestration/data/token_cache.py", 'if column.null_count or str(getattr(column.type, "value_type", "")) != "int8":', "'' -> 'XXXX'"):
         "a type without value_type is refused either way: neither '' nor 'XXXX' is 'int8'",
+    ("orchestration/data/token_cache.py", "return entry", "return None"): "after an entry was built: open_shards "
+        "takes None as 'not yet' and opens the entry on its second pass, from the files just written (time only; "
+        "the same mutation of the cache-hit return is killed: a second loader gets None twice)",
+    ("orchestration/data/token_cache.py", "values = column.values.to_numpy(zero_copy_only=True)[bounds[0] : bounds[-1]]", "True -> False"):
+        "a copy where none is needed (memory only): the same values",
+    ("orchestration/data/token_cache.py", "yield bounds - bounds[0], values, mask", "- -> +"): "pyarrow's Parquet reader decodes each batch "
+        "into fresh arrays whose offsets start at 0, even a 50-row row group read 8 rows at a time "
+        "(test_a_shard_is_hashed_and_decoded_in_blocks_never_whole): the rebase is defensive",
     ("orchestration/data/token_cache.py", "RACY_NS = 2_000_000_000", "2000000000 -> 2000000001"): "a nanosecond more of a 2-second margin",
     ("orchestration/data/token_cache.py", "return int(sha256[:12], 16) if len(sha256) >= 12 else 0", "12 -> 13"): "another byte of the lock "
         "file per entry: distinct entries still lock distinct bytes (a clash, 1 in 2^48, would only serialize "

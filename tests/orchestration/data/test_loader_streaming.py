@@ -5,6 +5,7 @@ trusted for a shard that changed."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -498,6 +499,10 @@ def test_a_token_file_reads_across_shards_exactly_its_bytes(tmp_path):
         spanned = len({int(np.searchsorted(ends, i, side="right")) for i in range(a, b)})
         assert (source.tokens.bytes_read - before, source.tokens.reads - reads) == (4 * (b - a), spanned)
     assert source.tokens[-1] == EOS and source.tokens[0] == BOS
+    assert source.tokens.shape == (len(flat),) and np.asarray(source.tokens).dtype == np.int32
+    for outside in (len(flat), -len(flat) - 1):
+        with pytest.raises(IndexError, match=f"^index {outside} is outside a column of {len(flat)} values"):
+            source.tokens[outside]
 
 
 def test_a_cache_file_cut_short_while_open_is_one_data_error_naming_it(tmp_path):
@@ -584,6 +589,58 @@ def test_the_cache_files_are_shared_as_any_file_the_user_makes(tmp_path):
     assert {f.suffix for f in files} >= {".i32", ".json"}
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o664) for f in files}
 
+
+
+def test_a_shard_without_documents_is_an_empty_entry(tmp_path):
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"input_ids": pa.array([], pa.list_(pa.int32()))}), path)
+    entry = token_cache.build_shard(path, "ab" * 32, tmp_path / "cache")
+    assert (entry.stats["documents"], entry.stats["tokens"], len(entry.lengths)) == (0, 0, 0)
+    entry.tokens.close()
+
+
+@pytest.fixture
+def cache_files(monkeypatch) -> list:
+    """The files read_entry opens, as it opens them."""
+    opened = []
+
+    def recorded(*args, **kwargs):
+        opened.append(open(*args, **kwargs))  # noqa: SIM115  (read_entry closes or keeps it)
+        return opened[-1]
+
+    monkeypatch.setattr(token_cache, "open", recorded, raising=False)  # found before the builtin
+    return opened
+
+
+def test_an_entry_keeps_only_its_token_file_open(tmp_path, cache_files):
+    """The tokens are read by position for the loader's life; the lengths were read into memory."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, 6, EOS]] * 6})
+    (source,) = loader(tmp_path, {"sources": [{"dataset": "d"}]}, cache_dir=tmp_path / "cache").sources
+    assert [Path(f.name).suffix for f in cache_files] == [".i32", ".i32"]
+    assert [f.closed for f in cache_files] == [False, True] and source.tokens.files == [cache_files[0]]
+
+
+def test_the_build_locks_file_is_closed_on_leaving(tmp_path):
+    with token_cache.BuildLocks(tmp_path) as locks:
+        assert locks.acquire("ab" * 32, wait=False)
+        locks.release("ab" * 32)
+        fd = locks.fd
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_the_open_file_limit_is_one_data_error_not_a_rebuild(tmp_path, monkeypatch):
+    """EMFILE while opening an entry is no damage: rebuilding would not help, raising the limit does."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, 6, EOS]] * 6})
+    loader(tmp_path, {"sources": [{"dataset": "d"}]}, cache_dir=tmp_path / "cache")  # built
+
+    def no_more_files(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(token_cache, "open", no_more_files, raising=False)
+    monkeypatch.setattr(token_cache, "build_shard", lambda *a: pytest.fail("rebuilt"))
+    with pytest.raises(DataError, match=r"too many open files .*raise the limit \(ulimit -n\)"):
+        loader(tmp_path, {"sources": [{"dataset": "d"}]}, cache_dir=tmp_path / "cache")
 
 def open_and_read(root: str, config: dict, cache: str, log: str) -> list:
     """In a spawned process: open a loader on `cache`, logging each shard it builds; its batches."""
