@@ -262,7 +262,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
             ("if len(data) == (stop - start) * width:", "* -> /"),
             ("if len(data) == (stop - start) * width:", "- -> +"))},
     **{("orchestration/data/token_cache.py", line, "False -> True"): "an entry's repr only (it would print its open files)" for line in (
-        "tokens: object = field(repr=False)", "mask: object = field(default=None, repr=False)")},
+        "tokens: object = field(repr=False)", "mask: object = field(default=None, repr=False)",
+        "stats: dict = field(repr=False)")},
     ("orchestration/data/token_cache.py", "masks = TokenFile(np.int8, [e.mask for e in full], counts, 0, 1)", "1 -> 2"): "the loss mask "
         "column's recorded largest value: nothing reads it (the vocabulary check reads the tokens')",
     ("orchestration/data/token_cache.py", 'return cache_dir / "checked" / f"{name}.json"', "'checked' -> 'XXcheckedXX'"): "the folder of the "
@@ -296,6 +297,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("orchestration/data/token_cache.py", "yield bounds - bounds[0], values, mask", "- -> +"): "pyarrow's Parquet reader decodes each batch "
         "into fresh arrays whose offsets start at 0, even a 50-row row group read 8 rows at a time "
         "(test_a_shard_is_hashed_and_decoded_in_blocks_never_whole): the rebase is defensive",
+    ("orchestration/data/token_cache.py", "for batch in parquet.iter_batches(batch_size=READ_ROWS, columns=columns, use_threads=False):",
+     "False -> True"): "Arrow's decoding threads: the same batches",
+    ("orchestration/data/token_cache.py", "values = column.values.to_numpy(zero_copy_only=False)[mask_bounds[0] : mask_bounds[-1]]",
+     "False -> True"): "int8 values without nulls (checked just above) convert without a copy: the same array",
     ("orchestration/data/token_cache.py", "RACY_NS = 2_000_000_000", "2000000000 -> 2000000001"): "a nanosecond more of a 2-second margin",
     ("orchestration/data/token_cache.py", "return int(sha256[:12], 16) if len(sha256) >= 12 else 0", "12 -> 13"): "another byte of the lock "
         "file per entry: distinct entries still lock distinct bytes (a clash, 1 in 2^48, would only serialize "

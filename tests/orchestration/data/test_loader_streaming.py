@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -619,6 +621,35 @@ def test_an_entry_keeps_only_its_token_file_open(tmp_path, cache_files):
     assert [Path(f.name).suffix for f in cache_files] == [".i32", ".i32"]
     assert [f.closed for f in cache_files] == [False, True] and source.tokens.files == [cache_files[0]]
 
+
+
+HOLD_LOCK = """import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
+fcntl.lockf(fd, fcntl.LOCK_EX, 1, int(sys.argv[2]))
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_shard_another_process_is_building_is_left_for_later_with_its_files_closed(tmp_path, cache_files):
+    """Its entry, read to check it, is closed: the process comes back for it on the second pass."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, 6, EOS]] * 6})
+    cache = tmp_path / "cache"
+    loader(tmp_path, {"sources": [{"dataset": "d"}]}, cache_dir=cache)  # built
+    shutil.rmtree(cache / "checked")  # the shard must be hashed again: its build lock is needed
+    (shard,) = (tmp_path / "d").rglob("*.parquet")
+    sha256 = hashlib.sha256(shard.read_bytes()).hexdigest()
+    byte = token_cache.BuildLocks._byte(sha256)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(cache / ".build.lock"), str(byte)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        cache_files.clear()
+        with token_cache.BuildLocks(cache) as locks:
+            assert token_cache.open_shard(shard, sha256, cache, locks, wait=False) is None
+        assert len(cache_files) == 2 and all(f.closed for f in cache_files)
+    finally:
+        holder.communicate("")
 
 def test_the_build_locks_file_is_closed_on_leaving(tmp_path):
     with token_cache.BuildLocks(tmp_path) as locks:
