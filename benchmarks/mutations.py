@@ -301,6 +301,11 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
      "False -> True"): "Arrow's decoding threads: the same batches",
     ("orchestration/data/token_cache.py", "values = column.values.to_numpy(zero_copy_only=False)[mask_bounds[0] : mask_bounds[-1]]",
      "False -> True"): "int8 values without nulls (checked just above) convert without a copy: the same array",
+    ("orchestration/data/token_cache.py", 'files.append(open(f"{base}.{column}", "rb", buffering=0))  # noqa: SIM115  (held open while '
+     'the loader lives)', "0 -> 1"): "a buffered reader over the same file (Python warns that line buffering "
+        "is not for binary files): every read is an os.pread on its descriptor or np.fromfile from offset 0",
+    ("orchestration/data/token_cache.py", "pa.default_memory_pool().release_unused()  # the read batches' buffers, else kept around",
+     "call removed"): "memory only: Arrow's pool keeps freed buffers for reuse",
     ("orchestration/data/token_cache.py", "RACY_NS = 2_000_000_000", "2000000000 -> 2000000001"): "a nanosecond more of a 2-second margin",
     ("orchestration/data/token_cache.py", "return int(sha256[:12], 16) if len(sha256) >= 12 else 0", "12 -> 13"): "another byte of the lock "
         "file per entry: distinct entries still lock distinct bytes (a clash, 1 in 2^48, would only serialize "

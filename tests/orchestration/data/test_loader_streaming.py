@@ -414,8 +414,9 @@ def rewrite(path: Path, data: bytes) -> None:
 
 
 def damage(cache: Path) -> None:
-    """Four entries damaged four ways: a truncated token file, a json that does not parse, a
-    lengths file gone, a mask file of the wrong size."""
+    """Five entries damaged five ways: a truncated token file, a json that does not parse, a
+    lengths file gone, a mask file of the wrong size, lengths of the right count that do not add
+    up to the tokens."""
     jsons = sorted(cache.glob("*.json"))
     masked = [p for p in jsons if json.loads(p.read_text())["masked"]]
     plain = [p for p in jsons if p not in masked]
@@ -425,6 +426,10 @@ def damage(cache: Path) -> None:
     plain[2].with_name(plain[2].name.replace(".json", ".lengths.i32")).unlink()
     mask = masked[0].with_name(masked[0].name.replace(".json", ".mask.i8"))
     rewrite(mask, mask.read_bytes() + b"\x01")
+    lengths = masked[1].with_name(masked[1].name.replace(".json", ".lengths.i32"))
+    values = np.fromfile(lengths, np.int32)
+    values[0] += 1
+    rewrite(lengths, values.tobytes())
 
 
 def test_a_damaged_cache_entry_is_rebuilt_and_the_batches_are_unchanged(tmp_path, monkeypatch):
@@ -439,7 +444,7 @@ def test_a_damaged_cache_entry_is_rebuilt_and_the_batches_are_unchanged(tmp_path
     sizes = {p.name: p.stat().st_size for p in cache.glob("*.*")}
     reads = Reads(monkeypatch)
     again = loader(tmp_path, config, seed=2, seq_len=20, rows=3, cache_dir=cache)
-    assert reads.hashed == 4 and reads.parquet > 0  # the four damaged entries, and only them
+    assert reads.hashed == 5 and reads.parquet > 0  # the five damaged entries, and only them
     assert_same(read(again, schedule), expected)
     for p in cache.glob("*.json"):
         stats, sha = json.loads(p.read_text()), p.name.split(".")[0]
@@ -492,7 +497,7 @@ def test_a_token_file_reads_across_shards_exactly_its_bytes(tmp_path):
     write_dataset(tmp_path / "d", {"web": docs}, shards=4)
     (source,) = loader(tmp_path, {"sources": [{"dataset": "d"}]}, cache_dir=tmp_path / "cache").sources
     flat = np.concatenate([np.array(d, np.int32) for d in docs])
-    assert len(source.tokens.files) == 4
+    assert len(source.tokens.files) == 4 and (source.tokens.reads, source.tokens.bytes_read) == (0, 0)
     assert (source.tokens.max(), source.tokens.min()) == (flat.max(), flat.min())
     ends = np.cumsum([sum(map(len, docs[i : i + 3])) for i in range(0, 12, 3)])  # 3 documents a shard
     for a, b in [(0, len(flat)), (3, 40), (len(flat) - 2, len(flat)), (5, 5), (ends[0] - 1, ends[1] + 1)]:
@@ -650,6 +655,46 @@ def test_a_shard_another_process_is_building_is_left_for_later_with_its_files_cl
         assert len(cache_files) == 2 and all(f.closed for f in cache_files)
     finally:
         holder.communicate("")
+
+
+TRY_SHARED_LOCK = """import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, int(sys.argv[2]))
+except BlockingIOError:
+    print("refused")
+else:
+    print("granted")
+"""
+
+
+@pytest.mark.parametrize("wait", [False, True])
+def test_a_held_build_lock_excludes_every_other_process(tmp_path, wait):
+    """Exclusive whether taken waiting or not: another process cannot even share it."""
+    sha256 = "ab" * 32
+
+    def other_process() -> str:
+        lock, byte = str(tmp_path / ".build.lock"), str(token_cache.BuildLocks._byte(sha256))
+        return subprocess.run([sys.executable, "-c", TRY_SHARED_LOCK, lock, byte], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+
+    with token_cache.BuildLocks(tmp_path) as locks:
+        assert locks.acquire(sha256, wait)
+        assert other_process() == "refused"
+        locks.release(sha256)
+        assert other_process() == "granted"
+
+
+def test_building_an_entry_leaves_open_only_its_token_file(tmp_path):
+    """No descriptor leaks (the folder fsynced after the renames, the temporary files): once the
+    entry's token file is closed, the process has the descriptors it had before."""
+    write_dataset(tmp_path / "d", {"web": [[BOS, 5, 6, EOS]] * 6})
+    (shard,) = (tmp_path / "d").rglob("*.parquet")
+    fds = "/proc/self/fd" if Path("/proc/self/fd").is_dir() else "/dev/fd"
+    before = len(os.listdir(fds))
+    entry = token_cache.build_shard(shard, hashlib.sha256(shard.read_bytes()).hexdigest(), tmp_path / "cache")
+    entry.tokens.close()
+    assert len(os.listdir(fds)) == before
 
 def test_the_build_locks_file_is_closed_on_leaving(tmp_path):
     with token_cache.BuildLocks(tmp_path) as locks:
