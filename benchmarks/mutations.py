@@ -307,9 +307,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("orchestration/data/token_cache.py", "pa.default_memory_pool().release_unused()  # the read batches' buffers, else kept around",
      "call removed"): "memory only: Arrow's pool keeps freed buffers for reuse",
     ("orchestration/data/token_cache.py", "RACY_NS = 2_000_000_000", "2000000000 -> 2000000001"): "a nanosecond more of a 2-second margin",
-    ("orchestration/data/token_cache.py", "return int(sha256[:12], 16) if len(sha256) >= 12 else 0", "12 -> 13"): "another byte of the lock "
-        "file per entry: distinct entries still lock distinct bytes (a clash, 1 in 2^48, would only serialize "
-        "two builds)",
+    **{("orchestration/data/token_cache.py", "return int(sha256[:12], 16) if len(sha256) >= 12 else 0", change):
+        "another byte of the lock file per entry: distinct entries still lock distinct bytes (a clash, about 1 in "
+        "2^48, would only serialize two builds)" for change in ("12 -> 13", "16 -> 17")},
     ("orchestration/data/token_cache.py", "return int(sha256[:12], 16) if len(sha256) >= 12 else 0", ">= -> >"): "a sha256 reaching here is "
         "64 hex digits (checked when the manifest is read): >= 12 and > 12 agree",
     ("orchestration/data/token_cache.py", "name = hashlib.blake2b(str(path.resolve()).encode(), digest_size=16).hexdigest()", "16 -> 17"):
