@@ -264,8 +264,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     **{("orchestration/data/token_cache.py", line, "False -> True"): "an entry's repr only (it would print its open files)" for line in (
         "tokens: object = field(repr=False)", "mask: object = field(default=None, repr=False)",
         "stats: dict = field(repr=False)")},
-    ("orchestration/data/token_cache.py", "masks = TokenFile(np.int8, [e.mask for e in full], counts, 0, 1)", "1 -> 2"): "the loss mask "
-        "column's recorded largest value: nothing reads it (the vocabulary check reads the tokens')",
+    **{("orchestration/data/token_cache.py", "masks = TokenFile(np.int8, [e.mask for e in full], counts, 0, 1)", change):
+        "the loss mask column's recorded smallest and largest values: nothing reads them (the vocabulary check "
+        "reads the tokens')" for change in ("0 -> 1", "1 -> 2")},
     ("orchestration/data/token_cache.py", 'return cache_dir / "checked" / f"{name}.json"', "'checked' -> 'XXcheckedXX'"): "the folder of the "
         "checked stamps, written and read by this one function",
     ("orchestration/data/token_cache.py", 'racy = stat.st_mtime_ns + RACY_NS > stamp["checked_ns"]', "> -> >="): "the one nanosecond at the "
@@ -306,6 +307,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "is not for binary files): every read is an os.pread on its descriptor or np.fromfile from offset 0",
     ("orchestration/data/token_cache.py", "pa.default_memory_pool().release_unused()  # the read batches' buffers, else kept around",
      "call removed"): "memory only: Arrow's pool keeps freed buffers for reuse",
+    ("orchestration/data/token_cache.py", "READ_ROWS = 128", "128 -> 129"): "documents per read batch (memory only): the tests set their own "
+        "to cross batch edges",
+    ("orchestration/data/token_cache.py", "if len(values) > bounds[-1] - bounds[0]:", "- -> +"): "the batch's offsets start at 0 (see the "
+        "rebase in read_shard): bounds[0] is 0 and the check is the same",
     ("orchestration/data/token_cache.py", "RACY_NS = 2_000_000_000", "2000000000 -> 2000000001"): "a nanosecond more of a 2-second margin",
     **{("orchestration/data/token_cache.py", "return int(sha256[:12], 16) if len(sha256) >= 12 else 0", change):
         "another byte of the lock file per entry: distinct entries still lock distinct bytes (a clash, about 1 in "

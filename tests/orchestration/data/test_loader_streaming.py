@@ -507,6 +507,7 @@ def test_a_token_file_reads_across_shards_exactly_its_bytes(tmp_path):
         assert (source.tokens.bytes_read - before, source.tokens.reads - reads) == (4 * (b - a), spanned)
     assert source.tokens[-1] == EOS and source.tokens[0] == BOS
     assert source.tokens.shape == (len(flat),) and np.asarray(source.tokens).dtype == np.int32
+    assert repr(source.tokens) == f"TokenFile(int32, {len(flat)} values, 4 files)"
     for outside in (len(flat), -len(flat) - 1):
         with pytest.raises(IndexError, match=f"^index {outside} is outside a column of {len(flat)} values"):
             source.tokens[outside]
@@ -545,6 +546,24 @@ def test_a_shard_without_sha256_keeps_only_its_token_file_open(tmp_path, unlinke
     entry = token_cache.build_shard(shard, None, tmp_path / "cache")
     assert [f.closed for f in unlinked_files] == [False, True] and entry.tokens is unlinked_files[0]
     entry.tokens.close()
+
+
+def test_a_masked_shard_without_sha256_keeps_its_mask(tmp_path, unlinked_files):
+    write_masked(tmp_path / "d", [[BOS, 5, 6, EOS], [BOS, 7, EOS]], [[0, 0, 1, 1], [0, 1, 1]])
+    (shard,) = (tmp_path / "d").rglob("*.parquet")
+    entry = token_cache.build_shard(shard, None, tmp_path / "cache")
+    assert entry.mask is unlinked_files[2] and os.pread(entry.mask.fileno(), 64, 0) == bytes([0, 0, 1, 1, 0, 1, 1])
+    entry.tokens.close(), entry.mask.close()
+
+
+def test_a_cache_file_that_fails_to_land_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def refused(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(token_cache.os, "replace", refused)
+    with pytest.raises(OSError, match="No space left"):
+        token_cache._write_file(tmp_path / "checked" / "x.json", b"{}")
+    assert list((tmp_path / "checked").iterdir()) == []
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), ValueError("a bad row")],
