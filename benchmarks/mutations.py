@@ -603,7 +603,8 @@ def run_module(
     the seconds its tests take unmutated. With `before` (the module's recorded mutants: --survivors,
     --resume) each mutant starts from its recorded result, and one recorded as caught is not run
     again: tests only ever gain assertions, so what they caught they still catch. Recorded
-    survivors run again; one recorded as not run (a run stopped early) runs only with `resume`.
+    survivors run again, but for those EQUIVALENT judges equivalent (no test can kill them); one
+    recorded as not run (a run stopped early) runs only with `resume`.
     A stop (the deadline, Ctrl-C, SIGTERM) falls between mutants: those not reached keep their
     recorded result, the one being run too."""
     target = work / module
@@ -630,6 +631,8 @@ def run_module(
             if time.monotonic() > deadline:
                 break
             if mutant.status in ("killed", "error", "timeout") or (kept and mutant.status == "not run" and not resume):
+                continue
+            if kept and mutant.equivalent:  # a survivor judged equivalent: no test can kill it
                 continue
             target.write_text(mutated_source(pristine, mutant), encoding="utf-8")
             running = mutant, kept

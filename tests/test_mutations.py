@@ -78,10 +78,16 @@ def test_a_resumed_run_stopped_at_once_keeps_every_recorded_result(run, stopped)
         assert run(before=stopped, resume=resume, minutes=0) == stopped
 
 
-def test_resume_runs_the_mutants_not_reached_and_keeps_first_results(run, stopped):
+def test_resume_runs_the_mutants_not_reached_and_keeps_first_results(run, stopped, mutations):
     survivors = by_change(run(before=stopped))
     assert survivors["return None"]["status"] == "not run"  # --survivors leaves it
     assert survivors["1 -> 2"]["first"] == "survived"  # run again: its first result stays
+    mutations.EQUIVALENT[("tiny.py", "def inc(x, step=1):", "1 -> 2")] = "every caller passes step"
+    try:  # judged equivalent: no test can kill it, so it is not run again
+        judged = by_change(run(before=stopped))["1 -> 2"]
+    finally:
+        del mutations.EQUIVALENT[("tiny.py", "def inc(x, step=1):", "1 -> 2")]
+    assert judged["seconds"] == by_change(stopped)["1 -> 2"]["seconds"] and judged["equivalent"]
     resumed = by_change(run(before=stopped, resume=True))
     assert (resumed["return None"]["status"], resumed["return None"]["first"]) == ("killed", "killed")
     assert resumed["+ -> -"]["seconds"] == by_change(stopped)["+ -> -"]["seconds"]  # caught: not run again
