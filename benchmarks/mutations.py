@@ -311,6 +311,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "to cross batch edges",
     ("orchestration/data/token_cache.py", "if len(values) > bounds[-1] - bounds[0]:", "- -> +"): "the batch's offsets start at 0 (see the "
         "rebase in read_shard): bounds[0] is 0 and the check is the same",
+    ("orchestration/data/token_cache.py", "f.close()", "call removed"): "only the close in build_shard's finally survives (the others are "
+        "killed): those are NamedTemporaryFile objects, which close themselves, silently, when build_shard returns "
+        "(CPython frees them at once); the entry is read through new handles",
     ("orchestration/data/token_cache.py", "RACY_NS = 2_000_000_000", "2000000000 -> 2000000001"): "a nanosecond more of a 2-second margin",
     **{("orchestration/data/token_cache.py", "return int(sha256[:12], 16) if len(sha256) >= 12 else 0", change):
         "another byte of the lock file per entry: distinct entries still lock distinct bytes (a clash, about 1 in "
