@@ -119,16 +119,25 @@ def sft_counted(model, batch):
 def train(out: Path, rank: int = 0, world: int = 1) -> None:
     """The law's run, alone (world 1) or as one rank: steps, a checkpoint every rank calls, a resume
     from it on every rank, one more step; metrics and weights to OUT/rank<r>.{json,npz}."""
+    from mlx_model.losses import LOSS_READS, LOSSES, register_loss
+
+    registered = "test_sft_counted" not in LOSSES  # unregistered after: the registries are compared
+    if registered:
+        register_loss("test_sft_counted", sft_counted, reads=("inputs", "targets", "loss_mask"))
+    try:
+        _train(out, rank, world)
+    finally:
+        if registered:
+            del LOSSES["test_sft_counted"], LOSS_READS["test_sft_counted"]
+
+
+def _train(out: Path, rank: int, world: int) -> None:
     from mlx.utils import tree_flatten
 
     from mlx_model.backend import MLXBackend
     from orchestration.core.parallel import rank_rows
     from tests.mlx_model.conftest import tiny
 
-    from mlx_model.losses import LOSSES, register_loss
-
-    if "test_sft_counted" not in LOSSES:
-        register_loss("test_sft_counted", sft_counted, reads=("inputs", "targets", "loss_mask"))
     backend, parallel = MLXBackend(), "ddp" if world > 1 else None
     # rank 1 starts from other weights: the group must begin from rank 0's
     model = backend.init(tiny(), seed=rank)
