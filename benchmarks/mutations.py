@@ -739,9 +739,23 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_results(path: Path) -> dict:
+    """A results .json, or one error line naming it."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SystemExit(f"{path}: not a mutation results file ({err})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("modules"), dict):
+        raise SystemExit(f"{path}: not a mutation results file (no modules)")
+    return results
+
+
 def write_results(path: Path, results: dict) -> None:
-    path.write_text(json.dumps(results, ensure_ascii=False, indent=1))
-    path.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
+    """The .json and its .md, each through a temporary name: a crash leaves the old one whole."""
+    from hanyeong.files import write_atomic
+
+    write_atomic(path, json.dumps(results, ensure_ascii=False, indent=1))
+    write_atomic(path.with_suffix(".md"), markdown(results))
 
 
 def merge(path: Path, results: dict) -> dict:
@@ -750,7 +764,7 @@ def merge(path: Path, results: dict) -> dict:
     first_run, plus the mutants that ran now for the first time."""
     if not path.exists():
         return results
-    old = json.loads(path.read_text(encoding="utf-8"))
+    old = read_results(path)
     if old.get("machine") != results["machine"]:
         raise SystemExit(f"{path} holds results of {old.get('machine')}, not {results['machine']}")
     for module, entry in results["modules"].items():
@@ -764,7 +778,7 @@ def merge(path: Path, results: dict) -> dict:
 def rejudge(path: Path) -> None:
     """After survivors were looked at: mark them from EQUIVALENT and NOT_KILLED, recount, rewrite
     the .json and .md."""
-    results = json.loads(path.read_text(encoding="utf-8"))
+    results = read_results(path)
     for module, entry in results["modules"].items():
         found = [Mutant(**m) for m in entry["mutants"]]
         for m in found:
@@ -822,7 +836,7 @@ def main() -> None:
             tokenizer = tokenizer / "tok"
         env = environment(work, args.shared, tokenizer)
         path = (args.out / f"mutations-{results['machine']}").with_suffix(".json")
-        recorded = json.loads(path.read_text(encoding="utf-8"))["modules"] if path.exists() else {}
+        recorded = read_results(path)["modules"] if path.exists() else {}
         for module in modules:
             if STOPPED:
                 break

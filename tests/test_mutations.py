@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -91,3 +92,12 @@ def test_resume_runs_the_mutants_not_reached_and_keeps_first_results(run, stoppe
     resumed = by_change(run(before=stopped, resume=True))
     assert (resumed["return None"]["status"], resumed["return None"]["first"]) == ("killed", "killed")
     assert resumed["+ -> -"]["seconds"] == by_change(stopped)["+ -> -"]["seconds"]  # caught: not run again
+
+
+@pytest.mark.parametrize("content", [None, b"", b"\xff\xfe", b'{"machine": "x"}'], ids=["missing", "empty", "not-utf8", "no-modules"])
+def test_a_results_file_that_is_not_one_is_one_error_line(mutations, tmp_path, content):
+    path = tmp_path / "results.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit, match=rf"^{re.escape(str(path))}: not a mutation results file \("):
+        mutations.read_results(path)
