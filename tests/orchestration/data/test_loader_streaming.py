@@ -526,17 +526,22 @@ def test_a_cache_file_cut_short_while_open_is_one_data_error_naming_it(tmp_path)
             source.tokens[a:b]
 
 
+def recorded_opens(monkeypatch, owner, name: str, make) -> list:
+    """Every file `owner.name` (replaced by a recorder around `make`) opens, in order."""
+    opened = []
+
+    def recorded(*args, **kwargs):
+        opened.append(make(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(owner, name, recorded, raising=False)
+    return opened
+
+
 @pytest.fixture
 def unlinked_files(monkeypatch) -> list:
     """The unlinked files a shard without sha256 is decoded into, as build_shard opens them."""
-    make, opened = tempfile.TemporaryFile, []
-
-    def recorded(*args, **kwargs):
-        opened.append(make(*args, **kwargs))  # noqa: SIM115  (build_shard closes it)
-        return opened[-1]
-
-    monkeypatch.setattr(token_cache.tempfile, "TemporaryFile", recorded)
-    return opened
+    return recorded_opens(monkeypatch, token_cache.tempfile, "TemporaryFile", tempfile.TemporaryFile)
 
 
 def test_a_shard_without_sha256_keeps_only_its_token_file_open(tmp_path, unlinked_files):
@@ -627,15 +632,8 @@ def test_a_shard_without_documents_is_an_empty_entry(tmp_path):
 
 @pytest.fixture
 def cache_files(monkeypatch) -> list:
-    """The files read_entry opens, as it opens them."""
-    opened = []
-
-    def recorded(*args, **kwargs):
-        opened.append(open(*args, **kwargs))  # noqa: SIM115  (read_entry closes or keeps it)
-        return opened[-1]
-
-    monkeypatch.setattr(token_cache, "open", recorded, raising=False)  # found before the builtin
-    return opened
+    """The files read_entry opens, as it opens them (token_cache.open is found before the builtin)."""
+    return recorded_opens(monkeypatch, token_cache, "open", open)
 
 
 def test_an_entry_keeps_only_its_token_file_open(tmp_path, cache_files):
