@@ -838,12 +838,19 @@ def main() -> None:
         path = (args.out / f"mutations-{results['machine']}").with_suffix(".json")
         recorded = read_results(path)["modules"] if path.exists() else {}
         for module in modules:
-            if STOPPED:
+            if STOPPED or time.monotonic() > deadline:  # a module not reached keeps its record
                 break
             begun = time.monotonic()
             log = lambda s: print(s, flush=True)  # noqa: E731
             before = recorded.get(module, {}).get("mutants") if args.survivors or args.resume else None
-            found, baseline = run_module(module, work, env, deadline, log, before, resume=args.resume)
+            try:
+                found, baseline = run_module(module, work, env, deadline, log, before, resume=args.resume)
+            except KeyboardInterrupt:  # while its unmutated tests ran: its record stays as it was
+                print(f"{module}: stopped before any mutant ran", flush=True)
+                break
+            if before is None and all(m.status == "not run" for m in found):
+                print(f"{module}: stopped before any mutant ran", flush=True)
+                break
             counts = summary(found)
             results["modules"][module] = {
                 "tests": MODULES[module], "date": date, "command": command, "shared": args.shared,
